@@ -1,0 +1,1 @@
+"""The ``uncnn-rt`` command line."""

@@ -1,0 +1,69 @@
+"""The ``uncnn-rt`` Typer application: global options, and one module per command group."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+import typer
+
+from uncnn_rt import __version__
+
+app = typer.Typer(
+    name="uncnn-rt",
+    help="Cloak face photos against recognizers, and attack or measure any ONNX model, on onnxruntime.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@dataclass
+class GlobalOptions:
+    """Options given before the command, shared by every command through ``ctx.obj``."""
+
+    device: str = "auto"
+    quiet: bool = False
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"uncnn-rt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    ctx: typer.Context,
+    device: Annotated[
+        str,
+        typer.Option(
+            "--device",
+            help="Execution device: cpu, cuda, auto (CUDA when available, else CPU), or an onnxruntime "
+            "execution-provider name.",
+            envvar="UNCNN_DEVICE",
+        ),
+    ] = "auto",
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print only results and errors: no progress bars.")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", help="Show the version and exit.", callback=_print_version, is_eager=True),
+    ] = False,
+) -> None:
+    ctx.obj = GlobalOptions(device=device, quiet=quiet)
+
+
+def _add_command_groups() -> None:
+    # One module per command group, each with its own Typer app.
+    from uncnn_rt.cli import models_cmd
+
+    app.add_typer(models_cmd.app, name="models")
+
+
+_add_command_groups()
+
+
+def main() -> None:
+    app()

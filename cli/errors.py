@@ -1,0 +1,25 @@
+"""Turning domain errors into one clean line on stderr and a non-zero exit code."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import typer
+
+from uncnn_rt.runtime.errors import UncnnError
+
+EXIT_USAGE = 2
+
+
+@contextmanager
+def clean_errors() -> Iterator[None]:
+    """Report :class:`UncnnError` (and missing files) as ``error: ...`` plus its exit code, never a traceback."""
+    try:
+        yield
+    except UncnnError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    except FileNotFoundError as exc:
+        typer.echo(f"error: file not found: {exc.filename or exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None

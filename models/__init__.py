@@ -1,0 +1,1 @@
+"""Shipped attack graphs and their manifest (package data)."""

@@ -1,0 +1,1 @@
+"""Attacks, face pipeline, sessions and metrics: numpy + onnxruntime + pillow only."""

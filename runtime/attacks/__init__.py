@@ -1,0 +1,1 @@
+"""The FGSM/PGD family on onnxruntime, sharing one gradient loop."""

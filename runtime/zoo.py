@@ -1,0 +1,100 @@
+"""The shipped model zoo: ``models/manifest.json`` and the ONNX files beside it.
+
+Each manifest entry records provenance (source package and exact version, upstream project, license),
+the sha256 of the shipped file, the model's kind and preprocessing, and its dev-set figures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from uncnn_rt.runtime.errors import ModelError
+
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One shipped model, as the manifest describes it."""
+
+    name: str
+    file: str
+    sha256: str
+    kind: str
+    role: str
+    license: str
+    source: dict[str, Any]
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @property
+    def path(self) -> Path:
+        return models_dir() / self.file
+
+    @property
+    def threshold(self) -> float | None:
+        value = self.raw.get("threshold")
+        return None if value is None else float(value)
+
+    @property
+    def in_default_ensemble(self) -> bool:
+        return bool(self.raw.get("default_ensemble", False))
+
+
+def models_dir() -> Path:
+    """The folder of the installed ``uncnn_rt.models`` package."""
+    return Path(str(resources.files("uncnn_rt.models")))
+
+
+def load_manifest(path: Path | None = None) -> list[ModelEntry]:
+    """Parse the manifest; a missing or malformed manifest is a :class:`ModelError`."""
+    manifest = path or models_dir() / MANIFEST_NAME
+    if not manifest.is_file():
+        return []
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+        return [
+            ModelEntry(
+                name=e["name"],
+                file=e["file"],
+                sha256=e["sha256"],
+                kind=e["kind"],
+                role=e.get("role", e["kind"]),
+                license=e["source"]["license"],
+                source=e["source"],
+                raw=e,
+            )
+            for e in data["models"]
+        ]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{manifest}: malformed manifest ({exc!r})") from exc
+
+
+def get_model(name: str) -> ModelEntry:
+    entries = {e.name: e for e in load_manifest()}
+    if name not in entries:
+        known = ", ".join(sorted(entries)) or "none"
+        raise ModelError(f"no shipped model named {name!r} (shipped: {known})")
+    return entries[name]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(entry: ModelEntry) -> str | None:
+    """Return ``None`` when the shipped file matches its manifest hash, else a one-line reason."""
+    if not entry.path.is_file():
+        return f"{entry.file}: missing"
+    actual = sha256_file(entry.path)
+    if actual != entry.sha256:
+        return f"{entry.file}: sha256 {actual[:12]}... does not match the manifest's {entry.sha256[:12]}..."
+    return None

@@ -1,0 +1,3 @@
+from uncnn_rt.cli.app import main
+
+main()
