@@ -19,3 +19,11 @@ class ModelError(UncnnError):
     """A model file does not follow the attack-graph contract, or cannot be loaded."""
 
     exit_code = 3
+
+
+class DeviceError(InputError):
+    """A requested device or execution provider is unknown or not available in this onnxruntime build."""
+
+
+class ContractError(ModelError):
+    """An attack graph's inputs, outputs or metadata differ from the attack-graph contract."""

@@ -1,0 +1,159 @@
+"""TensorFlow.js graph models (``model.json`` + weight shards) to ONNX, through tf2onnx's tfjs reader.
+
+Two fix-ups are applied on the way, both inside this converter only:
+
+* graph models written by older tfjs-converters lack the ``TArgs`` attribute of ``_FusedConv2D``, which
+  newer TensorFlow declares (the other fused ops type their extra arguments by ``num_args`` alone);
+  TensorFlow's shape inference, which tf2onnx runs per node, rejects such a NodeDef. ``TArgs`` is the
+  dtype list of the fused extra arguments (bias, PReLU alpha, ...), all of the op's own ``T``, so it is
+  rebuilt from ``num_args``.
+* tf2onnx 1.17 calls ``np.product``, which numpy 2 removed (an alias of ``np.prod``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import onnx
+
+from uncnn_rt.converters import onnx_source
+from uncnn_rt.runtime.errors import InputError, ModelError
+
+OPS_NEEDING_TARGS = ("_FusedConv2D",)
+
+
+def import_tf2onnx() -> ModuleType:
+    """Import tf2onnx (and so tensorflow) lazily, with the numpy-2 shims it still needs."""
+    import numpy as np
+
+    if not hasattr(np, "product"):
+        np.product = np.prod  # type: ignore[attr-defined]
+    try:
+        import tf2onnx
+        import tf2onnx.convert
+    except ImportError as exc:
+        raise ModelError(
+            f"converting TensorFlow models needs the [convert] extra (tensorflow, tf2onnx): {exc}"
+        ) from exc
+    return tf2onnx
+
+
+def fill_fused_targs(topology: dict[str, Any]) -> int:
+    """Add the missing ``TArgs`` attribute to fused convolutions in a tfjs ``modelTopology``; return how many."""
+    fixed = 0
+    node_lists = [topology.get("node", [])]
+    node_lists += [f.get("nodeDef", []) for f in topology.get("library", {}).get("function", [])]
+    for nodes in node_lists:
+        for node in nodes:
+            attr = node.get("attr", {})
+            if node.get("op") not in OPS_NEEDING_TARGS or "TArgs" in attr:
+                continue
+            dtype = attr.get("T", {}).get("type", "DT_FLOAT")
+            num_args = int(attr.get("num_args", {}).get("i", "0"))
+            attr["TArgs"] = {"list": {"type": [dtype] * num_args}}
+            node["attr"] = attr
+            fixed += 1
+    return fixed
+
+
+def read_graph_model(model_json: Path) -> dict[str, Any]:
+    """Parse a tfjs ``model.json``; anything but a graph model is an :class:`InputError`."""
+    if not model_json.is_file():
+        raise InputError(f"{model_json}: no such TF.js model.json")
+    try:
+        model = json.loads(model_json.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{model_json}: not a TF.js model.json ({exc})") from exc
+    if not isinstance(model, dict) or "modelTopology" not in model or "weightsManifest" not in model:
+        raise InputError(f"{model_json}: expected a TF.js model.json with modelTopology and weightsManifest")
+    topology = model["modelTopology"]
+    fmt = model.get("format") or topology.get("format")
+    if fmt == "layers-model" or "keras_version" in topology:
+        raise InputError(
+            f"{model_json}: this is a TF.js layers model; expected a graph model "
+            "(convert it with tensorflowjs_converter --output_format tfjs_graph_model)"
+        )
+    return model
+
+
+def convert(
+    model_json: str | Path,
+    *,
+    outputs: list[str] | None = None,
+    opset: int = onnx_source.TARGET_OPSET,
+) -> onnx.ModelProto:
+    """Convert a TF.js graph model to a forward ONNX model.
+
+    ``outputs`` selects output tensors by their signature names (e.g. ``["global_pooling/Mean"]``);
+    by default all signature outputs are kept. The batch dimension stays dynamic where the tfjs
+    model declares it as ``-1``.
+    """
+    src = Path(model_json)
+    model = read_graph_model(src)
+    fill_fused_targs(model["modelTopology"])
+    tf2onnx = import_tf2onnx()
+    with tempfile.TemporaryDirectory(prefix="uncnn-tfjs-") as tmp:
+        patched = Path(tmp) / src.name
+        patched.write_text(json.dumps(model), encoding="utf-8")
+        for group in model["weightsManifest"]:
+            for shard in group["paths"]:
+                shard_path = src.parent / shard
+                if not shard_path.is_file():
+                    raise InputError(f"{src}: weight shard {shard} is missing beside model.json")
+                (Path(tmp) / shard).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(shard_path, Path(tmp) / shard)
+        try:
+            proto, _ = tf2onnx.convert._convert_common(
+                None, name=src.stem, opset=opset, tfjs_path=str(patched), output_names=outputs
+            )
+        except Exception as exc:  # tf2onnx raises ValueError/KeyError/AssertionError from deep inside
+            raise ModelError(f"{src}: tf2onnx could not convert this TF.js graph model: {exc}") from exc
+    if outputs is not None:
+        proto = select_outputs(proto, outputs)
+    return onnx_source.make_batch_dynamic(onnx_source.finalize(proto, name=src.stem, opset=opset))
+
+
+def select_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """Keep only the graph outputs named in ``names`` (matching with or without a ``:0`` suffix), in order."""
+    by_name = {o.name: o for o in model.graph.output}
+    by_name.update({o.name.removesuffix(":0"): o for o in model.graph.output})
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise ModelError(f"outputs {missing} not found; the model has {sorted(o.name for o in model.graph.output)}")
+    keep = [by_name[n] for n in names]
+    del model.graph.output[:]
+    model.graph.output.extend(keep)
+    return prune_unused(model)
+
+
+def prune_unused(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop nodes and initializers that no graph output depends on."""
+    needed = {o.name for o in model.graph.output}
+    kept = []
+    for node in reversed(model.graph.node):
+        if any(out in needed for out in node.output):
+            kept.append(node)
+            needed.update(_node_inputs(node))
+    kept.reverse()
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    inits = [t for t in model.graph.initializer if t.name in needed]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(inits)
+    return model
+
+
+def _node_inputs(node: onnx.NodeProto) -> set[str]:
+    """Every tensor a node reads, including outer-scope names its subgraphs (If, Loop, Scan) capture."""
+    names = set(node.input)
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.HasField("g") else list(attr.graphs)
+        for graph in graphs:
+            for inner in graph.node:
+                names.update(_node_inputs(inner))
+    return names

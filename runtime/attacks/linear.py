@@ -1,0 +1,108 @@
+"""Linear image maps with exact adjoints: resizes and the resize-and-pad of input diversity.
+
+A resize of ``[N, H, W, C]`` images to ``h x w`` is ``Y = R_y X R_x^T`` per channel, with ``R_y`` ``[h, H]``
+and ``R_x`` ``[w, W]`` the resampling weights. Its adjoint, which carries a gradient at the output back
+to the input, is ``R_y^T G R_x``. The weights are Pillow's bilinear filter (a triangle kernel widened by
+the scale factor when shrinking, so downscaling averages instead of aliasing).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from functools import lru_cache
+
+import numpy as np
+from numpy.typing import NDArray
+
+from uncnn_rt.runtime.errors import InputError
+
+Float32Array = NDArray[np.float32]
+
+
+@lru_cache(maxsize=64)
+def resize_matrix(source: int, target: int) -> Float32Array:
+    """``[target, source]`` weights of a 1-D bilinear (triangle-filter) resize; each row sums to 1.
+
+    Pixel centres sit at half-integers (``align_corners=False``). When shrinking, the triangle's
+    support grows by ``source / target``, as in Pillow's ``Image.resize(..., BILINEAR)``.
+    """
+    if source <= 0 or target <= 0:
+        raise InputError(f"resize sizes must be positive, got {source} -> {target}")
+    scale = source / target
+    support = max(scale, 1.0)
+    centres = (np.arange(target, dtype=np.float64) + 0.5) * scale
+    taps = np.arange(source, dtype=np.float64) + 0.5
+    weights = np.clip(1.0 - np.abs(taps[None, :] - centres[:, None]) / support, 0.0, None)
+    weights /= weights.sum(axis=1, keepdims=True)
+    matrix = weights.astype(np.float32)
+    matrix.flags.writeable = False
+    return matrix
+
+
+class LinearMap(ABC):
+    """A linear (or affine, with a constant offset) map of ``[N, H, W, C]`` images and its adjoint."""
+
+    @abstractmethod
+    def forward(self, images: Float32Array) -> Float32Array: ...
+
+    @abstractmethod
+    def adjoint(self, grad: Float32Array) -> Float32Array:
+        """``A^T grad``: the gradient at the input, given the gradient at the output."""
+
+
+def _apply_rows_cols(images: Float32Array, rows: Float32Array, cols: Float32Array) -> Float32Array:
+    """``rows @ X @ cols^T`` per image and channel, for ``X`` ``[N, H, W, C]``."""
+    n, _, w, c = images.shape
+    tall = np.matmul(rows, images.reshape(n, images.shape[1], w * c)).reshape(n, rows.shape[0], w, c)
+    out = np.matmul(cols, tall.transpose(0, 2, 1, 3).reshape(n, w, -1))  # [N, w', h' * C]
+    return np.ascontiguousarray(out.reshape(n, cols.shape[0], rows.shape[0], c).transpose(0, 2, 1, 3))
+
+
+class Resize(LinearMap):
+    """Bilinear resize of ``[N, H, W, C]`` to ``[N, h, w, C]`` (see :func:`resize_matrix`)."""
+
+    def __init__(self, source: tuple[int, int], target: tuple[int, int]) -> None:
+        self.source, self.target = source, target
+        self._rows = resize_matrix(source[0], target[0])
+        self._cols = resize_matrix(source[1], target[1])
+
+    def forward(self, images: Float32Array) -> Float32Array:
+        _check_hw(images, self.source, "resize input")
+        return _apply_rows_cols(images, self._rows, self._cols)
+
+    def adjoint(self, grad: Float32Array) -> Float32Array:
+        _check_hw(grad, self.target, "resize adjoint input")
+        return _apply_rows_cols(grad, self._rows.T, self._cols.T)
+
+
+class ResizePad(LinearMap):
+    """Shrink ``[N, H, W, C]`` to ``inner`` and paste it at ``offset`` into an ``H x W`` canvas of ``fill``.
+
+    The canvas is constant, so the map is affine and its adjoint (of the linear part) crops the
+    gradient to the pasted window and applies the resize's adjoint.
+    """
+
+    def __init__(
+        self, size: tuple[int, int], inner: tuple[int, int], offset: tuple[int, int], fill: float = 0.0
+    ) -> None:
+        top, left = offset
+        if not (0 <= top <= size[0] - inner[0] and 0 <= left <= size[1] - inner[1]):
+            raise InputError(f"a {inner} window at {offset} does not fit in {size}")
+        self.size, self.inner, self.offset, self.fill = size, inner, offset, fill
+        self._resize = Resize(size, inner)
+
+    def forward(self, images: Float32Array) -> Float32Array:
+        top, left = self.offset
+        canvas = np.full(images.shape, self.fill, dtype=np.float32)
+        canvas[:, top : top + self.inner[0], left : left + self.inner[1]] = self._resize.forward(images)
+        return canvas
+
+    def adjoint(self, grad: Float32Array) -> Float32Array:
+        top, left = self.offset
+        window = grad[:, top : top + self.inner[0], left : left + self.inner[1]]
+        return self._resize.adjoint(np.ascontiguousarray(window))
+
+
+def _check_hw(images: Float32Array, hw: tuple[int, int], what: str) -> None:
+    if images.ndim != 4 or images.shape[1:3] != hw:
+        raise InputError(f"{what}: expected [N, {hw[0]}, {hw[1]}, C], got {list(images.shape)}")

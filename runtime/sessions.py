@@ -1,0 +1,504 @@
+"""onnxruntime sessions over attack graphs: device choice, contract checks, IO binding and a shared cache.
+
+An :class:`AttackSession` wraps one attack-graph ONNX file (see :mod:`uncnn_rt.runtime.contract`).
+It is safe to share between threads: onnxruntime allows concurrent ``run`` calls on one session,
+and the session holds no mutable state after construction. :func:`open_session` hands out one
+session per (file, device, settings) so that a server reuses loaded models across requests.
+
+Per-attack device buffers live in a :class:`Stepper`, which one attack owns for its whole loop.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Literal, NamedTuple
+
+import numpy as np
+import onnxruntime as ort
+from numpy.typing import ArrayLike, NDArray
+
+from uncnn_rt.runtime.contract import (
+    CONTRACT_VERSION,
+    INPUT_IMAGE,
+    INPUT_REFERENCE,
+    KINDS,
+    META_CANONICAL_SIZE,
+    META_CONTRACT_VERSION,
+    META_EMBEDDING_DIM,
+    META_KIND,
+    META_LABELS,
+    META_NAME,
+    META_NATIVE_SIZE,
+    META_PREPROCESSING,
+    META_THRESHOLD,
+    OUTPUT_FEATURES,
+    OUTPUT_GRAD,
+    OUTPUT_OBJECTIVE,
+    ModelKind,
+    Preprocessing,
+)
+from uncnn_rt.runtime.errors import ContractError, DeviceError, InputError, ModelError
+
+Optimization = Literal["disable", "basic", "extended", "all"]
+
+CPU_PROVIDER: Final = "CPUExecutionProvider"
+CUDA_PROVIDER: Final = "CUDAExecutionProvider"
+_OPTIMIZATION_LEVELS: Final = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+# Execution providers whose tensors onnxruntime's Python API can allocate on the device (OrtValue "cuda").
+_CUDA_MEMORY_PROVIDERS: Final = frozenset({CUDA_PROVIDER, "TensorrtExecutionProvider"})
+_OUTPUTS: Final = (OUTPUT_FEATURES, OUTPUT_OBJECTIVE, OUTPUT_GRAD)
+
+Float32Array = NDArray[np.float32]
+
+
+class Evaluation(NamedTuple):
+    """One forward + gradient pass for a batch of ``N`` images of a model with embedding size ``D``."""
+
+    features: Float32Array  # [N, D]
+    objective: Float32Array  # [N]
+    grad: Float32Array  # [N, S, S, 3], d objective / d image
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a session runs: onnxruntime's provider list and the memory its IO binding uses."""
+
+    providers: tuple[str, ...]
+    memory: Literal["cpu", "cuda"]
+    device_id: int
+
+    @property
+    def primary(self) -> str:
+        return self.providers[0]
+
+    def provider_options(self) -> list[dict[str, str]]:
+        return [{"device_id": str(self.device_id)} if p == CUDA_PROVIDER else {} for p in self.providers]
+
+
+def available_providers() -> list[str]:
+    return list(ort.get_available_providers())
+
+
+def resolve_device(device: str) -> Placement:
+    """Map ``cpu``, ``cuda``, ``cuda:K``, ``auto`` or an execution-provider name to a :class:`Placement`.
+
+    ``auto`` picks CUDA when this onnxruntime build offers it, else the CPU. Any other provider runs
+    with the CPU provider behind it for the ops it lacks.
+    """
+    available = available_providers()
+    spec = device.strip()
+    lowered = spec.lower()
+    if lowered == "auto":
+        lowered = "cuda" if CUDA_PROVIDER in available else "cpu"
+    if lowered == "cpu":
+        return Placement((CPU_PROVIDER,), "cpu", 0)
+    if lowered == "cuda" or lowered.startswith("cuda:"):
+        device_id = _device_index(spec, lowered)
+        _require_provider(CUDA_PROVIDER, spec, available)
+        return Placement((CUDA_PROVIDER, CPU_PROVIDER), "cuda", device_id)
+    by_name = {name.lower(): name for name in available}
+    provider = by_name.get(lowered) or by_name.get(lowered + "executionprovider")
+    if provider is None:
+        raise DeviceError(
+            f"unknown device {device!r}: expected 'cpu', 'cuda', 'cuda:N', 'auto' or an execution provider "
+            f"of this onnxruntime build ({', '.join(available)})"
+        )
+    if provider == CPU_PROVIDER:
+        return Placement((CPU_PROVIDER,), "cpu", 0)
+    memory: Literal["cpu", "cuda"] = "cuda" if provider in _CUDA_MEMORY_PROVIDERS else "cpu"
+    return Placement((provider, CPU_PROVIDER), memory, 0)
+
+
+def _device_index(spec: str, lowered: str) -> int:
+    if lowered == "cuda":
+        return 0
+    index = lowered.partition(":")[2]
+    if not index.isdigit():
+        raise DeviceError(f"device {spec!r}: expected 'cuda:N' with a device number N, got {index!r}")
+    return int(index)
+
+
+def _require_provider(provider: str, spec: str, available: Sequence[str]) -> None:
+    if provider not in available:
+        raise DeviceError(
+            f"device {spec!r} needs {provider}, which this onnxruntime build lacks "
+            f"(available: {', '.join(available)}); install onnxruntime-gpu for CUDA"
+        )
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The contract metadata of one attack graph (``metadata_props``, keys in :mod:`contract`)."""
+
+    name: str
+    kind: ModelKind
+    canonical_size: int
+    embedding_dim: int
+    threshold: float | None
+    labels: tuple[str, ...] | None
+    native_size: tuple[int, int] | None
+    preprocessing: Preprocessing | None
+    # A graph exported with a fixed batch dimension runs in chunks of this many images.
+    batch_size: int | None
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.canonical_size, self.canonical_size, 3)
+
+
+def read_info(path: Path, metadata: dict[str, str], batch_size: int | None) -> ModelInfo:
+    """Parse and check the contract metadata of the attack graph at ``path``."""
+
+    def required(key: str) -> str:
+        if key not in metadata:
+            raise ContractError(f"{path}: metadata_props lacks {key!r} (has: {', '.join(sorted(metadata))})")
+        return metadata[key]
+
+    def integer(key: str) -> int:
+        text = required(key)
+        try:
+            value = int(text)
+        except ValueError as exc:
+            raise ContractError(f"{path}: metadata {key!r} must be a positive integer, got {text!r}") from exc
+        if value <= 0:
+            raise ContractError(f"{path}: metadata {key!r} must be a positive integer, got {value}")
+        return value
+
+    version = metadata.get(META_CONTRACT_VERSION, CONTRACT_VERSION)
+    if version != CONTRACT_VERSION:
+        raise ContractError(f"{path}: contract version {version!r}, this runtime reads {CONTRACT_VERSION!r}")
+    kind = required(META_KIND)
+    if kind not in KINDS:
+        raise ContractError(f"{path}: metadata {META_KIND!r} must be one of {KINDS}, got {kind!r}")
+    try:
+        threshold = float(metadata[META_THRESHOLD]) if META_THRESHOLD in metadata else None
+        labels = _labels(metadata[META_LABELS]) if META_LABELS in metadata else None
+        native = _native_size(metadata[META_NATIVE_SIZE]) if META_NATIVE_SIZE in metadata else None
+        preprocessing = (
+            Preprocessing.from_json(metadata[META_PREPROCESSING]) if META_PREPROCESSING in metadata else None
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ContractError(f"{path}: malformed contract metadata ({exc!r})") from exc
+    info = ModelInfo(
+        name=metadata.get(META_NAME, path.stem),
+        kind="face" if kind == "face" else "classifier",
+        canonical_size=integer(META_CANONICAL_SIZE),
+        embedding_dim=integer(META_EMBEDDING_DIM),
+        threshold=threshold,
+        labels=labels,
+        native_size=native,
+        preprocessing=preprocessing,
+        batch_size=batch_size,
+    )
+    if labels is not None and len(labels) != info.embedding_dim:
+        raise ContractError(
+            f"{path}: {len(labels)} class labels for embedding dim {info.embedding_dim}; expected one per class"
+        )
+    return info
+
+
+def _labels(text: str) -> tuple[str, ...]:
+    raw = json.loads(text)
+    if not isinstance(raw, list):
+        raise ValueError(f"labels must be a JSON list, got {type(raw).__name__}")
+    return tuple(str(label) for label in raw)
+
+
+def _native_size(text: str) -> tuple[int, int]:
+    raw = json.loads(text)
+    if isinstance(raw, int):
+        return raw, raw
+    if isinstance(raw, list) and len(raw) == 2:
+        return int(raw[0]), int(raw[1])
+    raise ValueError(f"native size must be an integer or [height, width], got {text!r}")
+
+
+def _check_io(path: Path, session: ort.InferenceSession, size: int, dim: int) -> int | None:
+    """Check names, element types and shapes against the contract; return a fixed batch size if any."""
+    inputs = {arg.name: arg for arg in session.get_inputs()}
+    outputs = {arg.name: arg for arg in session.get_outputs()}
+    expected_inputs = {INPUT_IMAGE, INPUT_REFERENCE}
+    if set(inputs) != expected_inputs:
+        raise ContractError(f"{path}: inputs must be {sorted(expected_inputs)}, got {sorted(inputs)}")
+    missing = [name for name in _OUTPUTS if name not in outputs]
+    if missing:
+        raise ContractError(f"{path}: outputs lack {missing} (expected {list(_OUTPUTS)}, got {sorted(outputs)})")
+    expected: dict[str, tuple[int | None, ...]] = {
+        INPUT_IMAGE: (None, size, size, 3),
+        INPUT_REFERENCE: (None, dim),
+        OUTPUT_FEATURES: (None, dim),
+        OUTPUT_OBJECTIVE: (None,),
+        OUTPUT_GRAD: (None, size, size, 3),
+    }
+    batch: set[int] = set()
+    for name, want in expected.items():
+        arg = inputs.get(name) or outputs[name]
+        if arg.type != "tensor(float)":
+            raise ContractError(f"{path}: {name!r} must be tensor(float), got {arg.type}")
+        got = tuple(d if isinstance(d, int) else None for d in arg.shape)
+        shown_want = ["N", *want[1:]]
+        if len(got) != len(want) or any(g is not None and w is not None and g != w for g, w in zip(got, want)):
+            raise ContractError(f"{path}: {name!r} must have shape {shown_want}, got {list(arg.shape)}")
+        if got[0] is not None:
+            batch.add(got[0])
+    if len(batch) > 1:
+        raise ContractError(f"{path}: inputs and outputs disagree on a fixed batch size: {sorted(batch)}")
+    return batch.pop() if batch else None
+
+
+class AttackSession:
+    """One attack graph loaded in onnxruntime.
+
+    Args:
+        path: the attack-graph ``.onnx`` file.
+        device: ``cpu``, ``cuda``, ``cuda:K``, ``auto`` (CUDA when available, else CPU) or the name of an
+            execution provider of this onnxruntime build, e.g. ``CUDAExecutionProvider``.
+        intra_op_threads: threads inside one op (``None``: onnxruntime's default, all cores).
+        inter_op_threads: threads across independent ops (``None``: onnxruntime's default).
+        optimization: graph optimisation level.
+        io_binding: run steps through :meth:`onnxruntime.InferenceSession.io_binding` with device-resident
+            buffers; ``None`` turns it on for device providers and off for the CPU, where a plain ``run``
+            copies nothing it does not have to.
+
+    Raises:
+        DeviceError: the device is unknown or its provider is missing.
+        ModelError: the file cannot be loaded; :class:`ContractError` when it breaks the contract.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        device: str = "auto",
+        intra_op_threads: int | None = None,
+        inter_op_threads: int | None = None,
+        optimization: Optimization = "all",
+        io_binding: bool | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.device = device
+        self.placement = resolve_device(device)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = _OPTIMIZATION_LEVELS[optimization]
+        if intra_op_threads is not None:
+            options.intra_op_num_threads = _thread_count("intra_op_threads", intra_op_threads)
+        if inter_op_threads is not None:
+            options.inter_op_num_threads = _thread_count("inter_op_threads", inter_op_threads)
+        if not self.path.is_file():
+            raise ModelError(f"{self.path}: attack graph not found")
+        try:
+            self._session = ort.InferenceSession(
+                str(self.path),
+                sess_options=options,
+                providers=list(self.placement.providers),
+                provider_options=self.placement.provider_options(),
+            )
+        except Exception as exc:  # onnxruntime raises bare RuntimeError subclasses for any load failure
+            raise ModelError(f"{self.path}: onnxruntime cannot load it ({exc})") from exc
+        granted = self._session.get_providers()
+        if device.strip().lower() != "auto" and self.placement.primary not in granted:
+            raise DeviceError(
+                f"{self.path}: asked for {self.placement.primary} on device {device!r}, onnxruntime "
+                f"granted only {granted} (is the driver or runtime library missing?)"
+            )
+        if self.placement.primary not in granted:  # "auto" fell back to the CPU at load time
+            self.placement = resolve_device("cpu")
+        metadata = dict(self._session.get_modelmeta().custom_metadata_map)
+        size = _metadata_int(self.path, metadata, META_CANONICAL_SIZE)
+        dim = _metadata_int(self.path, metadata, META_EMBEDDING_DIM)
+        batch = _check_io(self.path, self._session, size, dim)
+        self.info = read_info(self.path, metadata, batch)
+        self.io_binding = self.placement.memory != "cpu" if io_binding is None else io_binding
+
+    def __repr__(self) -> str:
+        return f"AttackSession({self.info.name!r}, {self.path}, providers={self.providers})"
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self._session.get_providers())
+
+    def check_batch(self, images: ArrayLike, references: ArrayLike) -> tuple[Float32Array, Float32Array]:
+        """Return ``images`` ``[N, S, S, 3]`` and ``references`` ``[N, D]`` as contiguous float32, or raise."""
+        size, dim = self.info.canonical_size, self.info.embedding_dim
+        x = np.ascontiguousarray(images, dtype=np.float32)
+        r = np.ascontiguousarray(references, dtype=np.float32)
+        if x.ndim != 4 or x.shape[1:] != self.info.image_shape:
+            raise InputError(f"{self.name}: images must have shape [N, {size}, {size}, 3], got {list(x.shape)}")
+        if r.shape != (x.shape[0], dim):
+            raise InputError(
+                f"{self.name}: references must have shape [{x.shape[0]}, {dim}] for {x.shape[0]} images, "
+                f"got {list(r.shape)}"
+            )
+        return x, r
+
+    def run(self, images: ArrayLike, references: ArrayLike) -> Evaluation:
+        """Forward and gradient: ``images`` ``[N, S, S, 3]`` (0..255), ``references`` ``[N, D]``."""
+        return self.stepper(references, batch=np.shape(images)[0])(images)
+
+    def features(self, images: ArrayLike) -> Float32Array:
+        """Forward only: the ``[N, D]`` features (embeddings, or log-probabilities) of ``images``."""
+        x = np.ascontiguousarray(images, dtype=np.float32)
+        n = x.shape[0] if x.ndim == 4 else 0
+        x, r = self.check_batch(x, np.zeros((n, self.info.embedding_dim), np.float32))
+        return self._run_chunked(x, r, (OUTPUT_FEATURES,))[0]
+
+    def stepper(self, references: ArrayLike, *, batch: int | None = None) -> Stepper:
+        """A forward + gradient callable for repeated steps on one batch with fixed ``references``."""
+        r = np.ascontiguousarray(references, dtype=np.float32)
+        n = r.shape[0] if batch is None else batch
+        zeros = np.zeros((n, *self.info.image_shape), np.float32)
+        _, r = self.check_batch(zeros, r)
+        if self.io_binding and self.info.batch_size in (None, n):
+            return BoundStepper(self, r)
+        return Stepper(self, r)
+
+    def _run_chunked(
+        self, images: Float32Array, references: Float32Array, names: Sequence[str]
+    ) -> list[Float32Array]:
+        fixed = self.info.batch_size
+        n = images.shape[0]
+        if fixed is None or fixed == n:
+            return [np.asarray(o, np.float32) for o in self._session.run(list(names), self._feeds(images, references))]
+        pieces: list[list[Float32Array]] = []
+        for start in range(0, n, fixed):
+            x, r = images[start : start + fixed], references[start : start + fixed]
+            pad = fixed - x.shape[0]
+            if pad:  # the last chunk is padded with copies of its first image, then trimmed
+                x = np.concatenate([x, np.repeat(x[:1], pad, axis=0)])
+                r = np.concatenate([r, np.repeat(r[:1], pad, axis=0)])
+            outs = self._session.run(list(names), self._feeds(x, r))
+            pieces.append([np.asarray(o, np.float32)[: fixed - pad] for o in outs])
+        return [np.concatenate([p[i] for p in pieces]) for i in range(len(names))]
+
+    @staticmethod
+    def _feeds(images: Float32Array, references: Float32Array) -> dict[str, Float32Array]:
+        return {INPUT_IMAGE: images, INPUT_REFERENCE: references}
+
+
+class Stepper:
+    """Forward + gradient on one batch whose references stay fixed across an attack's steps (plain ``run``)."""
+
+    def __init__(self, session: AttackSession, references: Float32Array) -> None:
+        self.session = session
+        self.references = references
+
+    def __call__(self, images: ArrayLike) -> Evaluation:
+        x, r = self.session.check_batch(images, self.references)
+        features, objective, grad = self.session._run_chunked(x, r, _OUTPUTS)
+        return Evaluation(features, objective, grad)
+
+
+class BoundStepper(Stepper):
+    """A :class:`Stepper` over IO binding: every buffer is allocated once on the session's device.
+
+    The references are uploaded once; each step copies the image into the same device buffer and the
+    outputs are written into preallocated device buffers, so a CUDA step costs one host-to-device copy of
+    the image and one device-to-host copy of features, objective and gradient, and no allocation. (The
+    update rule runs in numpy on the host, so the gradient has to come back each step.)
+    """
+
+    def __init__(self, session: AttackSession, references: Float32Array) -> None:
+        super().__init__(session, references)
+        memory, device_id = session.placement.memory, session.placement.device_id
+        n, (size, dim) = references.shape[0], (session.info.canonical_size, session.info.embedding_dim)
+        self._binding = session._session.io_binding()
+        self._image = ort.OrtValue.ortvalue_from_shape_and_type([n, size, size, 3], np.float32, memory, device_id)
+        # Created from an owned copy: on the CPU an OrtValue made from numpy aliases the array's memory.
+        self._reference_host = references.copy()
+        self._reference = ort.OrtValue.ortvalue_from_numpy(self._reference_host, memory, device_id)
+        self._binding.bind_ortvalue_input(INPUT_IMAGE, self._image)
+        self._binding.bind_ortvalue_input(INPUT_REFERENCE, self._reference)
+        shapes = {OUTPUT_FEATURES: [n, dim], OUTPUT_OBJECTIVE: [n], OUTPUT_GRAD: [n, size, size, 3]}
+        self._outputs = {
+            name: ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, memory, device_id)
+            for name, shape in shapes.items()
+        }
+        for name in _OUTPUTS:
+            self._binding.bind_ortvalue_output(name, self._outputs[name])
+        self._lock = threading.Lock()  # one binding: steps on the same stepper must not interleave
+
+    def __call__(self, images: ArrayLike) -> Evaluation:
+        x, _ = self.session.check_batch(images, self.references)
+        with self._lock:
+            self._image.update_inplace(x)
+            self._binding.synchronize_inputs()
+            self.session._session.run_with_iobinding(self._binding)
+            self._binding.synchronize_outputs()
+            features, objective, grad = (np.asarray(o, np.float32) for o in self._binding.copy_outputs_to_cpu())
+        return Evaluation(features, objective, grad)
+
+
+def _thread_count(name: str, value: int) -> int:
+    if value < 0:
+        raise InputError(f"{name} must be >= 0 (0: onnxruntime's default), got {value}")
+    return value
+
+
+def _metadata_int(path: Path, metadata: dict[str, str], key: str) -> int:
+    text = metadata.get(key)
+    if text is None:
+        raise ContractError(f"{path}: metadata_props lacks {key!r} (has: {', '.join(sorted(metadata)) or 'none'})")
+    try:
+        return int(text)
+    except ValueError as exc:
+        raise ContractError(f"{path}: metadata {key!r} must be an integer, got {text!r}") from exc
+
+
+_CACHE: dict[tuple[object, ...], AttackSession] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def open_session(
+    path: str | Path,
+    *,
+    device: str = "auto",
+    intra_op_threads: int | None = None,
+    inter_op_threads: int | None = None,
+    optimization: Optimization = "all",
+    io_binding: bool | None = None,
+) -> AttackSession:
+    """The shared :class:`AttackSession` for ``path`` on ``device`` with these settings, loaded once.
+
+    The cache key includes the file's size and modification time, so a replaced file is loaded afresh.
+    """
+    resolved = Path(path).resolve()
+    if not resolved.is_file():
+        raise ModelError(f"{path}: attack graph not found")
+    stat = resolved.stat()
+    placement = resolve_device(device)
+    key = (
+        str(resolved), stat.st_mtime_ns, stat.st_size, placement, intra_op_threads, inter_op_threads,
+        optimization, io_binding,
+    )  # fmt: skip
+    with _CACHE_LOCK:
+        session = _CACHE.get(key)
+        if session is None:
+            session = AttackSession(
+                resolved,
+                device=device,
+                intra_op_threads=intra_op_threads,
+                inter_op_threads=inter_op_threads,
+                optimization=optimization,
+                io_binding=io_binding,
+            )
+            _CACHE[key] = session
+        return session
+
+
+def clear_session_cache() -> None:
+    """Drop every cached session (their memory is freed once no caller holds them)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
