@@ -57,8 +57,9 @@ def main_callback(
 
 def _add_command_groups() -> None:
     # One module per command group, each with its own Typer app.
-    from uncnn_rt.cli import models_cmd
+    from uncnn_rt.cli import convert_cmd, models_cmd
 
+    app.add_typer(convert_cmd.app, name="convert")
     app.add_typer(models_cmd.app, name="models")
 
 

@@ -7,11 +7,17 @@ Two fix-ups are applied on the way, both inside this converter only:
   TensorFlow's shape inference, which tf2onnx runs per node, rejects such a NodeDef. ``TArgs`` is the
   dtype list of the fused extra arguments (bias, PReLU alpha, ...), all of the op's own ``T``, so it is
   rebuilt from ``num_args``.
+* some graph models (human-models' ``mobilefacenet``) had a ``Relu`` fused into a depthwise
+  convolution whose pre-activation output is also read by the negative branch of a PReLU
+  (``relu(x) + alpha * (x - |x|) / 2``). After that fusion ``Abs`` and ``Sub`` see ``relu(x)``, the
+  negative branch is always zero, and the embedding barely depends on the face. The ``Relu`` is split
+  out again so that only the PReLU's positive branch reads it.
 * tf2onnx 1.17 calls ``np.product``, which numpy 2 removed (an alias of ``np.prod``).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import tempfile
@@ -61,6 +67,50 @@ def fill_fused_targs(topology: dict[str, Any]) -> int:
     return fixed
 
 
+def unfuse_shared_relu(topology: dict[str, Any]) -> int:
+    """Undo a ``Relu`` fused into a conv whose raw output an ``Abs`` also reads (a PReLU); return how many.
+
+    ``Abs`` of a ReLU output is the identity, so an ``Abs`` consumer shows that the pre-activation value
+    was meant. The fused op keeps only ``BiasAdd``; a new ``Relu`` node feeds the consumers other than
+    the PReLU's negative branch (``Abs(x)`` and ``Sub(x, Abs(x))``).
+    """
+    nodes = topology.get("node", [])
+    consumers: dict[str, list[dict[str, Any]]] = {}
+    for node in nodes:
+        for inp in node.get("input", []):
+            consumers.setdefault(inp.split(":")[0], []).append(node)
+    relu = base64.b64encode(b"Relu").decode()
+    fixed = 0
+    extra: list[dict[str, Any]] = []
+    for node in nodes:
+        fused = node.get("attr", {}).get("fused_ops", {}).get("list", {}).get("s", [])
+        readers = consumers.get(node["name"], [])
+        if not fused or fused[-1] != relu or not any(r["op"] == "Abs" for r in readers):
+            continue
+        abs_names = {r["name"] for r in readers if r["op"] == "Abs"}
+        split_name = node["name"] + "/unfused_relu"
+        for reader in readers:
+            negative_branch = reader["op"] == "Abs" or (
+                reader["op"] == "Sub" and any(i.split(":")[0] in abs_names for i in reader["input"])
+            )
+            if not negative_branch:
+                reader["input"] = [split_name if i == node["name"] else i for i in reader["input"]]
+        node["attr"]["fused_ops"]["list"]["s"] = fused[:-1]
+        dtype = node["attr"].get("T", {"type": "DT_FLOAT"})
+        extra.append({"name": split_name, "op": "Relu", "input": [node["name"]], "attr": {"T": dtype}})
+        fixed += 1
+    # tf2onnx reads nodes in file order and needs producers first: put each Relu right after its conv.
+    if extra:
+        after = {e["input"][0]: e for e in extra}
+        ordered: list[dict[str, Any]] = []
+        for node in nodes:
+            ordered.append(node)
+            if node["name"] in after:
+                ordered.append(after[node["name"]])
+        topology["node"] = ordered
+    return fixed
+
+
 def read_graph_model(model_json: Path) -> dict[str, Any]:
     """Parse a tfjs ``model.json``; anything but a graph model is an :class:`InputError`."""
     if not model_json.is_file():
@@ -96,6 +146,7 @@ def convert(
     src = Path(model_json)
     model = read_graph_model(src)
     fill_fused_targs(model["modelTopology"])
+    unfuse_shared_relu(model["modelTopology"])
     tf2onnx = import_tf2onnx()
     with tempfile.TemporaryDirectory(prefix="uncnn-tfjs-") as tmp:
         patched = Path(tmp) / src.name

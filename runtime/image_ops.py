@@ -14,7 +14,6 @@ from typing import Final
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, ImageFilter
-
 from uncnn_rt.runtime.errors import InputError
 
 Float32Array = NDArray[np.float32]
@@ -40,7 +39,7 @@ def gaussian_kernel1d(sigma: float, radius: int | None = None) -> Float64Array:
         raise InputError(f"Gaussian radius must be >= 0, got {r}")
     t = np.arange(-r, r + 1, dtype=np.float64)
     k = np.exp(-0.5 * (t / sigma) ** 2)
-    return k / k.sum()
+    return np.asarray(k / k.sum(), dtype=np.float64)
 
 
 def _filter_valid(x: Float64Array, kernel: Float64Array) -> Float64Array:
@@ -68,7 +67,9 @@ def ssim(reference: NDArray[np.generic], distorted: NDArray[np.generic]) -> Floa
         raise InputError(f"SSIM needs two [N, H, W, C] batches of one shape, got {x.shape} and {y.shape}")
     kernel = gaussian_kernel1d(SSIM_SIGMA)
     if min(x.shape[1:3]) < kernel.shape[0]:
-        raise InputError(f"SSIM needs images of at least {kernel.shape[0]}x{kernel.shape[0]}, got {x.shape[1:3]}")
+        raise InputError(
+            f"SSIM needs images of at least {kernel.shape[0]}x{kernel.shape[0]}, got {x.shape[1:3]}"
+        )
     c1, c2 = (SSIM_K1 * DATA_RANGE) ** 2, (SSIM_K2 * DATA_RANGE) ** 2
     mx, my = _filter_valid(x, kernel), _filter_valid(y, kernel)
     vx = _filter_valid(x * x, kernel) - mx * mx
@@ -119,7 +120,8 @@ class _Jpeg(_PillowOp):
         image.save(buffer, format="JPEG", quality=self.quality)
         buffer.seek(0)
         with Image.open(buffer) as decoded:
-            return decoded.convert("RGB")
+            rgb: Image.Image = decoded.convert("RGB")
+        return rgb
 
 
 class _Downscale(_PillowOp):

@@ -20,7 +20,6 @@ from typing import Final, Literal, NamedTuple
 import numpy as np
 import onnxruntime as ort
 from numpy.typing import ArrayLike, NDArray
-
 from uncnn_rt.runtime.contract import (
     CONTRACT_VERSION,
     INPUT_IMAGE,
@@ -201,7 +200,7 @@ def read_info(path: Path, metadata: dict[str, str], batch_size: int | None) -> M
     )
     if labels is not None and len(labels) != info.embedding_dim:
         raise ContractError(
-            f"{path}: {len(labels)} class labels for embedding dim {info.embedding_dim}; expected one per class"
+            f"{path}: {len(labels)} class labels for embedding dim {info.embedding_dim} (one per class)"
         )
     return info
 
@@ -231,7 +230,9 @@ def _check_io(path: Path, session: ort.InferenceSession, size: int, dim: int) ->
         raise ContractError(f"{path}: inputs must be {sorted(expected_inputs)}, got {sorted(inputs)}")
     missing = [name for name in _OUTPUTS if name not in outputs]
     if missing:
-        raise ContractError(f"{path}: outputs lack {missing} (expected {list(_OUTPUTS)}, got {sorted(outputs)})")
+        raise ContractError(
+            f"{path}: outputs lack {missing} (expected {list(_OUTPUTS)}, got {sorted(outputs)})"
+        )
     expected: dict[str, tuple[int | None, ...]] = {
         INPUT_IMAGE: (None, size, size, 3),
         INPUT_REFERENCE: (None, dim),
@@ -246,7 +247,9 @@ def _check_io(path: Path, session: ort.InferenceSession, size: int, dim: int) ->
             raise ContractError(f"{path}: {name!r} must be tensor(float), got {arg.type}")
         got = tuple(d if isinstance(d, int) else None for d in arg.shape)
         shown_want = ["N", *want[1:]]
-        if len(got) != len(want) or any(g is not None and w is not None and g != w for g, w in zip(got, want)):
+        if len(got) != len(want) or any(
+            g is not None and w is not None and g != w for g, w in zip(got, want, strict=True)
+        ):
             raise ContractError(f"{path}: {name!r} must have shape {shown_want}, got {list(arg.shape)}")
         if got[0] is not None:
             batch.add(got[0])
@@ -331,12 +334,14 @@ class AttackSession:
         return list(self._session.get_providers())
 
     def check_batch(self, images: ArrayLike, references: ArrayLike) -> tuple[Float32Array, Float32Array]:
-        """Return ``images`` ``[N, S, S, 3]`` and ``references`` ``[N, D]`` as contiguous float32, or raise."""
+        """``images`` ``[N, S, S, 3]`` and ``references`` ``[N, D]`` as contiguous float32, or raise."""
         size, dim = self.info.canonical_size, self.info.embedding_dim
         x = np.ascontiguousarray(images, dtype=np.float32)
         r = np.ascontiguousarray(references, dtype=np.float32)
         if x.ndim != 4 or x.shape[1:] != self.info.image_shape:
-            raise InputError(f"{self.name}: images must have shape [N, {size}, {size}, 3], got {list(x.shape)}")
+            raise InputError(
+                f"{self.name}: images must have shape [N, {size}, {size}, 3], got {list(x.shape)}"
+            )
         if r.shape != (x.shape[0], dim):
             raise InputError(
                 f"{self.name}: references must have shape [{x.shape[0]}, {dim}] for {x.shape[0]} images, "
@@ -371,7 +376,10 @@ class AttackSession:
         fixed = self.info.batch_size
         n = images.shape[0]
         if fixed is None or fixed == n:
-            return [np.asarray(o, np.float32) for o in self._session.run(list(names), self._feeds(images, references))]
+            return [
+                np.asarray(o, np.float32)
+                for o in self._session.run(list(names), self._feeds(images, references))
+            ]
         pieces: list[list[Float32Array]] = []
         for start in range(0, n, fixed):
             x, r = images[start : start + fixed], references[start : start + fixed]
@@ -389,7 +397,7 @@ class AttackSession:
 
 
 class Stepper:
-    """Forward + gradient on one batch whose references stay fixed across an attack's steps (plain ``run``)."""
+    """Forward + gradient on one batch whose references stay fixed across an attack (plain ``run``)."""
 
     def __init__(self, session: AttackSession, references: Float32Array) -> None:
         self.session = session
@@ -399,6 +407,12 @@ class Stepper:
         x, r = self.session.check_batch(images, self.references)
         features, objective, grad = self.session._run_chunked(x, r, _OUTPUTS)
         return Evaluation(features, objective, grad)
+
+    def forward(self, images: ArrayLike) -> tuple[Float32Array, Float32Array]:
+        """Forward only: ``features`` ``[N, D]`` and ``objective`` ``[N]`` (no gradient is fetched)."""
+        x, r = self.session.check_batch(images, self.references)
+        features, objective = self.session._run_chunked(x, r, (OUTPUT_FEATURES, OUTPUT_OBJECTIVE))
+        return features, objective
 
 
 class BoundStepper(Stepper):
@@ -415,7 +429,9 @@ class BoundStepper(Stepper):
         memory, device_id = session.placement.memory, session.placement.device_id
         n, (size, dim) = references.shape[0], (session.info.canonical_size, session.info.embedding_dim)
         self._binding = session._session.io_binding()
-        self._image = ort.OrtValue.ortvalue_from_shape_and_type([n, size, size, 3], np.float32, memory, device_id)
+        self._image = ort.OrtValue.ortvalue_from_shape_and_type(
+            [n, size, size, 3], np.float32, memory, device_id
+        )
         # Created from an owned copy: on the CPU an OrtValue made from numpy aliases the array's memory.
         self._reference_host = references.copy()
         self._reference = ort.OrtValue.ortvalue_from_numpy(self._reference_host, memory, device_id)
@@ -437,7 +453,9 @@ class BoundStepper(Stepper):
             self._binding.synchronize_inputs()
             self.session._session.run_with_iobinding(self._binding)
             self._binding.synchronize_outputs()
-            features, objective, grad = (np.asarray(o, np.float32) for o in self._binding.copy_outputs_to_cpu())
+            features, objective, grad = (
+                np.asarray(o, np.float32) for o in self._binding.copy_outputs_to_cpu()
+            )
         return Evaluation(features, objective, grad)
 
 
@@ -450,7 +468,9 @@ def _thread_count(name: str, value: int) -> int:
 def _metadata_int(path: Path, metadata: dict[str, str], key: str) -> int:
     text = metadata.get(key)
     if text is None:
-        raise ContractError(f"{path}: metadata_props lacks {key!r} (has: {', '.join(sorted(metadata)) or 'none'})")
+        raise ContractError(
+            f"{path}: metadata_props lacks {key!r} (has: {', '.join(sorted(metadata)) or 'none'})"
+        )
     try:
         return int(text)
     except ValueError as exc:

@@ -4,7 +4,16 @@
 preprocessing and head in and emits the attack graph of the contract in ``uncnn_rt.runtime.contract``.
 """
 
+from uncnn_rt.converters.grad.assemble import build_attack_graph, resize_matrix
 from uncnn_rt.converters.grad.driver import OPSET, differentiate
 from uncnn_rt.converters.grad.registry import RULES, UnsupportedOpError, grad_rule
 
-__all__ = ["OPSET", "RULES", "UnsupportedOpError", "differentiate", "grad_rule"]
+__all__ = [
+    "OPSET",
+    "RULES",
+    "UnsupportedOpError",
+    "build_attack_graph",
+    "differentiate",
+    "grad_rule",
+    "resize_matrix",
+]

@@ -1,1 +1,76 @@
-"""The FGSM/PGD family on onnxruntime, sharing one gradient loop."""
+"""The FGSM/PGD family on onnxruntime, sharing one gradient loop.
+
+Typical use::
+
+    from uncnn_rt.runtime.sessions import open_session
+    from uncnn_rt.runtime.attacks import PGD, Victim, InputDiversity, TranslationInvariance
+
+    model = open_session("faceres.onnx", device="auto")
+    clean = model.features(faces_at_model_size)                     # [N, D] unit embeddings
+    result = PGD(eps=8, steps=40, diversity=InputDiversity(), smoothing=TranslationInvariance())(
+        faces, [Victim(model, clean)], quantize=True, seed=0
+    )
+    result.images, result.success["faceres"], result.history["faceres"]
+"""
+
+from uncnn_rt.runtime.attacks.base import AttackResult, GradientAttack
+from uncnn_rt.runtime.attacks.boosters import (
+    EOT,
+    Blur,
+    Downscale,
+    InputDiversity,
+    Jpeg,
+    Transform,
+    TranslationInvariance,
+)
+from uncnn_rt.runtime.attacks.criteria import (
+    AllOf,
+    AnyOf,
+    Criterion,
+    Misclassified,
+    ModelState,
+    PastThresholds,
+    SimilarityAbove,
+    SimilarityBelow,
+    TargetReached,
+    default_criterion,
+)
+from uncnn_rt.runtime.attacks.ensemble import Ensemble, Gradient, Victim
+from uncnn_rt.runtime.attacks.linear import LinearMap, Resize, ResizePad, resize_matrix
+from uncnn_rt.runtime.attacks.pgd import BIM, FGSM, IFGSM, L2PGD, MIFGSM, PGD, LinfPGD
+
+__all__ = [
+    "BIM",
+    "EOT",
+    "FGSM",
+    "IFGSM",
+    "L2PGD",
+    "MIFGSM",
+    "PGD",
+    "AllOf",
+    "AnyOf",
+    "AttackResult",
+    "Blur",
+    "Criterion",
+    "Downscale",
+    "Ensemble",
+    "Gradient",
+    "GradientAttack",
+    "InputDiversity",
+    "Jpeg",
+    "LinearMap",
+    "LinfPGD",
+    "Misclassified",
+    "ModelState",
+    "PastThresholds",
+    "Resize",
+    "ResizePad",
+    "SimilarityAbove",
+    "SimilarityBelow",
+    "TargetReached",
+    "Transform",
+    "TranslationInvariance",
+    "Victim",
+    "default_criterion",
+    "resize_matrix",
+]

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
-
 from uncnn_rt.runtime import image_ops
 from uncnn_rt.runtime.attacks.linear import LinearMap, ResizePad
 from uncnn_rt.runtime.errors import InputError
@@ -22,7 +21,7 @@ Float32Array = NDArray[np.float32]
 
 @dataclass(frozen=True, kw_only=True)
 class InputDiversity:
-    """DI: with probability ``probability``, shrink the input to a random size and pad it back at a random offset.
+    """DI: with probability ``probability``, shrink the input to a random size and pad it back to size.
 
     Xie et al., "Improving Transferability of Adversarial Examples with Input Diversity", CVPR 2019.
     The map is the linear :class:`~.linear.ResizePad`, whose exact adjoint carries the gradient back.

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
-
 from uncnn_rt.runtime.contract import ModelKind
 from uncnn_rt.runtime.errors import InputError
 
@@ -23,7 +22,7 @@ Float32Array = NDArray[np.float32]
 
 @dataclass(frozen=True)
 class ModelState:
-    """What one victim says about a batch: ``features`` ``[N, D]``, ``objective`` ``[N]``, ``references`` ``[N, D]``.
+    """One victim's view of a batch: ``features`` [N, D], ``objective`` [N], ``references`` [N, D].
 
     For face models ``objective`` is the cosine similarity to the reference embedding; for classifiers
     it is the log-probability of the reference class.
@@ -97,10 +96,12 @@ class SimilarityAbove(Criterion):
 
 def _labels(state: ModelState, labels: Sequence[int] | None, model: str) -> NDArray[np.intp]:
     if labels is None:
-        return np.argmax(state.references, axis=1)
+        return np.asarray(np.argmax(state.references, axis=1), dtype=np.intp)
     out = np.asarray(labels, dtype=np.intp)
     if out.shape != state.objective.shape:
-        raise InputError(f"{model}: {out.shape[0] if out.ndim else 0} labels for {state.objective.shape[0]} images")
+        raise InputError(
+            f"{model}: {out.shape[0] if out.ndim else 0} labels for {state.objective.shape[0]} images"
+        )
     return out
 
 
@@ -133,7 +134,7 @@ class AllOf(Criterion):
     criteria: tuple[Criterion, ...]
 
     def __call__(self, states: States) -> BoolArray:
-        return np.logical_and.reduce([c(states) for c in self.criteria])
+        return np.asarray(np.logical_and.reduce([c(states) for c in self.criteria]), dtype=bool)
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ class AnyOf(Criterion):
     criteria: tuple[Criterion, ...]
 
     def __call__(self, states: States) -> BoolArray:
-        return np.logical_or.reduce([c(states) for c in self.criteria])
+        return np.asarray(np.logical_or.reduce([c(states) for c in self.criteria]), dtype=bool)
 
 
 def default_criterion(model: str, kind: ModelKind, *, targeted: bool, margin: float = 0.0) -> Criterion:
@@ -164,9 +165,8 @@ class PastThresholds(Criterion):
     margin: float = 0.0
 
     def __call__(self, states: States) -> BoolArray:
-        return np.logical_and.reduce(
-            [
-                default_criterion(name, s.kind, targeted=self.targeted, margin=self.margin)(states)
-                for name, s in states.items()
-            ]
+        per_model = (
+            default_criterion(name, s.kind, targeted=self.targeted, margin=self.margin)
+            for name, s in states.items()
         )
+        return AllOf(tuple(per_model))(states)

@@ -13,7 +13,6 @@ from functools import lru_cache
 
 import numpy as np
 from numpy.typing import NDArray
-
 from uncnn_rt.runtime.errors import InputError
 
 Float32Array = NDArray[np.float32]

@@ -1,0 +1,139 @@
+"""``uncnn-rt convert``: turn a model into an attack graph (preprocessing + head + gradient, standard ONNX)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from uncnn_rt.cli.errors import clean_errors
+from uncnn_rt.runtime import contract as C
+from uncnn_rt.runtime.errors import InputError
+from uncnn_rt.runtime.fileio import atomic_write_bytes
+
+app = typer.Typer(help="Convert models into attack graphs that onnxruntime can differentiate.",
+                  no_args_is_help=True)
+
+
+def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise InputError(f"{what} must be {n} comma-separated numbers, got {text!r}") from None
+    if len(values) == 1:
+        values = values * n
+    if len(values) != n:
+        raise InputError(f"{what} must be {n} comma-separated numbers, got {text!r}")
+    return values
+
+
+def _size(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    try:
+        h, w = (int(parts[0]), int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+    except (ValueError, IndexError):
+        raise InputError(f"size must look like 112 or 112x96, got {text!r}") from None
+    if h <= 0 or w <= 0:
+        raise InputError(f"size must be positive, got {text!r}")
+    return h, w
+
+
+def _infer_layout(model: object, input_name: str | None) -> tuple[str, tuple[int, int]]:
+    """Guess layout and native size from a 4-D image input: a dimension of 3 marks the channels."""
+    import onnx
+
+    assert isinstance(model, onnx.ModelProto)
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits and (input_name is None or i.name == input_name)]
+    if len(inputs) != 1:
+        raise InputError(f"cannot tell the image input among {[i.name for i in inputs]}; pass --input")
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
+    if len(dims) == 4 and dims[1] == 3 and dims[2] and dims[3]:
+        return "NCHW", (int(dims[2]), int(dims[3]))
+    if len(dims) == 4 and dims[3] == 3 and dims[1] and dims[2]:
+        return "NHWC", (int(dims[1]), int(dims[2]))
+    raise InputError(f"input {inputs[0].name!r} has shape {dims}; pass --layout and --native-size")
+
+
+@app.command("grad")
+def grad(
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL.onnx", exists=True, dir_okay=False, readable=True,
+                                               help="Forward ONNX model (image in, embedding or logits out).")],
+    output: Annotated[Path | None, typer.Option("-o", "--output",
+                                                help="Where to write the attack graph \\[default: MODEL.attack.onnx].")]
+    = None,
+    kind: Annotated[str, typer.Option(help="face (L2-normalised embedding) or classifier (log-softmax).")] = "face",
+    name: Annotated[str | None, typer.Option(help="Model name stored in the metadata \\[default: file stem].")] = None,
+    canonical_size: Annotated[int | None, typer.Option(help="Side S of the image input \\[default: native height].")]
+    = None,
+    native_size: Annotated[str | None, typer.Option(help="Model input size, HxW \\[default: from the model].")] = None,
+    layout: Annotated[str | None, typer.Option(help="NCHW or NHWC \\[default: from the model].")] = None,
+    channel_order: Annotated[str, typer.Option(help="RGB or BGR, as the model expects.")] = "RGB",
+    mean: Annotated[str, typer.Option(help="Per-channel mean in 0..255 units, one value or three.")] = "0",
+    std: Annotated[str, typer.Option(help="Per-channel std in 0..255 units, one value or three.")] = "1",
+    crop: Annotated[str, typer.Option(help="Window of the canonical crop fed to the model: top,left,bottom,right "
+                                           "as fractions.")] = "0,0,1,1",
+    resize: Annotated[str, typer.Option(help="bilinear or area (box filter, for large downscales).")] = "bilinear",
+    threshold: Annotated[float | None, typer.Option(help="Cosine match threshold (face models).")] = None,
+    labels: Annotated[Path | None, typer.Option(exists=True, dir_okay=False,
+                                                help="Text file with one class label per line (classifiers).")]
+    = None,
+    outputs: Annotated[str | None, typer.Option(help="What the model outputs: embedding, logits or probabilities.")]
+    = None,
+    input_name: Annotated[str | None, typer.Option("--input", help="Image input name, if the model has several.")]
+    = None,
+    output_name: Annotated[str | None, typer.Option("--output-name", help="Output to use, if several.")] = None,
+    validate: Annotated[bool, typer.Option(help="Check features against the source and grad against finite "
+                                                "differences.")] = True,
+) -> None:
+    """Build the attack graph of an ONNX model: folded preprocessing, head, objective and d objective/d image.
+
+    The result has inputs image \\[N,S,S,3] (RGB 0..255) and reference \\[N,D], and outputs features, objective and grad, all standard ONNX that stock onnxruntime runs on any execution provider.
+    """
+    with clean_errors():
+        import onnx
+
+        from uncnn_rt.converters.grad import build_attack_graph
+        from uncnn_rt.converters.validate import validate_attack_graph
+
+        if kind not in C.KINDS:
+            raise InputError(f"--kind must be one of {', '.join(C.KINDS)}, got {kind!r}")
+        if channel_order not in ("RGB", "BGR"):
+            raise InputError(f"--channel-order must be RGB or BGR, got {channel_order!r}")
+        if resize not in ("bilinear", "area"):
+            raise InputError(f"--resize must be bilinear or area, got {resize!r}")
+        try:
+            source = onnx.load(str(model_path))
+        except Exception as exc:  # protobuf raises DecodeError, onnx its own; the file is not ONNX either way
+            raise InputError(f"{model_path}: not a readable ONNX model ({exc})") from exc
+        guessed_layout, guessed_size = (None, None) if (layout and native_size) else _infer_layout(source, input_name)
+        lay = layout or guessed_layout
+        if lay not in ("NCHW", "NHWC"):
+            raise InputError(f"--layout must be NCHW or NHWC, got {lay!r}")
+        size_hw = _size(native_size) if native_size else guessed_size
+        assert size_hw is not None
+        window = _floats(crop, 4, "--crop")
+        pre = C.Preprocessing(
+            native_size=size_hw, layout=lay,  # type: ignore[arg-type]
+            channel_order=channel_order,  # type: ignore[arg-type]
+            mean=_floats(mean, 3, "--mean"), std=_floats(std, 3, "--std"),  # type: ignore[arg-type]
+            crop=window, resize=resize,  # type: ignore[arg-type]
+        )
+        label_list = labels.read_text(encoding="utf-8").splitlines() if labels else None
+        attack = build_attack_graph(
+            source, kind=kind, preprocessing=pre,  # type: ignore[arg-type]
+            canonical_size=canonical_size or size_hw[0], name=name or model_path.stem.split(".")[0],
+            threshold=threshold, labels=label_list, input_name=input_name, output_name=output_name,
+            outputs=outputs,  # type: ignore[arg-type]
+        )
+        if validate:
+            report = validate_attack_graph(attack, source, outputs=outputs)
+            typer.echo(f"validation: {report.describe()}")
+            if not report.ok:
+                raise InputError("validation failed: the attack graph does not match its source model")
+        out = output or model_path.with_name(model_path.name.removesuffix(".onnx") + ".attack.onnx")
+        if out.resolve() == model_path.resolve():
+            raise InputError(f"refusing to overwrite the input {model_path}; choose another --output")
+        atomic_write_bytes(out, attack.SerializeToString())
+        typer.echo(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")

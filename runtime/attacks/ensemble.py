@@ -1,0 +1,155 @@
+"""Victims and the ensemble gradient: one common input, each model at its own canonical size.
+
+The attacked images ``X`` are ``[N, H, W, 3]``. Model ``m`` sees ``R_m X`` (an exact bilinear resize to
+its ``S_m x S_m``, :class:`~.linear.Resize`), so its gradient with respect to ``X`` is ``R_m^T g_m``. Each
+model's gradient is scaled to unit mean magnitude per image before the weighted sum, so that a model
+with large raw gradients does not drown the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+from uncnn_rt.runtime.attacks.boosters import EOT, InputDiversity
+from uncnn_rt.runtime.attacks.criteria import ModelState
+from uncnn_rt.runtime.attacks.linear import Resize
+from uncnn_rt.runtime.errors import InputError
+from uncnn_rt.runtime.sessions import AttackSession, Stepper
+
+Float32Array = NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class Victim:
+    """One attacked model with the references of the batch.
+
+    Args:
+        session: the model's attack graph.
+        references: ``[N, D]``, one per image: the person's own unit embedding (face, untargeted), a target
+            embedding (face, targeted), or a one-hot / weight vector over classes (classifier).
+        weight: the model's share of the ensemble gradient (after per-model normalisation).
+        name: the key of this victim in criteria and results (default: the model's metadata name).
+    """
+
+    session: AttackSession
+    references: ArrayLike
+    weight: float = 1.0
+    name: str | None = None
+
+    @property
+    def key(self) -> str:
+        return self.name if self.name is not None else self.session.name
+
+
+@dataclass
+class _Member:
+    key: str
+    session: AttackSession
+    references: Float32Array
+    weight: float
+    stepper: Stepper
+    resize: Resize | None
+
+
+@dataclass(frozen=True)
+class Gradient:
+    """The ensemble's ascent direction at a batch, before any norm-specific normalisation."""
+
+    grad: Float32Array  # [N, H, W, 3], averaged over EOT samples
+    objective: dict[str, Float32Array]  # per victim, [N], averaged over the same samples
+    # The victims' clean states when the gradient was taken at the untransformed images, else None.
+    states: dict[str, ModelState] | None
+
+
+class Ensemble:
+    """The victims of one attack call on a batch of ``N`` images of size ``H x W``."""
+
+    def __init__(
+        self, victims: Sequence[Victim], batch: int, size: tuple[int, int], *, targeted: bool
+    ) -> None:
+        if not victims:
+            raise InputError("an attack needs at least one victim")
+        keys = [v.key for v in victims]
+        if len(set(keys)) != len(keys):
+            raise InputError(f"victims need distinct names, got {keys}; set Victim(name=...)")
+        self.size = size
+        self.sign = np.float32(
+            1.0 if targeted else -1.0
+        )  # targeted ascends the objective, untargeted descends
+        self.members: list[_Member] = []
+        for victim, key in zip(victims, keys, strict=True):
+            if not victim.weight >= 0:
+                raise InputError(f"victim {key!r}: weight must be >= 0, got {victim.weight}")
+            s = victim.session.info.canonical_size
+            zeros = np.zeros((batch, s, s, 3), np.float32)
+            _, refs = victim.session.check_batch(zeros, victim.references)
+            self.members.append(
+                _Member(
+                    key=key,
+                    session=victim.session,
+                    references=refs,
+                    weight=float(victim.weight),
+                    stepper=victim.session.stepper(refs),
+                    resize=None if size == (s, s) else Resize(size, (s, s)),
+                )
+            )
+
+    @property
+    def keys(self) -> list[str]:
+        return [m.key for m in self.members]
+
+    def _state(self, member: _Member, features: Float32Array, objective: Float32Array) -> ModelState:
+        info = member.session.info
+        return ModelState(info.kind, info.threshold, features, objective, member.references)
+
+    def evaluate(self, images: Float32Array) -> dict[str, ModelState]:
+        """Forward only: every victim's features and objective on ``images`` ``[N, H, W, 3]``."""
+        states = {}
+        for m in self.members:
+            x = images if m.resize is None else m.resize.forward(images)
+            features, objective = m.stepper.forward(x)
+            states[m.key] = self._state(m, features, objective)
+        return states
+
+    def gradient(
+        self,
+        images: Float32Array,
+        rng: np.random.Generator,
+        *,
+        diversity: InputDiversity | None = None,
+        eot: EOT | None = None,
+    ) -> Gradient:
+        """The weighted sum of per-model normalised gradients, signed so that ascending it attacks."""
+        samples = 1 if eot is None else eot.samples
+        total = np.zeros_like(images)
+        objective = {m.key: np.zeros(images.shape[0], np.float32) for m in self.members}
+        clean_states: dict[str, ModelState] | None = {}
+        for _ in range(samples):
+            x = images if eot is None else eot.sample(rng)(images, rng)  # straight-through: no adjoint
+            view = None if diversity is None else diversity.sample(self.size, rng)
+            if view is not None:
+                x = view.forward(x)
+            transformed = eot is not None or view is not None
+            grad = np.zeros_like(images)
+            for m in self.members:
+                xm = x if m.resize is None else m.resize.forward(x)
+                features, obj, g = m.stepper(xm)
+                if m.resize is not None:
+                    g = m.resize.adjoint(g)
+                grad += (m.weight * self.sign) * unit_mean_magnitude(g)
+                objective[m.key] += obj / samples
+                if clean_states is not None and not transformed:
+                    clean_states[m.key] = self._state(m, features, obj)
+            if transformed:
+                clean_states = None
+            total += grad if view is None else view.adjoint(grad)
+        return Gradient(total / np.float32(samples), objective, clean_states)
+
+
+def unit_mean_magnitude(grad: Float32Array) -> Float32Array:
+    """Scale each image's gradient to mean absolute value 1 (a zero gradient stays zero)."""
+    scale = np.abs(grad).mean(axis=(1, 2, 3), keepdims=True)
+    return np.asarray(grad / np.maximum(scale, np.finfo(np.float32).tiny), dtype=np.float32)
