@@ -79,16 +79,22 @@ class Preprocessing:
         )
 
 
+def _numbers(v: object, n: int) -> list[float]:
+    if not isinstance(v, (list, tuple)) or len(v) != n:
+        raise ValueError(f"expected a list of {n} numbers, got {v!r}")
+    return [float(x) for x in v]
+
+
 def _pair(v: object) -> tuple[int, int]:
-    a, b = v  # type: ignore[misc]
+    a, b = _numbers(v, 2)
     return int(a), int(b)
 
 
 def _triple(v: object) -> tuple[float, float, float]:
-    a, b, c = v  # type: ignore[misc]
-    return float(a), float(b), float(c)
+    a, b, c = _numbers(v, 3)
+    return a, b, c
 
 
 def _quad(v: object) -> tuple[float, float, float, float]:
-    a, b, c, d = v  # type: ignore[misc]
-    return float(a), float(b), float(c), float(d)
+    a, b, c, d = _numbers(v, 4)
+    return a, b, c, d

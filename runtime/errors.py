@@ -27,3 +27,35 @@ class DeviceError(InputError):
 
 class ContractError(ModelError):
     """An attack graph's inputs, outputs or metadata differ from the attack-graph contract."""
+
+
+class UnreadableFileError(InputError):
+    """An input path does not exist, is not a regular file, or cannot be read."""
+
+
+class EmptyFileError(InputError):
+    """An input file has no bytes at all."""
+
+
+class NotAnImageError(InputError):
+    """An input file is not in any image format that Pillow recognises."""
+
+
+class DecodeError(InputError):
+    """An image file is truncated or its pixel data is corrupt."""
+
+
+class ImageTooLargeError(InputError):
+    """An image file is over the byte limit, or its header declares more pixels than allowed."""
+
+
+class UnsupportedImageError(InputError):
+    """An image is valid but of a kind the cloak cannot handle (animated, floating-point samples, ...)."""
+
+
+class OutputPathError(InputError):
+    """An output path would overwrite the input, or cannot be written."""
+
+
+class AlignmentError(InputError):
+    """Landmarks or boxes from which no similarity transform can be estimated (coincident, non-finite)."""

@@ -14,7 +14,8 @@ from typing import Final
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, ImageFilter
-from uncnn_rt.runtime.errors import InputError
+
+from .errors import InputError
 
 Float32Array = NDArray[np.float32]
 Float64Array = NDArray[np.float64]

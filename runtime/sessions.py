@@ -20,7 +20,8 @@ from typing import Final, Literal, NamedTuple
 import numpy as np
 import onnxruntime as ort
 from numpy.typing import ArrayLike, NDArray
-from uncnn_rt.runtime.contract import (
+
+from .contract import (
     CONTRACT_VERSION,
     INPUT_IMAGE,
     INPUT_REFERENCE,
@@ -40,7 +41,7 @@ from uncnn_rt.runtime.contract import (
     ModelKind,
     Preprocessing,
 )
-from uncnn_rt.runtime.errors import ContractError, DeviceError, InputError, ModelError
+from .errors import ContractError, DeviceError, InputError, ModelError
 
 Optimization = Literal["disable", "basic", "extended", "all"]
 

@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from uncnn_rt.runtime.errors import ModelError
+from .errors import ModelError
 
 MANIFEST_NAME = "manifest.json"
 

@@ -18,8 +18,9 @@ from uncnn_rt.runtime import contract as C
 from uncnn_rt.runtime.errors import ModelError
 
 
-def tiny_cnn(layout: str = "NCHW", size: int = 16, out_dim: int = 8, fixed_batch_reshape: bool = False,
-             seed: int = 0) -> onnx.ModelProto:
+def tiny_cnn(
+    layout: str = "NCHW", size: int = 16, out_dim: int = 8, fixed_batch_reshape: bool = False, seed: int = 0
+) -> onnx.ModelProto:
     """Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm, in either layout, with seeded weights."""
     rng = np.random.default_rng(seed)
     inits = [
@@ -44,15 +45,26 @@ def tiny_cnn(layout: str = "NCHW", size: int = 16, out_dim: int = 8, fixed_batch
         nodes.append(helper.make_node("Flatten", ["p"], ["f"], axis=1))
     nodes.append(helper.make_node("Gemm", ["f", "fc"], ["out"]))
     shape = [1, 3, size, size] if layout == "NCHW" else [1, size, size, 3]
-    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, out_dim])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, out_dim])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
 
 
-FACE_PRE = C.Preprocessing(native_size=(16, 16), layout="NCHW", channel_order="BGR",
-                           mean=(127.5, 127.5, 127.5), std=(128.0, 128.0, 128.0), crop=(0.1, 0.05, 0.9, 0.95))
+FACE_PRE = C.Preprocessing(
+    native_size=(16, 16),
+    layout="NCHW",
+    channel_order="BGR",
+    mean=(127.5, 127.5, 127.5),
+    std=(128.0, 128.0, 128.0),
+    crop=(0.1, 0.05, 0.9, 0.95),
+)
 
 
 def test_resize_matrix_rows_are_convex_weights() -> None:
@@ -66,11 +78,16 @@ def test_resize_matrix_matches_onnx_resize_linear_half_pixel() -> None:
     from onnx.reference import ReferenceEvaluator
 
     x = np.random.default_rng(0).uniform(0, 255, (1, 1, 20, 20)).astype(np.float32)
-    node = helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], mode="linear",
-                            coordinate_transformation_mode="half_pixel")
-    graph = helper.make_graph([node], "r", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(np.array([1, 1, 13, 7], dtype=np.int64), "sizes")])
+    node = helper.make_node(
+        "Resize", ["x", "", "", "sizes"], ["y"], mode="linear", coordinate_transformation_mode="half_pixel"
+    )
+    graph = helper.make_graph(
+        [node],
+        "r",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array([1, 1, 13, 7], dtype=np.int64), "sizes")],
+    )
     ref = ReferenceEvaluator(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     expected = ref.run(None, {"x": x})[0]
     rows, cols = resize_matrix(20, 13, 0.0, 20.0), resize_matrix(20, 7, 0.0, 20.0)
@@ -81,16 +98,18 @@ def test_resize_matrix_matches_onnx_resize_linear_half_pixel() -> None:
 def test_face_attack_graph_matches_source_and_finite_differences(layout: str) -> None:
     source = tiny_cnn(layout)
     pre = C.Preprocessing(**{**FACE_PRE.__dict__, "layout": layout})
-    attack = build_attack_graph(source, kind="face", preprocessing=pre, canonical_size=24, name="tiny",
-                                threshold=0.4)
+    attack = build_attack_graph(
+        source, kind="face", preprocessing=pre, canonical_size=24, name="tiny", threshold=0.4
+    )
     report = validate_attack_graph(attack, source)
     assert report.features_max_abs_error < 1e-5, report.describe()
     assert report.grad_relative_error < 1e-3, report.describe()
 
 
 def test_contract_inputs_outputs_and_metadata() -> None:
-    attack = build_attack_graph(tiny_cnn(), kind="face", preprocessing=FACE_PRE, canonical_size=24, name="tiny",
-                                threshold=0.4)
+    attack = build_attack_graph(
+        tiny_cnn(), kind="face", preprocessing=FACE_PRE, canonical_size=24, name="tiny", threshold=0.4
+    )
     sess = ort.InferenceSession(attack.SerializeToString(), providers=["CPUExecutionProvider"])
     assert [i.name for i in sess.get_inputs()] == [C.INPUT_IMAGE, C.INPUT_REFERENCE]
     assert [o.name for o in sess.get_outputs()] == [C.OUTPUT_FEATURES, C.OUTPUT_OBJECTIVE, C.OUTPUT_GRAD]
@@ -105,7 +124,9 @@ def test_contract_inputs_outputs_and_metadata() -> None:
     assert {n.domain for n in attack.graph.node} <= {"", "ai.onnx"}
 
     images = np.stack([sample_image(24, s) for s in range(3)])
-    feats, objective, grad = sess.run(None, {C.INPUT_IMAGE: images, C.INPUT_REFERENCE: np.zeros((3, 8), np.float32)})
+    feats, objective, grad = sess.run(
+        None, {C.INPUT_IMAGE: images, C.INPUT_REFERENCE: np.zeros((3, 8), np.float32)}
+    )
     np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, rtol=1e-5)
     ref = feats[::-1].copy()
     _, objective, grad = sess.run(None, {C.INPUT_IMAGE: images, C.INPUT_REFERENCE: ref})
@@ -117,22 +138,31 @@ def test_classifier_head_is_log_softmax_with_labels() -> None:
     labels = [f"class {i}" for i in range(8)]
     pre = C.Preprocessing(native_size=(16, 16))
     source = tiny_cnn("NHWC")
-    attack = build_attack_graph(source, kind="classifier", preprocessing=pre, canonical_size=16, name="cls",
-                                labels=labels)
+    attack = build_attack_graph(
+        source, kind="classifier", preprocessing=pre, canonical_size=16, name="cls", labels=labels
+    )
     sess = ort.InferenceSession(attack.SerializeToString(), providers=["CPUExecutionProvider"])
     image = sample_image(16)[None]
-    logp = sess.run([C.OUTPUT_FEATURES], {C.INPUT_IMAGE: image, C.INPUT_REFERENCE: np.zeros((1, 8), np.float32)})[0]
+    logp = sess.run(
+        [C.OUTPUT_FEATURES], {C.INPUT_IMAGE: image, C.INPUT_REFERENCE: np.zeros((1, 8), np.float32)}
+    )[0]
     np.testing.assert_allclose(np.exp(logp).sum(), 1.0, rtol=1e-5)
     raw = ort.InferenceSession(source.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, {"input": preprocess(image, pre)})[0]
+        None, {"input": preprocess(image, pre)}
+    )[0]
     assert int(np.argmax(raw)) == int(np.argmax(logp))
     assert json.loads(sess.get_modelmeta().custom_metadata_map[C.META_LABELS]) == labels
     assert validate_attack_graph(attack, source).ok
 
 
 def test_fixed_batch_source_falls_back_to_batch_one() -> None:
-    attack = build_attack_graph(tiny_cnn(fixed_batch_reshape=True), kind="face", preprocessing=FACE_PRE,
-                                canonical_size=24, name="fixed")
+    attack = build_attack_graph(
+        tiny_cnn(fixed_batch_reshape=True),
+        kind="face",
+        preprocessing=FACE_PRE,
+        canonical_size=24,
+        name="fixed",
+    )
     assert attack.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
 
 
@@ -143,28 +173,54 @@ def test_dynamic_batch_gives_per_sample_gradients() -> None:
     ref = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)
     _, _, both = sess.run(None, {C.INPUT_IMAGE: images, C.INPUT_REFERENCE: ref})
     for i in range(2):
-        _, _, one = sess.run(None, {C.INPUT_IMAGE: images[i:i + 1], C.INPUT_REFERENCE: ref[i:i + 1]})
+        _, _, one = sess.run(None, {C.INPUT_IMAGE: images[i : i + 1], C.INPUT_REFERENCE: ref[i : i + 1]})
         np.testing.assert_allclose(both[i], one[0], rtol=1e-4, atol=1e-7)
 
 
 def test_wrong_input_shape_is_a_specific_error() -> None:
     with pytest.raises(ModelError, match=r"expects \['N', 3, 32, 32\]"):
-        build_attack_graph(tiny_cnn(), kind="face", preprocessing=C.Preprocessing(native_size=(32, 32),
-                           layout="NCHW"), canonical_size=32, name="x")
+        build_attack_graph(
+            tiny_cnn(),
+            kind="face",
+            preprocessing=C.Preprocessing(native_size=(32, 32), layout="NCHW"),
+            canonical_size=32,
+            name="x",
+        )
 
 
 def test_unknown_kind_is_rejected() -> None:
     with pytest.raises(ModelError, match="kind must be one of"):
-        build_attack_graph(tiny_cnn(), kind="detector", preprocessing=FACE_PRE,  # type: ignore[arg-type]
-                           canonical_size=24, name="x")
+        build_attack_graph(
+            tiny_cnn(),
+            kind="detector",
+            preprocessing=FACE_PRE,  # type: ignore[arg-type]
+            canonical_size=24,
+            name="x",
+        )
 
 
 def test_cli_convert_grad_writes_a_validated_attack_graph(tmp_path) -> None:
     src = tmp_path / "tiny.onnx"
     onnx.save(tiny_cnn(), str(src))
     before = src.read_bytes()
-    result = CliRunner().invoke(app, ["convert", "grad", str(src), "--kind", "face", "--mean", "127.5",
-                                      "--std", "128", "--canonical-size", "24", "--threshold", "0.3"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "convert",
+            "grad",
+            str(src),
+            "--kind",
+            "face",
+            "--mean",
+            "127.5",
+            "--std",
+            "128",
+            "--canonical-size",
+            "24",
+            "--threshold",
+            "0.3",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "validation:" in result.output
     out = tmp_path / "tiny.attack.onnx"

@@ -13,7 +13,6 @@ import onnxruntime as ort
 import pytest
 from conftest import LinearGraph, build_linear_face
 from numpy.typing import NDArray
-
 from uncnn_rt.runtime import contract
 from uncnn_rt.runtime.errors import ContractError, DeviceError, InputError, ModelError
 from uncnn_rt.runtime.sessions import (
@@ -30,12 +29,14 @@ def _images(n: int, size: int, seed: int = 0) -> NDArray[np.float32]:
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3)).astype(np.float32)
 
 
-def _face_reference(graph: LinearGraph, images: NDArray[np.float32]) -> tuple[NDArray[np.float64], ...]:
-    """Independent float64 numpy forward and gradient of the linear face graph."""
+def _face_reference(
+    graph: LinearGraph, images: NDArray[np.float32]
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """An independent float64 numpy forward of the linear face graph: features and ``|z|``."""
     x = images.reshape(images.shape[0], -1).astype(np.float64) / 255.0 - 0.5
     z = x @ graph.weights.astype(np.float64)
     norm = np.linalg.norm(z, axis=1, keepdims=True)
-    return (z / norm, z, norm)
+    return z / norm, norm
 
 
 # --- devices ---------------------------------------------------------------------------------------------
@@ -152,7 +153,7 @@ def test_face_graph_matches_numpy_reference(linear_face_graph: LinearGraph) -> N
     rng = np.random.default_rng(1)
     ref = rng.standard_normal((3, 8)).astype(np.float32)
     ref /= np.linalg.norm(ref, axis=1, keepdims=True)
-    f, z, norm = _face_reference(linear_face_graph, x)
+    f, norm = _face_reference(linear_face_graph, x)
     grad_z = (ref - f * (f * ref).sum(axis=1, keepdims=True)) / norm
     grad = (grad_z @ linear_face_graph.weights.T.astype(np.float64) / 255.0).reshape(x.shape)
     out = session.run(x, ref)
@@ -246,3 +247,47 @@ def test_concurrent_runs_on_one_session_match_serial_runs(linear_face_graph: Lin
         threaded = list(pool.map(lambda br: session.run(*br).grad, zip(batches, references, strict=True)))
     for got, want in zip(threaded, serial, strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+# --- what the gradient-graph builder emits ----------------------------------------------------------------
+
+
+def test_builder_output_loads_and_its_gradient_matches_differences(tmp_path: Path) -> None:
+    """The runtime loads what the builder emits: a conv net with resize and normalisation folded in."""
+    grad_builder = pytest.importorskip("uncnn_rt.converters.grad")
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.standard_normal((4, 8)).astype(np.float32), "fc"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["input", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Tanh", ["c"], ["t"]),
+        helper.make_node("GlobalAveragePool", ["t"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("MatMul", ["f", "fc"], ["embedding"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 8])],
+        inits,
+    )
+    source = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    pre = contract.Preprocessing(native_size=(16, 16), layout="NCHW", mean=(127.5,) * 3, std=(64.0,) * 3)
+    attack = grad_builder.build_attack_graph(
+        source, kind="face", preprocessing=pre, canonical_size=20, name="tiny", threshold=0.5
+    )
+    path = tmp_path / "tiny.onnx"
+    onnx.save(attack, str(path))
+    session = AttackSession(path, device="cpu")
+    assert (session.info.canonical_size, session.info.embedding_dim, session.info.threshold) == (20, 8, 0.5)
+    x = _images(2, 20, seed=1)
+    ref = session.features(_images(2, 20, seed=2)[::-1].copy())
+    grad = session.run(x, ref).grad.astype(np.float64)
+    v = rng.standard_normal(x.shape).astype(np.float32)
+    numeric = (session.run(x + v, ref).objective - session.run(x - v, ref).objective).astype(np.float64) / 2
+    np.testing.assert_allclose((grad * v).sum(axis=(1, 2, 3)), numeric, rtol=2e-2, atol=1e-5)

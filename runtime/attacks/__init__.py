@@ -13,8 +13,8 @@ Typical use::
     result.images, result.success["faceres"], result.history["faceres"]
 """
 
-from uncnn_rt.runtime.attacks.base import AttackResult, GradientAttack
-from uncnn_rt.runtime.attacks.boosters import (
+from .base import AttackResult, GradientAttack
+from .boosters import (
     EOT,
     Blur,
     Downscale,
@@ -23,7 +23,7 @@ from uncnn_rt.runtime.attacks.boosters import (
     Transform,
     TranslationInvariance,
 )
-from uncnn_rt.runtime.attacks.criteria import (
+from .criteria import (
     AllOf,
     AnyOf,
     Criterion,
@@ -35,9 +35,9 @@ from uncnn_rt.runtime.attacks.criteria import (
     TargetReached,
     default_criterion,
 )
-from uncnn_rt.runtime.attacks.ensemble import Ensemble, Gradient, Victim
-from uncnn_rt.runtime.attacks.linear import LinearMap, Resize, ResizePad, resize_matrix
-from uncnn_rt.runtime.attacks.pgd import BIM, FGSM, IFGSM, L2PGD, MIFGSM, PGD, LinfPGD
+from .ensemble import Ensemble, Gradient, Victim
+from .linear import LinearMap, Resize, ResizePad, resize_matrix
+from .pgd import BIM, FGSM, IFGSM, L2PGD, MIFGSM, PGD, LinfPGD
 
 __all__ = [
     "BIM",

@@ -23,11 +23,12 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from uncnn_rt.runtime import image_ops
-from uncnn_rt.runtime.attacks.boosters import EOT, InputDiversity, TranslationInvariance
-from uncnn_rt.runtime.attacks.criteria import Criterion, ModelState, default_criterion
-from uncnn_rt.runtime.attacks.ensemble import Ensemble, Victim, unit_mean_magnitude
-from uncnn_rt.runtime.errors import InputError
+
+from .. import image_ops
+from ..errors import InputError
+from .boosters import EOT, InputDiversity, TranslationInvariance
+from .criteria import Criterion, ModelState, default_criterion
+from .ensemble import Ensemble, Victim, unit_mean_magnitude
 
 Float32Array = NDArray[np.float32]
 BoolArray = NDArray[np.bool_]
@@ -84,7 +85,9 @@ class GradientAttack(ABC):
         eps: L-inf budget per pixel and channel, in 0..255 units (scaled per pixel by the mask).
         steps: iterations.
         step_size: ``alpha`` in 0..255 units (L2 units for :class:`L2PGD`); ``None``: the attack's default.
-        random_start: start from a random point of the budget instead of the clean image.
+        random_start: start from a random point of the budget instead of the clean image. Untargeted
+            attacks whose reference is the image's own embedding need it: there the cosine objective is
+            at its maximum and its gradient vanishes, so a step from the clean image has no direction.
         momentum: decay ``mu`` of the accumulated, L1-normalised gradient (MI-FGSM); 0 disables it.
         l2: optional L2 budget per image, in 0..255 units.
         ssim_floor: optional lower bound on each image's SSIM to its original, enforced after every
@@ -158,7 +161,7 @@ class GradientAttack(ABC):
                 canonical size.
             victims: the models, each with ``[N, D]`` references (see :class:`~.ensemble.Victim`).
             targeted: ascend the objective (move towards the references) instead of descending it.
-            mask: values in [0, 1], broadcastable to ``[N, H, W, 3]`` (e.g. ``[H, W]`` or ``[N, H, W, 1]``):
+            mask: values in [0, 1], ``[H, W]``, ``[N, H, W]``, ``[H, W, C]`` or ``[N, H, W, C]`` (C = 1 or 3):
                 scales both the step and the per-pixel L-inf budget, so the perturbation is 0 where it is 0.
             quantize: evaluate and return integer pixel values, as the saved file holds (``images`` must
                 be integer-valued).
@@ -306,17 +309,23 @@ def _check_images(images: ArrayLike) -> Float32Array:
 
 
 def _check_mask(mask: ArrayLike | None, shape: tuple[int, ...]) -> Float32Array:
+    """The mask as ``[N or 1, H, W, C]`` from ``[H, W]``, ``[N, H, W]``, ``[H, W, C]`` or ``[N, H, W, C]``."""
+    n, h, w, _ = shape
     if mask is None:
-        return np.ones((shape[0], 1, 1, 1), np.float32)
+        return np.ones((n, 1, 1, 1), np.float32)
     m = np.asarray(mask, dtype=np.float32)
-    if m.ndim == 2:  # [H, W]
+    if m.ndim == 2:
         m = m[None, :, :, None]
-    elif m.ndim == 3:  # [N, H, W]
+    elif m.ndim == 3 and m.shape == (n, h, w):
         m = m[..., None]
-    try:
-        np.broadcast_shapes(m.shape, shape)
-    except ValueError as exc:
-        raise InputError(f"mask of shape {list(np.shape(mask))} does not fit images {list(shape)}") from exc
+    elif m.ndim == 3:
+        m = m[None]
+    ok = m.ndim == 4 and m.shape[0] in (1, n) and m.shape[1:3] == (h, w) and m.shape[3] in (1, 3)
+    if not ok:
+        raise InputError(
+            f"mask of shape {list(np.shape(mask))} does not fit images {list(shape)}: expected [H, W], "
+            "[N, H, W], [H, W, C] or [N, H, W, C] with C = 1 or 3"
+        )
     if m.size and not (np.isfinite(m).all() and m.min() >= 0.0 and m.max() <= 1.0):
         raise InputError(f"mask values must be in [0, 1], got range [{m.min()}, {m.max()}]")
     return m

@@ -13,7 +13,8 @@ from functools import lru_cache
 
 import numpy as np
 from numpy.typing import NDArray
-from uncnn_rt.runtime.errors import InputError
+
+from ..errors import InputError
 
 Float32Array = NDArray[np.float32]
 
@@ -34,7 +35,7 @@ def resize_matrix(source: int, target: int) -> Float32Array:
     weights = np.clip(1.0 - np.abs(taps[None, :] - centres[:, None]) / support, 0.0, None)
     weights /= weights.sum(axis=1, keepdims=True)
     matrix = weights.astype(np.float32)
-    matrix.flags.writeable = False
+    matrix.flags.writeable = False  # cached and shared
     return matrix
 
 

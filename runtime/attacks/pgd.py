@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
-from uncnn_rt.runtime.attacks.base import GradientAttack
-from uncnn_rt.runtime.errors import InputError
+
+from ..errors import InputError
+from .base import GradientAttack
 
 Float32Array = NDArray[np.float32]
 

@@ -1,0 +1,477 @@
+"""The attack loop, its budgets, boosters, criteria and ensembles, on the hand-built attack graphs.
+
+Tests on the shipped models (EfficientNet-Lite0, the face recognizers) at the end skip until the model
+zoo's manifest lists them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import LinearGraph
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from numpy.typing import NDArray
+from PIL import Image
+from skimage import data
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+from uncnn_rt.runtime import image_ops, zoo
+from uncnn_rt.runtime.attacks import (
+    BIM,
+    EOT,
+    FGSM,
+    L2PGD,
+    MIFGSM,
+    PGD,
+    AttackResult,
+    Blur,
+    Downscale,
+    Ensemble,
+    GradientAttack,
+    InputDiversity,
+    Jpeg,
+    Misclassified,
+    ModelState,
+    PastThresholds,
+    Resize,
+    ResizePad,
+    SimilarityAbove,
+    SimilarityBelow,
+    TargetReached,
+    TranslationInvariance,
+    Victim,
+    resize_matrix,
+)
+from uncnn_rt.runtime.errors import InputError
+from uncnn_rt.runtime.sessions import AttackSession, open_session
+
+FloatArray = NDArray[np.float32]
+
+
+@pytest.fixture(scope="module")
+def face(linear_face_graph: LinearGraph) -> AttackSession:
+    return AttackSession(linear_face_graph.path, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def face24(linear_face_graph_24: LinearGraph) -> AttackSession:
+    return AttackSession(linear_face_graph_24.path, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def classifier(linear_classifier_graph: LinearGraph) -> AttackSession:
+    return AttackSession(linear_classifier_graph.path, device="cpu")
+
+
+def _images(n: int, h: int, w: int | None = None, seed: int = 0) -> FloatArray:
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w or h, 3)).astype(np.float32)
+
+
+def _own(session: AttackSession, images: FloatArray) -> Victim:
+    """The untargeted cloaking victim: each image's own clean embedding at the model's size."""
+    size = session.info.canonical_size
+    at_size = (
+        images
+        if images.shape[1:3] == (size, size)
+        else Resize(images.shape[1:3], (size, size)).forward(images)
+    )
+    return Victim(session, session.features(at_size))
+
+
+# --- budgets: the property test ---------------------------------------------------------------------------
+
+
+@st.composite
+def _attack_cases(draw: st.DrawFn) -> tuple[GradientAttack, FloatArray, FloatArray | None, bool]:
+    n = draw(st.integers(1, 3))
+    h, w = draw(st.integers(11, 20)), draw(st.integers(11, 20))
+    quantize = draw(st.booleans())
+    seed = draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(0, 255, (n, h, w, 3))
+    images[rng.random(images.shape) < 0.2] = 0.0  # pixels at the ends of the range
+    images[rng.random(images.shape) < 0.2] = 255.0
+    images = np.rint(images) if quantize else images
+    mask_kind = draw(st.sampled_from(["none", "binary", "soft"]))
+    mask = None
+    if mask_kind == "binary":
+        mask = (rng.random((n, h, w)) < 0.5).astype(np.float32)
+    elif mask_kind == "soft":
+        mask = rng.random((h, w, 1)).astype(np.float32)
+    eps = draw(st.floats(0.0, 24.0))
+    l2 = draw(st.none() | st.floats(0.0, 200.0))
+    ssim_floor = draw(st.none() | st.floats(0.5, 0.99))
+    kind = draw(st.sampled_from(["fgsm", "bim", "pgd", "mifgsm", "l2pgd"]))
+    steps = draw(st.integers(1, 3))
+    common = {"eps": eps, "l2": l2, "ssim_floor": ssim_floor}
+    attack: GradientAttack
+    if kind == "fgsm":
+        attack = FGSM(**common)
+    elif kind == "bim":
+        attack = BIM(steps=steps, **common)
+    elif kind == "pgd":
+        attack = PGD(steps=steps, step_size=eps / 2 + 1, **common)
+    elif kind == "mifgsm":
+        attack = MIFGSM(steps=steps, **common)
+    else:
+        attack = L2PGD(eps=eps, l2=l2 if l2 is not None else 50.0, steps=steps, ssim_floor=ssim_floor)
+    return attack, images.astype(np.float32), mask, quantize
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=_attack_cases())
+def test_budget_and_pixel_range_always_hold(face: AttackSession, case: tuple[GradientAttack, ...]) -> None:
+    attack, images, mask, quantize = case
+    assert isinstance(attack, GradientAttack)
+    result = attack(images, [_own(face, images)], mask=mask, quantize=bool(quantize), seed=1)
+    delta = result.images.astype(np.float64) - images
+    assert result.images.min() >= 0.0 and result.images.max() <= 255.0
+    weights = (
+        np.ones_like(images)
+        if mask is None
+        else np.broadcast_to(
+            mask if mask.ndim == 3 and mask.shape[-1] == 1 else mask[..., None], images.shape
+        )
+    )
+    assert np.all(np.abs(delta) <= attack.eps * weights + 1e-3)
+    assert np.all(delta[weights == 0] == 0.0)
+    if attack.l2 is not None:
+        assert np.all(np.sqrt((delta**2).sum(axis=(1, 2, 3))) <= attack.l2 + 1e-3)
+    if quantize:
+        np.testing.assert_array_equal(result.images, np.rint(result.images))
+    if attack.ssim_floor is not None:
+        assert np.all(image_ops.ssim(images, result.images) >= attack.ssim_floor)
+
+
+def test_fgsm_with_zero_eps_is_the_identity(face: AttackSession) -> None:
+    x = _images(3, 16)
+    result = FGSM(eps=0.0)(x, [_own(face, x)])
+    np.testing.assert_array_equal(result.images, x)
+    assert result.steps.tolist() == [1, 1, 1]
+
+
+def test_fgsm_is_one_signed_step_of_size_eps(face: AttackSession) -> None:
+    x = _images(2, 16, seed=5) * 0.5 + 64  # well inside the range, so no pixel clips
+    other = face.features(_images(2, 16, seed=6))  # a reference that is not x's own: nonzero gradient
+    grad = face.run(x, other).grad
+    result = FGSM(eps=4.0)(x, [Victim(face, other)])
+    np.testing.assert_allclose(result.perturbation, -4.0 * np.sign(grad), atol=1e-4)  # untargeted descends
+
+
+# --- attacks on the fixture models ------------------------------------------------------------------------
+
+
+def test_untargeted_pgd_drives_similarity_below_threshold(face: AttackSession) -> None:
+    x = _images(6, 16)
+    clean = _own(face, x)
+    result = PGD(eps=16, steps=20)(x, [clean], quantize=True, seed=0)
+    threshold = face.info.threshold
+    assert threshold is not None
+    assert np.all(result.objective["linear_face"] < threshold)
+    assert result.success["linear_face"].all() and result.succeeded.all()
+    assert result.history["linear_face"].shape == (20, 6)
+    np.testing.assert_allclose(result.history["linear_face"][0], 1.0, atol=0.05)  # random start near clean
+    # the reported similarity is that of the stored 8-bit image
+    np.testing.assert_allclose(
+        result.objective["linear_face"],
+        (face.features(result.to_uint8()) * clean.references).sum(1),
+        atol=1e-6,
+    )
+
+
+def test_targeted_pgd_reaches_the_chosen_class(classifier: AttackSession) -> None:
+    x = _images(4, 16, seed=2)
+    clean = classifier.features(x).argmax(axis=1)
+    targets = (clean + 5) % 10
+    result = PGD(eps=12, steps=20)(
+        x, [Victim(classifier, np.eye(10, dtype=np.float32)[targets])], targeted=True
+    )
+    np.testing.assert_array_equal(result.features["linear_classifier"].argmax(axis=1), targets)
+    assert result.success["linear_classifier"].all()
+
+
+def test_untargeted_classifier_attack_leaves_the_true_class(classifier: AttackSession) -> None:
+    x = _images(4, 16, seed=3)
+    labels = classifier.features(x).argmax(axis=1)
+    result = BIM(eps=8, steps=10)(x, [Victim(classifier, np.eye(10, dtype=np.float32)[labels])])
+    assert np.all(result.features["linear_classifier"].argmax(axis=1) != labels)
+
+
+def test_ensemble_lowers_every_members_similarity(face: AttackSession, face24: AttackSession) -> None:
+    x = _images(4, 32, seed=4)  # the common input: 32x32, seen at 16x16 and 24x24
+    victims = [_own(face, x), _own(face24, x)]
+    result = PGD(eps=12, steps=20)(x, victims, seed=0)
+    for key, threshold in (("linear_face", 0.5), ("linear_face_24", 0.4)):
+        assert np.all(result.objective[key] < threshold), key
+        assert result.history[key].shape == (20, 4)
+    assert result.succeeded.all()
+
+
+def test_ensemble_gradient_is_the_adjoint_of_the_resize(face24: AttackSession) -> None:
+    """The ensemble's gradient on a 20x20 input equals R^T g: check it against central differences."""
+    x = _images(2, 20, seed=8) * 0.6 + 50
+    refs = face24.features(_images(2, 24, seed=9))
+    ensemble = Ensemble([Victim(face24, refs)], 2, (20, 20), targeted=True)
+    grad = ensemble.gradient(x, np.random.default_rng(0)).grad.astype(np.float64)
+    resize = Resize((20, 20), (24, 24))
+    raw = resize.adjoint(face24.run(resize.forward(x), refs).grad).astype(np.float64)
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        v = rng.standard_normal(x.shape).astype(np.float32)
+        plus, minus = (face24.run(resize.forward(x + s * 2.0 * v), refs).objective for s in (1, -1))
+        numeric = (plus - minus).astype(np.float64) / 4.0
+        np.testing.assert_allclose((raw * v).sum(axis=(1, 2, 3)), numeric, rtol=2e-2, atol=1e-5)
+    # the ensemble scales each image's gradient to unit mean magnitude (targeted: no sign flip)
+    unit = raw / np.abs(raw).mean(axis=(1, 2, 3), keepdims=True)
+    np.testing.assert_allclose(grad, unit, rtol=1e-4, atol=1e-6)
+
+
+def test_same_seed_gives_identical_results(face: AttackSession) -> None:
+    x = _images(3, 24, seed=10)
+    attack = PGD(
+        eps=8,
+        steps=5,
+        diversity=InputDiversity(probability=0.7),
+        smoothing=TranslationInvariance(radius=2),
+        eot=EOT(transforms=(Jpeg(), Downscale(), Blur()), samples=2),
+    )
+    victims = [_own(face, x)]
+    first, second = attack(x, victims, seed=42), attack(x, victims, seed=42)
+    np.testing.assert_array_equal(first.images, second.images)
+    np.testing.assert_array_equal(first.history["linear_face"], second.history["linear_face"])
+    other = attack(x, victims, seed=43)
+    assert not np.array_equal(first.images, other.images)
+
+
+def test_ssim_floor_holds_inside_the_loop(face: AttackSession) -> None:
+    x = np.asarray(Image.fromarray(data.astronaut()[36:180, 153:297]).resize((40, 40)), np.float32)[None]
+    victims = [_own(face, x)]
+    unconstrained = PGD(eps=24, steps=10)(x, victims, quantize=True, seed=0)
+    assert image_ops.ssim(x, unconstrained.images)[0] < 0.9  # the floor below binds
+    floored = PGD(eps=24, steps=10, ssim_floor=0.9)(x, victims, quantize=True, seed=0)
+    assert image_ops.ssim(x, floored.images)[0] >= 0.9
+    assert np.abs(floored.perturbation).max() > 0  # it shrank the perturbation, it did not drop it
+
+
+def test_mask_confines_the_perturbation(face: AttackSession) -> None:
+    x = _images(2, 16, seed=11)
+    mask = np.zeros((16, 16), np.float32)
+    mask[4:12, 4:12] = 1.0
+    mask[4:12, 12:14] = 0.25
+    result = PGD(eps=16, steps=10)(x, [_own(face, x)], mask=mask, quantize=True)
+    delta = np.abs(result.perturbation)
+    assert delta[:, mask == 0].max() == 0
+    assert delta[:, mask == 0.25].max() <= 4.0
+    assert delta[:, mask == 1].max() == 16.0
+
+
+def test_l2_pgd_stays_in_its_ball_and_attacks(face: AttackSession) -> None:
+    x = _images(3, 16, seed=12)
+    result = L2PGD(l2=1500.0, steps=20)(x, [_own(face, x)], seed=0)
+    norms = np.sqrt((result.perturbation.astype(np.float64) ** 2).sum(axis=(1, 2, 3)))
+    assert np.all(norms <= 1500.0 + 1e-2)
+    assert np.all(result.objective["linear_face"] < 0.5)
+
+
+def test_momentum_changes_the_path(face: AttackSession) -> None:
+    x = _images(2, 16, seed=13)
+    victims = [Victim(face, face.features(_images(2, 16, seed=14)))]
+    plain, momentum = BIM(eps=8, steps=6)(x, victims), MIFGSM(eps=8, steps=6)(x, victims)
+    assert MIFGSM(eps=8).momentum == 1.0
+    assert not np.array_equal(plain.images, momentum.images)
+
+
+def test_early_stop_freezes_done_images(face: AttackSession) -> None:
+    x = _images(4, 16, seed=15)
+    victims = [_own(face, x)]
+    stop = PastThresholds(margin=0.1)
+    result = PGD(eps=16, steps=40)(x, victims, stop_when=stop, seed=0)
+    assert np.all(result.objective["linear_face"] < 0.5 - 0.1)
+    assert result.steps.max() < 40  # it stopped before the step budget
+
+
+def test_invalid_inputs_raise_input_errors(face: AttackSession) -> None:
+    x = _images(2, 16)
+    victims = [_own(face, x)]
+    with pytest.raises(InputError, match=r"0\.\.255"):
+        PGD()(x + 300, victims)
+    with pytest.raises(InputError, match="integer-valued"):
+        PGD()(np.full_like(x, 100.5), victims, quantize=True)
+    with pytest.raises(InputError, match=r"mask values must be in \[0, 1\]"):
+        PGD()(x, victims, mask=np.full((16, 16), 2.0))
+    with pytest.raises(InputError, match="distinct names"):
+        PGD()(x, victims * 2)
+    with pytest.raises(InputError, match=r"references must have shape \[2, 8\]"):
+        PGD()(x, [Victim(face, np.zeros((3, 8), np.float32))])
+    with pytest.raises(InputError, match="L2PGD needs an L2 budget"):
+        L2PGD()
+    with pytest.raises(InputError, match="eps must be >= 0"):
+        PGD(eps=-1)
+
+
+# --- criteria ---------------------------------------------------------------------------------------------
+
+
+def _state(objective: list[float], features: list[list[float]], references: list[list[float]]) -> ModelState:
+    return ModelState(
+        kind="face",
+        threshold=0.5,
+        features=np.asarray(features, np.float32),
+        objective=np.asarray(objective, np.float32),
+        references=np.asarray(references, np.float32),
+    )
+
+
+def test_criteria_compose() -> None:
+    states = {
+        "a": _state([0.2, 0.7, 0.44], [[1, 0], [0, 1], [1, 0]], [[1, 0], [1, 0], [0, 1]]),
+        "b": _state([0.6, 0.1, 0.3], [[0, 1], [1, 0], [0, 1]], [[0, 1], [0, 1], [0, 1]]),
+    }
+    below_a, below_b = SimilarityBelow("a"), SimilarityBelow("b", 0.5)
+    assert below_a(states).tolist() == [True, False, True]
+    assert (below_a & below_b)(states).tolist() == [False, False, True]
+    assert (below_a | below_b)(states).tolist() == [True, True, True]
+    assert SimilarityBelow("a", margin=0.1)(states).tolist() == [True, False, False]
+    assert SimilarityAbove("a", 0.4)(states).tolist() == [False, True, True]
+    assert Misclassified("a")(states).tolist() == [False, True, True]
+    assert TargetReached("b")(states).tolist() == [True, False, True]
+    assert TargetReached("b", targets=[1, 0, 0])(states).tolist() == [True, True, False]
+    assert PastThresholds(margin=0.05)(states).tolist() == [False, False, True]
+    with pytest.raises(InputError, match=r"names model 'c', the victims are \['a', 'b'\]"):
+        SimilarityBelow("c")(states)
+
+
+# --- linear maps and boosters -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("source", "target"), [((20, 20), (16, 16)), ((16, 24), (40, 12)), ((7, 9), (7, 9))])
+def test_resize_adjoint_passes_the_dot_product_test(source: tuple[int, int], target: tuple[int, int]) -> None:
+    rng = np.random.default_rng(0)
+    resize = Resize(source, target)
+    x = rng.standard_normal((2, *source, 3)).astype(np.float32)
+    y = rng.standard_normal((2, *target, 3)).astype(np.float32)
+    lhs = np.vdot(resize.forward(x).astype(np.float64), y)
+    rhs = np.vdot(x.astype(np.float64), resize.adjoint(y))
+    assert lhs == pytest.approx(rhs, rel=1e-5)
+
+
+def test_di_resize_and_pad_adjoint_passes_the_dot_product_test() -> None:
+    rng = np.random.default_rng(1)
+    diversity = InputDiversity(probability=1.0, min_scale=0.6)
+    for _ in range(10):
+        view = diversity.sample((32, 32), rng)
+        assert isinstance(view, ResizePad)
+        x = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
+        y = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
+        lhs = np.vdot(view.forward(x).astype(np.float64), y)
+        rhs = np.vdot(x.astype(np.float64), view.adjoint(y))
+        assert lhs == pytest.approx(rhs, rel=1e-5)
+    assert InputDiversity(probability=0.0).sample((32, 32), rng) is None
+
+
+def test_resize_matches_pillow_bilinear() -> None:
+    image = np.random.default_rng(2).uniform(0, 255, (37, 29)).astype(np.float32)
+    for size in ((16, 16), (50, 60)):
+        ours = Resize(image.shape, size).forward(image[None, :, :, None])[0, :, :, 0]
+        pillow = np.asarray(Image.fromarray(image, mode="F").resize(size[::-1], Image.Resampling.BILINEAR))
+        np.testing.assert_allclose(ours, pillow, atol=1e-2)
+    np.testing.assert_allclose(resize_matrix(37, 16).sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_ti_kernel_sums_to_one_and_smooths() -> None:
+    ti = TranslationInvariance(radius=3)
+    assert ti.kernel().shape == (7, 7)
+    assert ti.kernel().sum() == pytest.approx(1.0)
+    assert ti.kernel()[3, 3] == ti.kernel().max()
+    impulse = np.zeros((1, 15, 15, 3), np.float32)
+    impulse[0, 7, 7, 1] = 1.0
+    smoothed = ti(impulse)
+    np.testing.assert_allclose(smoothed[0, 4:11, 4:11, 1], ti.kernel(), atol=1e-7)
+    assert smoothed[..., 0].max() == 0.0  # per channel
+
+
+def test_eot_transforms_keep_shape_and_range() -> None:
+    x = _images(2, 24, seed=16)
+    rng = np.random.default_rng(0)
+    for transform in (Jpeg(quality=(50, 50)), Downscale(factor=(0.5, 0.5)), Blur(radius=(1.0, 1.0))):
+        out = transform(x, rng)
+        assert out.shape == x.shape and out.dtype == np.float32
+        assert out.min() >= 0 and out.max() <= 255
+        assert not np.array_equal(out, x)
+    np.testing.assert_array_equal(image_ops.jpeg(x, 75), image_ops.jpeg(x, 75))
+
+
+# --- quality measures -------------------------------------------------------------------------------------
+
+
+def test_ssim_and_psnr_match_scikit_image() -> None:
+    x = np.asarray(Image.fromarray(data.astronaut()).resize((64, 64)), np.float32)[None]
+    y = np.clip(x + np.random.default_rng(3).normal(0, 8, x.shape), 0, 255).astype(np.float32)
+    expected = structural_similarity(
+        x[0], y[0], channel_axis=-1, data_range=255, gaussian_weights=True, use_sample_covariance=False
+    )
+    assert image_ops.ssim(x, y)[0] == pytest.approx(expected, abs=1e-6)
+    assert image_ops.psnr(x, y)[0] == pytest.approx(peak_signal_noise_ratio(x[0], y[0], data_range=255))
+    assert image_ops.ssim(x, x)[0] == pytest.approx(1.0)
+
+
+def test_result_uint8_is_the_stored_image(face: AttackSession) -> None:
+    x = _images(2, 16, seed=17)
+    result: AttackResult = PGD(eps=8, steps=3)(x, [_own(face, x)], quantize=True)
+    assert result.to_uint8().dtype == np.uint8
+    np.testing.assert_array_equal(result.to_uint8().astype(np.float32), result.images)
+
+
+# --- shipped models (activate once the zoo lists them) -----------------------------------------------------
+
+
+def _shipped(predicate: str) -> list[zoo.ModelEntry]:
+    entries = zoo.load_manifest()
+    if predicate == "efficientnet":
+        return [e for e in entries if e.kind == "classifier" and "efficientnet" in e.name.lower()]
+    return [e for e in entries if e.kind == "face" and e.threshold is not None]
+
+
+def _square(image: NDArray[np.uint8], size: int) -> FloatArray:
+    h, w = image.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    crop = Image.fromarray(image[top : top + side, left : left + side])
+    return np.asarray(crop.resize((size, size), Image.Resampling.BILINEAR), np.float32)[None]
+
+
+@pytest.mark.slow
+def test_targeted_pgd_turns_a_photo_into_a_chosen_imagenet_class() -> None:
+    entries = _shipped("efficientnet")
+    if not entries:
+        pytest.skip("the model zoo does not ship EfficientNet-Lite0 yet")
+    session = open_session(entries[0].path, device="auto")
+    x = _square(data.chelsea(), session.info.canonical_size)
+    labels = session.info.labels or ()
+    target = next((i for i, label in enumerate(labels) if "toaster" in label.lower()), 859)
+    assert session.features(x).argmax() != target
+    reference = np.eye(session.info.embedding_dim, dtype=np.float32)[[target]]
+    result = PGD(eps=8, steps=40, step_size=1.0)(
+        x, [Victim(session, reference)], targeted=True, quantize=True
+    )
+    assert result.features[session.name].argmax() == target
+    assert result.success[session.name].all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(4))
+def test_untargeted_pgd_breaks_each_shipped_face_recognizer(index: int) -> None:
+    entries = _shipped("face")
+    if index >= len(entries):
+        pytest.skip(f"the model zoo ships {len(entries)} face recognizers with thresholds")
+    entry = entries[index]
+    session = open_session(entry.path, device="auto")
+    face_crop = data.astronaut()[
+        36:180, 153:297
+    ]  # the astronaut's face, eyes at ~45% height, as aligned crops
+    x = _square(face_crop, session.info.canonical_size)
+    clean = session.features(x)
+    result = PGD(eps=8, steps=30, step_size=1.0)(x, [Victim(session, clean)], quantize=True, seed=0)
+    assert entry.threshold is not None
+    similarity = float((session.features(result.to_uint8()) * clean).sum())
+    assert similarity < entry.threshold, f"{entry.name}: similarity {similarity:.3f} >= {entry.threshold}"
