@@ -15,7 +15,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal, NamedTuple
+from typing import TYPE_CHECKING, Final, Literal, NamedTuple
 
 import numpy as np
 import onnxruntime as ort
@@ -42,6 +42,9 @@ from .contract import (
     Preprocessing,
 )
 from .errors import ContractError, DeviceError, InputError, ModelError
+
+if TYPE_CHECKING:
+    import onnx
 
 Optimization = Literal["disable", "basic", "extended", "all"]
 
@@ -322,6 +325,9 @@ class AttackSession:
         batch = _check_io(self.path, self._session, size, dim)
         self.info = read_info(self.path, metadata, batch)
         self.io_binding = self.placement.memory != "cpu" if io_binding is None else io_binding
+        self._options = options
+        self._forward_session: ort.InferenceSession | None = None
+        self._forward_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"AttackSession({self.info.name!r}, {self.path}, providers={self.providers})"
@@ -359,7 +365,7 @@ class AttackSession:
         x = np.ascontiguousarray(images, dtype=np.float32)
         n = x.shape[0] if x.ndim == 4 else 0
         x, r = self.check_batch(x, np.zeros((n, self.info.embedding_dim), np.float32))
-        return self._run_chunked(x, r, (OUTPUT_FEATURES,))[0]
+        return self._run_chunked(x, r, (OUTPUT_FEATURES,), forward_only=True)[0]
 
     def stepper(self, references: ArrayLike, *, batch: int | None = None) -> Stepper:
         """A forward + gradient callable for repeated steps on one batch with fixed ``references``."""
@@ -371,15 +377,40 @@ class AttackSession:
             return BoundStepper(self, r)
         return Stepper(self, r)
 
+    def _forward(self) -> ort.InferenceSession:
+        """A second session over the forward part only (features, objective), built on first use.
+
+        onnxruntime executes every node of a graph whatever outputs are requested, so a forward pass
+        through the attack graph would pay for the gradient too (about 3x the cost).
+        """
+        with self._forward_lock:
+            if self._forward_session is None:
+                import onnx  # a core dependency: protobuf surgery only, no framework
+
+                model = prune_to_outputs(onnx.load(str(self.path)), (OUTPUT_FEATURES, OUTPUT_OBJECTIVE))
+                self._forward_session = ort.InferenceSession(
+                    model.SerializeToString(),
+                    sess_options=self._options,
+                    providers=list(self.placement.providers),
+                    provider_options=self.placement.provider_options(),
+                )
+            return self._forward_session
+
     def _run_chunked(
-        self, images: Float32Array, references: Float32Array, names: Sequence[str]
+        self,
+        images: Float32Array,
+        references: Float32Array,
+        names: Sequence[str],
+        *,
+        forward_only: bool = False,
     ) -> list[Float32Array]:
+        session = self._forward() if forward_only else self._session
         fixed = self.info.batch_size
         n = images.shape[0]
         if fixed is None or fixed == n:
             return [
                 np.asarray(o, np.float32)
-                for o in self._session.run(list(names), self._feeds(images, references))
+                for o in session.run(list(names), self._feeds(images, references))
             ]
         pieces: list[list[Float32Array]] = []
         for start in range(0, n, fixed):
@@ -388,7 +419,7 @@ class AttackSession:
             if pad:  # the last chunk is padded with copies of its first image, then trimmed
                 x = np.concatenate([x, np.repeat(x[:1], pad, axis=0)])
                 r = np.concatenate([r, np.repeat(r[:1], pad, axis=0)])
-            outs = self._session.run(list(names), self._feeds(x, r))
+            outs = session.run(list(names), self._feeds(x, r))
             pieces.append([np.asarray(o, np.float32)[: fixed - pad] for o in outs])
         return [np.concatenate([p[i] for p in pieces]) for i in range(len(names))]
 
@@ -412,7 +443,9 @@ class Stepper:
     def forward(self, images: ArrayLike) -> tuple[Float32Array, Float32Array]:
         """Forward only: ``features`` ``[N, D]`` and ``objective`` ``[N]`` (no gradient is fetched)."""
         x, r = self.session.check_batch(images, self.references)
-        features, objective = self.session._run_chunked(x, r, (OUTPUT_FEATURES, OUTPUT_OBJECTIVE))
+        features, objective = self.session._run_chunked(
+            x, r, (OUTPUT_FEATURES, OUTPUT_OBJECTIVE), forward_only=True
+        )
         return features, objective
 
 
@@ -480,6 +513,27 @@ def _metadata_int(path: Path, metadata: dict[str, str], key: str) -> int:
 
 _CACHE: dict[tuple[object, ...], AttackSession] = {}
 _CACHE_LOCK = threading.Lock()
+
+
+def prune_to_outputs(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
+    """Keep only the nodes, initializers and outputs that ``outputs`` depend on."""
+    graph = model.graph
+    needed = set(outputs)
+    kept = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+    kept.reverse()
+    wanted_outputs = [o for o in graph.output if o.name in outputs]
+    initializers = [i for i in graph.initializer if i.name in needed]
+    del graph.node[:]
+    graph.node.extend(kept)
+    del graph.output[:]
+    graph.output.extend(wanted_outputs)
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    return model
 
 
 def open_session(

@@ -291,3 +291,14 @@ def test_builder_output_loads_and_its_gradient_matches_differences(tmp_path: Pat
     v = rng.standard_normal(x.shape).astype(np.float32)
     numeric = (session.run(x + v, ref).objective - session.run(x - v, ref).objective).astype(np.float64) / 2
     np.testing.assert_allclose((grad * v).sum(axis=(1, 2, 3)), numeric, rtol=2e-2, atol=1e-5)
+
+
+def test_forward_only_session_matches_the_full_graph(linear_face_graph: LinearGraph) -> None:
+    session = AttackSession(linear_face_graph.path, device="cpu")
+    size = session.info.canonical_size
+    images = np.random.default_rng(0).uniform(0, 255, (2, size, size, 3)).astype(np.float32)
+    refs = np.zeros((2, session.info.embedding_dim), np.float32)
+    full = session.run(images, refs).features
+    np.testing.assert_allclose(session.features(images), full, rtol=1e-6, atol=1e-7)
+    forward = session._forward()
+    assert [o.name for o in forward.get_outputs()] == ["features", "objective"]
