@@ -13,7 +13,7 @@ shapes = st.lists(st.integers(1, 4), min_size=1, max_size=4).map(tuple)
 def _broadcast_partner(draw, shape: tuple[int, ...]) -> tuple[int, ...]:
     """A shape that broadcasts against ``shape``: a suffix with some dims set to 1."""
     k = draw(st.integers(0, len(shape)))
-    suffix = shape[len(shape) - k:]
+    suffix = shape[len(shape) - k :]
     return tuple(1 if draw(st.booleans()) else d for d in suffix)
 
 
@@ -134,4 +134,3 @@ CASES = {
     "Min": [min_max("Min"), binary_both("Min")],
     "Max": [min_max("Max"), binary_both("Max")],
 }
-CASES["Identity"] = [unary("Identity")]
