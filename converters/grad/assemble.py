@@ -242,8 +242,10 @@ def _preprocessing_nodes(
     nodes.append(helper.make_node("Transpose", [C.INPUT_IMAGE], [x], perm=[0, 3, 1, 2], name=_P + "to_nchw"))
     h, w = pre.native_size
     top, left, bottom, right = pre.crop
-    if not (0 <= top < bottom and 0 <= left < right):
-        raise ModelError(f"crop window {pre.crop} must satisfy 0 <= top < bottom and 0 <= left < right")
+    # A window may reach past the canonical crop (e.g. an ArcFace framing needs more forehead than the
+    # crop holds); the resize then samples the crop's edge pixels there.
+    if not (top < bottom and left < right):
+        raise ModelError(f"crop window {pre.crop} must satisfy top < bottom and left < right")
     if (h, w) != (size, size) or pre.crop != (0.0, 0.0, 1.0, 1.0):
         rows = resize_matrix(size, h, top * size, bottom * size, pre.resize)  # [h, S]
         cols = resize_matrix(size, w, left * size, right * size, pre.resize)  # [w, S]
