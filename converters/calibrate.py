@@ -63,7 +63,9 @@ def load_identity_folder(root: Path) -> tuple[list[Path], list[str]]:
                 paths.append(f)
                 labels.append(person.name)
     if len(set(labels)) < 2:
-        raise InputError(f"{root}: expected at least 2 identity sub-folders with images, found {len(set(labels))}")
+        raise InputError(
+            f"{root}: expected at least 2 identity sub-folders with images, found {len(set(labels))}"
+        )
     return paths, labels
 
 
@@ -84,46 +86,21 @@ def load_canonical_crops(paths: Sequence[Path], size: int) -> NDArray[np.float32
     return np.stack(crops)
 
 
-def resize_matrix(n_out: int, n_in: int, start: float, stop: float, method: str) -> NDArray[np.float32]:
-    """``[n_out, n_in]`` matrix that samples the window ``[start, stop)`` (fractions of ``n_in``) to ``n_out``.
-
-    ``bilinear`` uses half-pixel centres and clamps at the border (no anti-aliasing); ``area``
-    averages the input pixels each output pixel covers, weighting partial pixels by overlap.
-    Applied as ``R_h @ img @ R_w.T`` per channel, a resize is a linear map, so its gradient is the
-    transposed product.
-    """
-    lo, hi = start * n_in, stop * n_in
-    scale = (hi - lo) / n_out
-    mat = np.zeros((n_out, n_in), dtype=np.float64)
-    if method == "bilinear":
-        for i in range(n_out):
-            src = lo + (i + 0.5) * scale - 0.5
-            src = min(max(src, 0.0), n_in - 1.0)
-            j0 = int(np.floor(src))
-            j1 = min(j0 + 1, n_in - 1)
-            frac = src - j0
-            mat[i, j0] += 1.0 - frac
-            mat[i, j1] += frac
-    elif method == "area":
-        for i in range(n_out):
-            a, b = lo + i * scale, lo + (i + 1) * scale
-            for j in range(max(int(np.floor(a)), 0), min(int(np.ceil(b)), n_in)):
-                mat[i, j] = max(0.0, min(b, j + 1) - max(a, j))
-            mat[i] /= mat[i].sum()
-    else:
-        raise ValueError(f"resize method must be 'bilinear' or 'area', got {method!r}")
-    return mat.astype(np.float32)
-
-
 def preprocess(crops: NDArray[np.float32], prep: Preprocessing) -> NDArray[np.float32]:
-    """Apply ``prep`` to canonical crops ``[N, S, S, 3]`` in numpy: the model's native input."""
+    """Apply ``prep`` to canonical crops ``[N, S, S, 3]`` in numpy: the model's native input.
+
+    The window may reach outside the crop (e.g. the ArcFace framing needs forehead above it); the
+    bilinear matrices clamp at the border, so those rows and columns repeat the crop's edge pixels.
+    """
     if crops.ndim != 4 or crops.shape[3] != 3 or crops.shape[1] != crops.shape[2]:
         raise InputError(f"expected canonical crops [N, S, S, 3], got shape {crops.shape}")
+    from uncnn_rt.converters.grad import resize_matrix  # the matrices the attack graphs use
+
     size = crops.shape[1]
     top, left, bottom, right = prep.crop
     out_h, out_w = prep.native_size
-    r_h = resize_matrix(out_h, size, top, bottom, prep.resize)
-    r_w = resize_matrix(out_w, size, left, right, prep.resize)
+    r_h = resize_matrix(size, out_h, top * size, bottom * size, prep.resize)
+    r_w = resize_matrix(size, out_w, left * size, right * size, prep.resize)
     x = np.einsum("hi,niwc,vw->nhvc", r_h, crops.astype(np.float32), r_w, optimize=True)
     if prep.channel_order == "BGR":
         x = x[..., ::-1]
@@ -188,7 +165,9 @@ def calibrate(features: NDArray[np.floating], labels: Sequence[str], *, fmr: flo
     )
 
 
-def onnx_embedder(model: str | Path | bytes, prep: Preprocessing | None = None, *, batch: int = 8) -> Embedder:
+def onnx_embedder(
+    model: str | Path | bytes, prep: Preprocessing | None = None, *, batch: int = 8
+) -> Embedder:
     """An embedder running an ONNX model on canonical crops.
 
     With ``prep``, ``model`` is a forward model fed ``preprocess(crops, prep)`` and its first output is
@@ -222,7 +201,9 @@ def onnx_embedder(model: str | Path | bytes, prep: Preprocessing | None = None, 
                 feeds = {"image": chunk.astype(np.float32)}
                 dim = sess.get_outputs()[0].shape[-1]
                 ref_dim = next(i.shape[-1] for i in inputs if i.name == "reference")
-                feeds["reference"] = np.zeros((len(chunk), ref_dim if isinstance(ref_dim, int) else dim), np.float32)
+                feeds["reference"] = np.zeros(
+                    (len(chunk), ref_dim if isinstance(ref_dim, int) else dim), np.float32
+                )
                 y = sess.run(["features"], feeds)[0]
             outs.append(np.asarray(y, dtype=np.float32).reshape(len(chunk), -1))
         return np.concatenate(outs)

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from uncnn_rt.converters.grad.assemble import resize_matrix
+from uncnn_rt.converters.calibrate import preprocess
 from uncnn_rt.runtime import contract as C
 from uncnn_rt.runtime.errors import ModelError
 
@@ -45,23 +45,6 @@ def sample_image(size: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     channels = [127 + 100 * np.sin(2 * np.pi * (a * xx + b * yy) + c) for a, b, c in rng.uniform(0.3, 2.0, (3, 3))]
     return np.clip(np.stack(channels, axis=-1), 0, 255).astype(np.float32)
-
-
-def preprocess(image: np.ndarray, pre: C.Preprocessing) -> np.ndarray:
-    """Numpy reference of the folded preprocessing: ``[N, S, S, 3]`` -> the source model's input."""
-    size = image.shape[1]
-    h, w = pre.native_size
-    top, left, bottom, right = pre.crop
-    x = image.astype(np.float64)
-    rows = resize_matrix(size, h, top * size, bottom * size, pre.resize).astype(np.float64)
-    cols = resize_matrix(size, w, left * size, right * size, pre.resize).astype(np.float64)
-    x = np.einsum("hs,nstc,wt->nhwc", rows, x, cols)
-    if pre.channel_order == "BGR":
-        x = x[..., ::-1]
-    x = (x - np.asarray(pre.mean)) / np.asarray(pre.std)
-    if pre.layout == "NCHW":
-        x = x.transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def _head(raw: np.ndarray, kind: str, outputs: str) -> np.ndarray:

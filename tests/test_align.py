@@ -119,8 +119,8 @@ def test_five_point_template_is_arcface_shaped_in_chip_framing() -> None:
     # ArcFace's shape exactly: the 112-px template maps onto it by a similarity with zero residual.
     fit = align.umeyama(align.ARCFACE_TEMPLATE_112, five)
     np.testing.assert_allclose(apply_affine(fit, align.ARCFACE_TEMPLATE_112), five, atol=1e-9)
-    # Framed like the chips: eyes and mouth centre within a pixel of the measured BlazeFace points.
-    blaze = align.BLAZEFACE_TEMPLATE_CHIP
+    # Framed like the chips: eyes and mouth centre within a pixel of the measured chip landmarks.
+    blaze = align.CHIP_LANDMARKS
     assert np.abs(five[:2] - blaze[:2]).max() < 1.0
     assert np.abs(five[3:].mean(axis=0) - blaze[3]).max() < 1.0
     arc_crop = apply_affine(
@@ -174,10 +174,29 @@ def test_template_eyes_match_the_dev_chips() -> None:
     mean = np.mean([np.asarray(Image.open(p).convert("L"), np.float64) for p in chips], axis=0)
     assert mean.shape == (align.CHIP_SIZE, align.CHIP_SIZE)
     smooth = ndimage.gaussian_filter(mean, 2.0)
-    for eye in align.BLAZEFACE_TEMPLATE_CHIP[:2]:
+    for eye in align.CHIP_LANDMARKS[:2]:
         x0, y0 = int(eye[0]) - 14, int(eye[1]) - 11
         window = smooth[y0 : y0 + 22, x0 : x0 + 28]
         weight = (window.max() - window) ** 3
         rows, cols = np.mgrid[y0 : y0 + 22, x0 : x0 + 28]
         centroid = np.array([(cols * weight).sum(), (rows * weight).sum()]) / weight.sum() + 0.5
         assert np.hypot(*(centroid - eye)) < 3.0, (centroid, eye)
+
+
+@pytest.mark.skipif(not DEV_CHIPS.is_dir(), reason="development set ../shared/faces/dev not present")
+def test_blazeface_template_is_where_the_detector_puts_keypoints_on_the_chips() -> None:
+    """Aligning detector keypoints to this template must reproduce the chip framing the recognizers
+    were calibrated on: the detector's mean keypoints on the chips are within 1.5 px of it."""
+    from uncnn_rt.runtime import zoo
+    from uncnn_rt.runtime.detect import FaceDetector
+
+    if not any(e.name == "blazeface" for e in zoo.load_manifest()):
+        pytest.skip("the shipped BlazeFace detector is not in models/manifest.json")
+    detector = FaceDetector(device="cpu")
+    points = []
+    for chip in sorted(DEV_CHIPS.glob("*/*.png")):
+        faces = detector.detect(np.asarray(Image.open(chip).convert("RGB")))
+        assert faces, f"no face found in {chip.name}"
+        points.append(faces[0].landmarks[:4])
+    mean = np.mean(points, axis=0)
+    np.testing.assert_allclose(mean, align.BLAZEFACE_TEMPLATE_CHIP[:4], atol=1.5)
