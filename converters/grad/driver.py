@@ -33,9 +33,15 @@ def to_opset(model: onnx.ModelProto, opset: int = OPSET) -> onnx.ModelProto:
     current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if current is None:
         raise ModelError("model imports no ai.onnx opset")
-    others = [o.domain for o in model.opset_import if o.domain not in ("", "ai.onnx")]
+    others = sorted({n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx")})
     if others:
         raise ModelError(f"model uses non-standard op domains {others}; only ai.onnx ops can be differentiated")
+    # Exporters import domains they never use (tf2onnx always adds ai.onnx.ml); drop those imports.
+    if any(o.domain not in ("", "ai.onnx") for o in model.opset_import):
+        model = onnx.ModelProto.FromString(model.SerializeToString())
+        kept = [o for o in model.opset_import if o.domain in ("", "ai.onnx")]
+        del model.opset_import[:]
+        model.opset_import.extend(kept)
     if current == opset:
         return model
     try:

@@ -153,19 +153,50 @@ def tanh(ctx: GradContext, node: onnx.NodeProto, dys: Grads) -> Grads:
 
 @grad_rule("Relu")
 def relu(ctx: GradContext, node: onnx.NodeProto, dys: Grads) -> Grads:
-    # y = max(x, 0): dy/dx = [x > 0]
-    x = node.input[0]
-    return [ctx.emit("Where", [ctx.emit("Greater", [x, ctx.const(0.0, like=x)]), _dy(dys), ctx.const(0.0, like=x)])]
+    # y = max(x, 0): dy/dx = [x > 0] = [y > 0]. Reading y, not x, keeps onnxruntime's Conv+Relu fusion,
+    # and Mul by a cast mask runs several times faster there than Where.
+    y = node.output[0]
+    mask = ctx.emit("Cast", [ctx.emit("Greater", [y, ctx.const(0.0, like=y)])], to=ctx.elem_type(y))
+    return [ctx.emit("Mul", [_dy(dys), mask])]
 
 
 @grad_rule("LeakyRelu")
 def leaky_relu(ctx: GradContext, node: onnx.NodeProto, dys: Grads) -> Grads:
-    # y = x if x > 0 else alpha x
+    # y = x if x > 0 else alpha x: dy/dx = alpha + (1 - alpha) [x > 0]
     x = node.input[0]
     alpha = float(attributes(node).get("alpha", 0.01))
-    local = ctx.emit("Where", [ctx.emit("Greater", [x, ctx.const(0.0, like=x)]), ctx.const(1.0, like=x),
-                               ctx.const(alpha, like=x)])
+    mask = ctx.emit("Cast", [ctx.emit("Greater", [x, ctx.const(0.0, like=x)])], to=ctx.elem_type(x))
+    local = ctx.emit("Add", [ctx.emit("Mul", [mask, ctx.const(1.0 - alpha, like=x)]), ctx.const(alpha, like=x)])
     return [ctx.emit("Mul", [_dy(dys), local])]
+
+
+@grad_rule("HardSigmoid")
+def hard_sigmoid(ctx: GradContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    # y = clip(alpha x + beta, 0, 1): dy/dx = alpha [0 < alpha x + beta < 1]
+    x = node.input[0]
+    attrs = attributes(node)
+    alpha, beta = float(attrs.get("alpha", 0.2)), float(attrs.get("beta", 0.5))
+    return [ctx.emit("Mul", [_dy(dys), _hard_window(ctx, x, alpha, beta, alpha)])]
+
+
+@grad_rule("HardSwish")
+def hard_swish(ctx: GradContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    # y = x clip(x/6 + 1/2, 0, 1): dy/dx = [x > 3] + [-3 < x < 3] (2x + 3) / 6
+    x = node.input[0]
+    inside = _hard_window(ctx, x, 1.0 / 6.0, 0.5, 1.0)
+    slope = ctx.emit("Add", [ctx.emit("Mul", [x, ctx.const(1.0 / 3.0, like=x)]), ctx.const(0.5, like=x)])
+    above = ctx.emit("Cast", [ctx.emit("Greater", [x, ctx.const(3.0, like=x)])], to=ctx.elem_type(x))
+    local = ctx.emit("Add", [ctx.emit("Mul", [inside, slope]), above])
+    return [ctx.emit("Mul", [_dy(dys), local])]
+
+
+def _hard_window(ctx: GradContext, x: str, alpha: float, beta: float, scale: float) -> str:
+    """``scale * [0 < alpha x + beta < 1]`` as a float tensor shaped like ``x``."""
+    z = ctx.emit("Add", [ctx.emit("Mul", [x, ctx.const(alpha, like=x)]), ctx.const(beta, like=x)])
+    inside = ctx.emit("And", [ctx.emit("Greater", [z, ctx.const(0.0, like=x)]),
+                              ctx.emit("Less", [z, ctx.const(1.0, like=x)])])
+    mask = ctx.emit("Cast", [inside], to=ctx.elem_type(x))
+    return mask if scale == 1.0 else ctx.emit("Mul", [mask, ctx.const(scale, like=x)])
 
 
 @grad_rule("PRelu")
