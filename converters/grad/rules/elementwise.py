@@ -205,7 +205,10 @@ def prelu(ctx: GradContext, node: onnx.NodeProto, dys: Grads) -> Grads:
     x, slope = node.input
     if ctx.needs_grad(slope):
         raise UnsupportedOpError(node, "the slope depends on the input; only constant slopes are supported")
-    local = ctx.emit("Where", [ctx.emit("Greater", [x, ctx.const(0.0, like=x)]), ctx.const(1.0, like=x), slope])
+    # local = slope + [x > 0] (1 - slope), with 1 - slope folded at build time (Mul beats Where in ORT)
+    mask = ctx.emit("Cast", [ctx.emit("Greater", [x, ctx.const(0.0, like=x)])], to=ctx.elem_type(x))
+    one_minus = ctx.const(1.0 - ctx.require_value(slope, node, "slope"), like=x)
+    local = ctx.emit("Add", [ctx.emit("Mul", [mask, one_minus]), slope])
     return [ctx.emit("Mul", [_dy(dys), local]), None]
 
 
@@ -225,7 +228,8 @@ def clip(ctx: GradContext, node: onnx.NodeProto, dys: Grads) -> Grads:
         mask = below if mask is None else ctx.emit("And", [mask, below])
     if mask is None:
         return [_dy(dys)]
-    return [ctx.emit("Where", [mask, _dy(dys), ctx.const(0.0, like=x)]), None, None]
+    # Mul by a cast mask: several times faster than Where in onnxruntime.
+    return [ctx.emit("Mul", [_dy(dys), ctx.emit("Cast", [mask], to=ctx.elem_type(x))]), None, None]
 
 
 @grad_rule("Min", "Max")
