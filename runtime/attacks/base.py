@@ -10,6 +10,9 @@ Each step, for images ``x0`` ``[N, H, W, 3]`` (0..255) and perturbation ``delta`
 
 ``Q`` rounds to the integer pixel values a saved file holds when ``quantize=True`` (the latent ``delta``
 stays real-valued, so steps smaller than one grey level still accumulate), else it is the identity.
+With an ``input_map`` ``A`` the victims see ``A (x0 + Q(delta))`` and ``g`` comes back through ``A^T``
+(see :mod:`.ensemble`), so ``delta`` can live in a whole photo's pixel grid while the models see crops.
+With ``luminance_only`` the gradient is averaged over R, G, B, so every channel takes the same step.
 Subclasses choose only ``direction`` (the norm's steepest-ascent direction), the random start and the
 default step size, as in foolbox's ``gradient_descent_base``.
 """
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,11 +32,16 @@ from ..errors import InputError
 from .boosters import EOT, InputDiversity, TranslationInvariance
 from .criteria import Criterion, ModelState, default_criterion
 from .ensemble import Ensemble, Victim, unit_mean_magnitude
+from .linear import LinearMap
 
 Float32Array = NDArray[np.float32]
 BoolArray = NDArray[np.bool_]
 
-# Bisection steps of the SSIM floor: the kept share of delta is within 2**-12 of the largest feasible one.
+# The SSIM floor's search for the largest kept share of delta: a bracket of +-3% around a quadratic
+# model's guess, then 3 bisections (within 1% of the largest feasible share), or 12 from scratch
+# (within 2**-12) when the bracket misses.
+_SSIM_BRACKET = 0.03
+_SSIM_BRACKETED_BISECTIONS = 3
 _SSIM_BISECTIONS = 12
 
 
@@ -95,6 +103,23 @@ class GradientAttack(ABC):
         diversity: DI, :class:`~.boosters.InputDiversity`.
         smoothing: TI, :class:`~.boosters.TranslationInvariance`.
         eot: EOT over non-differentiable transforms, :class:`~.boosters.EOT`.
+        check_every: test ``stop_when`` after every this many steps. A test costs a forward pass of
+            every victim unless the step's gradient pass saw the untransformed images (no DI or EOT
+            draw), in which case it is free and made every step.
+        ssim_every: enforce the SSIM floor after every this many steps; the returned images always
+            meet it. Each check costs an SSIM of the images (more when it has to shrink the step).
+        focus_margin: weight each victim's (normalised) gradient by how far it is from its success
+            criterion with this margin (:func:`~.criteria.default_criterion`), relative to the farthest
+            victim of the image, as the squared hinge loss ``sum_m max(0, s_m - t_m + margin)^2`` of
+            similarities ``s_m`` and thresholds ``t_m`` does: the step goes to the models still short of
+            success, mostly to the farthest, and a victim met on every image is not run at all. The
+            distances are read at each stop check (every ``check_every`` steps, on the exact images);
+            before the first, every victim weighs 1. ``None``: every victim, every step, equally.
+        victims_per_step: run only this many victims per step, drawn without replacement with
+            probabilities proportional to their weights (their focus shares, else equal); the momentum
+            sums their normalised gradients over the steps, so each step costs a fraction of the
+            ensemble's and every victim still steers the perturbation ("stochastic ensemble").
+            ``None``: all of them.
     """
 
     eps: float = 8.0
@@ -107,6 +132,10 @@ class GradientAttack(ABC):
     diversity: InputDiversity | None = None
     smoothing: TranslationInvariance | None = None
     eot: EOT | None = None
+    check_every: int = 1
+    ssim_every: int = 1
+    focus_margin: float | None = None
+    victims_per_step: int | None = None
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -122,6 +151,12 @@ class GradientAttack(ABC):
             raise InputError(f"{name}: l2 must be >= 0, got {self.l2}")
         if self.ssim_floor is not None and not -1.0 <= self.ssim_floor <= 1.0:
             raise InputError(f"{name}: ssim_floor must be in [-1, 1], got {self.ssim_floor}")
+        if self.victims_per_step is not None and self.victims_per_step < 1:
+            raise InputError(f"{name}: victims_per_step must be >= 1, got {self.victims_per_step}")
+        if self.check_every < 1 or self.ssim_every < 1:
+            raise InputError(
+                f"{name}: check_every and ssim_every must be >= 1, got {self.check_every}, {self.ssim_every}"
+            )
         if not math.isfinite(self.alpha):
             raise InputError(f"{name}: with eps={self.eps} and l2={self.l2}, give a finite step_size")
 
@@ -153,6 +188,10 @@ class GradientAttack(ABC):
         quantize: bool = False,
         stop_when: Criterion | None = None,
         seed: int | np.random.Generator | None = 0,
+        input_map: LinearMap | None = None,
+        luminance_only: bool = False,
+        on_step: Callable[[int], None] | None = None,
+        init: ArrayLike | None = None,
     ) -> AttackResult:
         """Attack ``images`` against ``victims``.
 
@@ -168,6 +207,14 @@ class GradientAttack(ABC):
             stop_when: freeze each image once it meets this criterion; stop when all have.
             seed: seed or generator of every random draw (random start, DI, EOT); equal seeds give equal
                 results.
+            input_map: a linear map the victims see the images through (``A``, e.g. the crop warp of a
+                face, from a photo region to the canonical crop); the gradient returns through ``A^T``.
+                Budgets, mask and quantisation stay in the images' own grid.
+            luminance_only: take the same step on R, G and B (the channel-mean of the gradient), and
+                draw the random start once per pixel, so a grey image stays grey.
+            on_step: called with the number of steps done after each step (progress reporting).
+            init: start from this perturbation ``[N, H, W, 3]`` (e.g. an earlier run's), projected onto
+                the budget, instead of 0 or a random start.
         """
         x0 = _check_images(images)
         n, h, w, _ = x0.shape
@@ -177,33 +224,66 @@ class GradientAttack(ABC):
         if self.ssim_floor is not None and min(h, w) < 11:
             raise InputError(f"an SSIM floor needs images of at least 11x11, got {h}x{w}")
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-        ensemble = Ensemble(victims, n, (h, w), targeted=targeted)
+        view_size = (h, w) if input_map is None else _mapped_size(input_map, x0)
+        ensemble = Ensemble(victims, n, view_size, targeted=targeted, input_map=input_map)
         bound = _per_pixel_bound(self.eps, weights, x0.shape)
         budget = _Budget(x0, bound, self.l2, self.ssim_floor, quantize)
 
-        delta = self.random_delta(x0.shape, bound, rng) if self.random_start else np.zeros_like(x0)
+        if init is not None:
+            delta = np.ascontiguousarray(init, dtype=np.float32)
+            if delta.shape != x0.shape:
+                raise InputError(f"init must have shape {list(x0.shape)}, got {list(delta.shape)}")
+        elif self.random_start:
+            delta = self.random_delta(x0.shape, bound, rng)
+        else:
+            delta = np.zeros_like(x0)
+        if luminance_only:
+            delta = np.ascontiguousarray(np.broadcast_to(delta[..., :1], x0.shape))
         delta = budget.constrain(delta)
         velocity = np.zeros_like(x0)
         active = np.ones(n, dtype=bool)
         steps = np.zeros(n, dtype=np.int64)
         history: dict[str, list[Float32Array]] = {key: [] for key in ensemble.keys}
+        shares: dict[str, Float32Array] | None = None
+        checks = stop_when is not None or self.focus_margin is not None
         alpha = np.float32(self.alpha)
-        for _ in range(self.steps):
+        for done in range(self.steps):
             adv = budget.image(delta)
-            gradient = ensemble.gradient(adv, rng, diversity=self.diversity, eot=self.eot)
+            drawn = shares
+            if self.victims_per_step is not None:
+                drawn = _draw(shares, ensemble, self.victims_per_step, rng)
+            gradient = ensemble.gradient(adv, rng, diversity=self.diversity, eot=self.eot, shares=drawn)
             for key, objective in gradient.objective.items():
                 history[key].append(objective)
-            if stop_when is not None:
-                states = gradient.states if gradient.states is not None else ensemble.evaluate(adv)
-                active &= ~stop_when(states)
-                if not active.any():
-                    break
+            states = gradient.states if checks else None
+            # Checks fall on the steps whose iterate the SSIM floor has just held when ssim_every
+            # divides check_every, so an early stop never stops on an image the floor would shrink.
+            first = self.check_every == 1 or self.random_start or init is not None
+            due = done % self.check_every == 0 and (done > 0 or first)
+            if checks and states is None and due:
+                states = ensemble.evaluate(adv)
+            if states is not None:
+                if self.focus_margin is not None:
+                    shares = _shares(states, targeted=targeted, margin=self.focus_margin)
+                if stop_when is not None:
+                    active &= ~stop_when(states)
+                    if not active.any():
+                        break
             grad = gradient.grad if self.smoothing is None else self.smoothing(gradient.grad)
+            if luminance_only:
+                grad = np.ascontiguousarray(np.broadcast_to(grad.mean(axis=3, keepdims=True), x0.shape))
             velocity = np.float32(self.momentum) * velocity + unit_mean_magnitude(grad)
             step = alpha * weights * self.direction(weights * velocity)
-            delta = budget.constrain(np.where(active[:, None, None, None], delta + step, delta))
+            hold_ssim = (done + 1) % self.ssim_every == 0
+            delta = budget.constrain(
+                np.where(active[:, None, None, None], delta + step, delta), ssim=hold_ssim
+            )
             steps += active
+            if on_step is not None:
+                on_step(done + 1)
 
+        if self.ssim_every > 1:
+            delta = budget.constrain(delta)
         final = budget.image(delta)
         states = ensemble.evaluate(final)
         return AttackResult(
@@ -232,6 +312,7 @@ class _Budget:
     ) -> None:
         self.x0, self.bound, self.l2, self.ssim_floor, self.quantize = x0, bound, l2, ssim_floor, quantize
         self._integer_bound = np.floor(bound).astype(np.float32)
+        self._ssim = None if ssim_floor is None else _SsimTo(x0)
 
     def project(self, delta: Float32Array) -> Float32Array:
         """Onto the L2 ball, then the L-inf box, then the pixel range.
@@ -252,34 +333,86 @@ class _Budget:
         """``x0 + Q(delta)``, clipped against float rounding at the ends of the pixel range."""
         return np.asarray(np.clip(self.x0 + self.shown(delta), 0.0, 255.0), dtype=np.float32)
 
-    def constrain(self, delta: Float32Array) -> Float32Array:
+    def constrain(self, delta: Float32Array, *, ssim: bool = True) -> Float32Array:
         delta = self.project(delta)
-        if self.ssim_floor is not None:
+        if ssim and self.ssim_floor is not None:
             delta = self._hold_ssim(delta, self.ssim_floor)
         return delta
 
     def _hold_ssim(self, delta: Float32Array, floor: float) -> Float32Array:
-        """Scale each image's delta by the largest ``c`` in [0, 1] (to 2**-12) that keeps SSIM >= floor.
+        """Scale each image's delta by the largest ``c`` in [0, 1] (to about 1%) that keeps SSIM >= floor.
 
         Shrinking towards 0 keeps every constraint above (all are convex sets containing 0), and
         ``c = 0`` is always feasible, so the floor holds exactly on the shown (quantised) image.
+
+        ``1 - SSIM`` grows about quadratically with the scale of a small perturbation, so
+        ``c0 = sqrt((1 - floor) / (1 - SSIM(1)))`` is a close first guess: ``c0 (1 -+ 3%)`` usually brackets
+        the answer and a few bisections finish it (about 6 SSIM evaluations instead of 13). When they do
+        not bracket it, bisection runs on what is left of [0, 1] to 2**-12.
         """
-        low_ssim = image_ops.ssim(self.x0, self.x0 + self.shown(delta)) < floor
+        assert self._ssim is not None
+        scores = self._ssim(self.x0 + self.shown(delta))
+        low_ssim = scores < floor
         if not low_ssim.any():
             return delta
         idx = np.flatnonzero(low_ssim)
-        x0, d, bound = self.x0[idx], delta[idx], self._integer_bound[idx]
-        lo, hi = np.zeros(idx.size, np.float32), np.ones(idx.size, np.float32)
-        for _ in range(_SSIM_BISECTIONS):
-            mid = (lo + hi) / 2
-            shown = (mid[:, None, None, None] * d).astype(np.float32)
+        x0, d, bound, ssim = self.x0[idx], delta[idx], self._integer_bound[idx], self._ssim
+
+        def feasible(c: Float32Array) -> BoolArray:
+            shown = (c[:, None, None, None] * d).astype(np.float32)
             if self.quantize:
                 shown = _quantize(shown, bound, self.l2)
-            ok = image_ops.ssim(x0, x0 + shown) >= floor
-            lo, hi = np.where(ok, mid, lo), np.where(ok, hi, mid)
+            return np.asarray(ssim(x0 + shown, idx) >= floor, dtype=bool)
+
+        guess = np.sqrt((1.0 - floor) / np.maximum(1.0 - scores[idx], 1e-12)).astype(np.float32)
+        below = np.clip(guess * np.float32(1 - _SSIM_BRACKET), 0.0, 1.0).astype(np.float32)
+        above = np.clip(guess * np.float32(1 + _SSIM_BRACKET), 0.0, 1.0).astype(np.float32)
+        ok_below, ok_above = feasible(below), feasible(above)
+        bracketed = ok_below & ~ok_above
+        lo = np.where(ok_below, np.where(ok_above, above, below), 0.0).astype(np.float32)
+        hi = np.where(ok_above, 1.0, np.where(ok_below, above, below)).astype(np.float32)
+        for i in range(_SSIM_BISECTIONS):
+            if i >= _SSIM_BRACKETED_BISECTIONS and bracketed.all():
+                break
+            mid = ((lo + hi) / 2).astype(np.float32)
+            ok = feasible(mid)
+            lo, hi = np.where(ok, mid, lo).astype(np.float32), np.where(ok, hi, mid).astype(np.float32)
         out = delta.copy()
         out[idx] = lo[:, None, None, None] * d
         return np.asarray(out, dtype=np.float32)
+
+
+class _SsimTo:
+    """:func:`image_ops.ssim` against fixed references ``x0``, with the references' local means and
+    second moments computed once: each evaluation filters three images (``y``, ``y^2``, ``x y``) instead
+    of five. Same formula and float64 arithmetic, so the values agree with ``image_ops.ssim``."""
+
+    def __init__(self, x0: Float32Array) -> None:
+        self.x = np.asarray(x0, dtype=np.float64)
+        self.kernel = image_ops.gaussian_kernel1d(image_ops.SSIM_SIGMA)
+        self.mx = self._filter(self.x)
+        self.sxx = self._filter(self.x * self.x)
+
+    def _filter(self, a: NDArray[np.float64]) -> NDArray[np.float64]:
+        k = self.kernel
+        h, w = a.shape[1] - k.shape[0] + 1, a.shape[2] - k.shape[0] + 1
+        rows = sum(k[i] * a[:, i : i + h] for i in range(k.shape[0]))
+        return np.asarray(sum(k[i] * rows[:, :, i : i + w] for i in range(k.shape[0])), dtype=np.float64)
+
+    def __call__(self, y: Float32Array, idx: NDArray[np.intp] | None = None) -> NDArray[np.float64]:
+        """``[N]`` SSIM of ``x0`` (or ``x0[idx]``) and ``y``."""
+        x, mx, sxx = self.x, self.mx, self.sxx
+        if idx is not None:
+            x, mx, sxx = x[idx], mx[idx], sxx[idx]
+        yy = np.asarray(y, dtype=np.float64)
+        c1 = (image_ops.SSIM_K1 * image_ops.DATA_RANGE) ** 2
+        c2 = (image_ops.SSIM_K2 * image_ops.DATA_RANGE) ** 2
+        my = self._filter(yy)
+        vx = sxx - mx * mx
+        vy = self._filter(yy * yy) - my * my
+        cxy = self._filter(x * yy) - mx * my
+        index = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+        return np.asarray(index.mean(axis=(1, 2, 3)), dtype=np.float64)
 
 
 def _quantize(delta: Float32Array, integer_bound: Float32Array, l2: float | None) -> Float32Array:
@@ -290,6 +423,17 @@ def _quantize(delta: Float32Array, integer_bound: Float32Array, l2: float | None
         over = np.sqrt(np.square(q, dtype=np.float64).sum(axis=(1, 2, 3))) > l2
         q[over] = np.clip(np.trunc(delta[over]), -integer_bound[over], integer_bound[over])
     return np.asarray(q, dtype=np.float32)
+
+
+def _mapped_size(input_map: LinearMap, x0: Float32Array) -> tuple[int, int]:
+    """``H x W`` of what ``input_map`` makes of one image (one probe forward, a few microseconds)."""
+    probe = input_map.forward(x0[:1])
+    if probe.ndim != 4 or probe.shape[0] != 1 or probe.shape[3] != x0.shape[3]:
+        raise InputError(
+            "input_map must map [N, H, W, C] to [N, h, w, C], "
+            f"got {list(x0[:1].shape)} -> {list(probe.shape)}"
+        )
+    return int(probe.shape[1]), int(probe.shape[2])
 
 
 def _per_pixel_bound(eps: float, weights: Float32Array, shape: tuple[int, ...]) -> Float32Array:
@@ -329,6 +473,46 @@ def _check_mask(mask: ArrayLike | None, shape: tuple[int, ...]) -> Float32Array:
     if m.size and not (np.isfinite(m).all() and m.min() >= 0.0 and m.max() <= 1.0):
         raise InputError(f"mask values must be in [0, 1], got range [{m.min()}, {m.max()}]")
     return m
+
+
+def _draw(
+    shares: dict[str, Float32Array] | None, ensemble: Ensemble, count: int, rng: np.random.Generator
+) -> dict[str, Float32Array]:
+    """The shares of ``count`` victims drawn without replacement in proportion to their weight times
+    their summed shares over the batch; the others' are zero (not run)."""
+    n = ensemble.batch
+    full = {key: np.ones(n, np.float32) if shares is None else shares[key] for key in ensemble.keys}
+    weight = np.array([float(full[m.key].sum()) * m.weight for m in ensemble.members], dtype=np.float64)
+    live = np.flatnonzero(weight > 0)
+    if live.size > count:
+        live = rng.choice(live, size=count, replace=False, p=weight[live] / weight[live].sum())
+    chosen = {ensemble.keys[i] for i in live}
+    return {key: full[key] if key in chosen else np.zeros(n, np.float32) for key in ensemble.keys}
+
+
+_MIN_SHARE = 0.1  # a victim short of success keeps at least this share of the farthest one's weight
+
+
+def _shares(states: dict[str, ModelState], *, targeted: bool, margin: float) -> dict[str, Float32Array]:
+    """Per victim and image, its distance from success relative to the image's farthest victim, in
+    [0.1, 1], or 0 once it meets its criterion by ``margin``. Classifiers and thresholdless face models
+    count as distance 1 until met (classifiers) or always (thresholdless)."""
+    distance = {}
+    for key, s in states.items():
+        if s.kind == "face" and s.threshold is not None:
+            goal = s.threshold + margin if targeted else s.threshold - margin
+            gap = goal - s.objective if targeted else s.objective - goal
+            distance[key] = np.maximum(gap, 0.0).astype(np.float32)
+        elif s.kind == "face":
+            distance[key] = np.ones_like(s.objective, dtype=np.float32)
+        else:
+            met = default_criterion(key, s.kind, targeted=targeted)(states)
+            distance[key] = np.where(met, 0.0, 1.0).astype(np.float32)
+    farthest = np.maximum(np.max(np.stack(list(distance.values())), axis=0), np.float32(1e-12))
+    return {
+        key: np.where(d > 0, np.maximum(d / farthest, _MIN_SHARE), 0.0).astype(np.float32)
+        for key, d in distance.items()
+    }
 
 
 def _success(states: dict[str, ModelState], *, targeted: bool) -> dict[str, BoolArray]:

@@ -4,11 +4,16 @@ The attacked images ``X`` are ``[N, H, W, 3]``. Model ``m`` sees ``R_m X`` (an e
 its ``S_m x S_m``, :class:`~.linear.Resize`), so its gradient with respect to ``X`` is ``R_m^T g_m``. Each
 model's gradient is scaled to unit mean magnitude per image before the weighted sum, so that a model
 with large raw gradients does not drown the others.
+
+With an ``input_map`` ``A`` (a linear map with an exact adjoint, e.g. the crop warp of a face in a photo),
+the attacked images live in ``A``'s input space and every model sees ``R_m A X``; the gradient comes back
+as ``A^T R_m^T g_m``. Input diversity then transforms the mapped views (the crops), and EOT the images
+before the map (the photo, as an upload pipeline would).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +23,7 @@ from ..errors import InputError
 from ..sessions import AttackSession, Stepper
 from .boosters import EOT, InputDiversity
 from .criteria import ModelState
-from .linear import Resize
+from .linear import LinearMap, Resize
 
 Float32Array = NDArray[np.float32]
 
@@ -66,10 +71,20 @@ class Gradient:
 
 
 class Ensemble:
-    """The victims of one attack call on a batch of ``N`` images of size ``H x W``."""
+    """The victims of one attack call on a batch of ``N`` images.
+
+    ``size`` is the ``H x W`` of the views the victims are given: the images' own size, or the output
+    size of ``input_map`` when there is one.
+    """
 
     def __init__(
-        self, victims: Sequence[Victim], batch: int, size: tuple[int, int], *, targeted: bool
+        self,
+        victims: Sequence[Victim],
+        batch: int,
+        size: tuple[int, int],
+        *,
+        targeted: bool,
+        input_map: LinearMap | None = None,
     ) -> None:
         if not victims:
             raise InputError("an attack needs at least one victim")
@@ -77,6 +92,8 @@ class Ensemble:
         if len(set(keys)) != len(keys):
             raise InputError(f"victims need distinct names, got {keys}; set Victim(name=...)")
         self.size = size
+        self.batch = batch
+        self.input_map = input_map
         self.sign = np.float32(
             1.0 if targeted else -1.0
         )  # targeted ascends the objective, untargeted descends
@@ -109,8 +126,9 @@ class Ensemble:
     def evaluate(self, images: Float32Array) -> dict[str, ModelState]:
         """Forward only: every victim's features and objective on ``images`` ``[N, H, W, 3]``."""
         states = {}
+        view = images if self.input_map is None else self.input_map.forward(images)
         for m in self.members:
-            x = images if m.resize is None else m.resize.forward(images)
+            x = view if m.resize is None else m.resize.forward(view)
             features, objective = m.stepper.forward(x)
             states[m.key] = self._state(m, features, objective)
         return states
@@ -122,31 +140,55 @@ class Ensemble:
         *,
         diversity: InputDiversity | None = None,
         eot: EOT | None = None,
+        shares: Mapping[str, NDArray[np.floating]] | None = None,
     ) -> Gradient:
-        """The weighted sum of per-model normalised gradients, signed so that ascending it attacks."""
+        """The weighted sum of per-model normalised gradients, signed so that ascending it attacks.
+
+        ``shares`` (per victim key, ``[N]`` non-negative factors) scales a victim's normalised gradient
+        per image on top of its weight; a victim whose shares are all 0 is not run (objective NaN).
+        """
         samples = 1 if eot is None else eot.samples
         total = np.zeros_like(images)
         objective = {m.key: np.zeros(images.shape[0], np.float32) for m in self.members}
         clean_states: dict[str, ModelState] | None = {}
+        share = {
+            m.key: None if shares is None or m.key not in shares else np.asarray(shares[m.key], np.float32)
+            for m in self.members
+        }
+        for m in self.members:
+            chosen = share[m.key]
+            if chosen is not None and not chosen.any():
+                objective[m.key][:] = np.nan
+                clean_states = None
         for _ in range(samples):
             x = images if eot is None else eot.sample(rng)(images, rng)  # straight-through: no adjoint
+            if self.input_map is not None:
+                x = self.input_map.forward(x)
             view = None if diversity is None else diversity.sample(self.size, rng)
             if view is not None:
                 x = view.forward(x)
             transformed = eot is not None or view is not None
-            grad = np.zeros_like(images)
+            grad = np.zeros_like(x)
             for m in self.members:
+                chosen = share[m.key]
+                if chosen is not None and not chosen.any():
+                    continue
                 xm = x if m.resize is None else m.resize.forward(x)
                 features, obj, g = m.stepper(xm)
                 if m.resize is not None:
                     g = m.resize.adjoint(g)
-                grad += (m.weight * self.sign) * unit_mean_magnitude(g)
+                g = unit_mean_magnitude(g)
+                if chosen is not None:
+                    g *= chosen[:, None, None, None]
+                grad += (m.weight * self.sign) * g
                 objective[m.key] += obj / samples
                 if clean_states is not None and not transformed:
                     clean_states[m.key] = self._state(m, features, obj)
             if transformed:
                 clean_states = None
-            total += grad if view is None else view.adjoint(grad)
+            if view is not None:
+                grad = view.adjoint(grad)
+            total += grad if self.input_map is None else self.input_map.adjoint(grad)
         return Gradient(total / np.float32(samples), objective, clean_states)
 
 

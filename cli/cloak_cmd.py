@@ -1,0 +1,470 @@
+"""``uncnn-rt cloak``, ``uncnn-rt compare`` and ``uncnn-rt classify``: the privacy commands and their demo.
+
+``cloak`` detects the faces of each photo, perturbs them at the photo's own resolution so that face
+recognizers no longer match the person, writes ``name.cloaked.ext`` beside the input (never over it),
+then re-opens the written file and verifies the protection per face and per model.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from uncnn_rt.cli.errors import clean_errors
+from uncnn_rt.runtime import cloak as cloaking
+from uncnn_rt.runtime import zoo
+from uncnn_rt.runtime.errors import InputError, ModelError, OutputPathError, UncnnError
+from uncnn_rt.runtime.imageio import default_output_path, load_image, normalise_format, save_image
+from uncnn_rt.runtime.sessions import open_session
+from uncnn_rt.runtime.verify import VerifyReport, classify_image, compare_faces, verify
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_INPUT = 2
+EXIT_MODEL = 3
+EXIT_NOT_PROTECTED = 4
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif")
+CLASSIFIER = "efficientnet_lite0"
+
+_MODE_LINES = "\n\n".join(
+    f"  {name}: eps {m.eps:g}, at most {m.steps} steps, SSIM >= {m.ssim_min:g}"
+    for name, m in cloaking.MODES.items()
+    if m.ssim_min is not None
+)
+
+CLOAK_HELP = (
+    "Cloak the faces in photos so that face recognizers no longer match them.\n\n"
+    "Each PATH is an image file, a directory (its images, not recursive) or a quoted glob. The result is "
+    "written beside each input as NAME.cloaked.EXT (or under -o), never over the input; then the written "
+    "file is re-opened, its faces are found again and every face is checked with every recognizer.\n\n"
+    "Modes (eps in grey levels 0..255; the SSIM floor holds on each face region and on the whole photo; "
+    "faces under about 120 pixels need high):\n\n"
+    f"{_MODE_LINES}\n\n"
+    "Exit codes: 0 every face cloaked and verified PROTECTED by every model; 4 cloaked, but some face is "
+    "NOT PROTECTED by some model; 2 an input error (unreadable, corrupt or oversized image, no face "
+    "found, bad option); 3 a model is missing or broken; 1 anything else. With several inputs the others "
+    "are still processed and the worst code wins (3, then 2, then 1, then 4)."
+)
+
+
+@dataclass
+class _Outcome:
+    """One input's fate, for the table and the JSON report."""
+
+    input: str
+    output: Path | None = None
+    error: str | None = None
+    exit_code: int = EXIT_OK
+    report: VerifyReport | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "input": self.input,
+            "output": None if self.output is None else str(self.output),
+        }
+        if self.error is not None:
+            data |= {"status": "error", "error": self.error}
+            return data
+        assert self.report is not None
+        data["status"] = "protected" if self.report.protected else "not_protected"
+        data |= self.details
+        data |= self.report.to_dict()
+        return data
+
+
+def _global(ctx: typer.Context) -> tuple[str, bool]:
+    options = ctx.obj
+    return (getattr(options, "device", "auto"), bool(getattr(options, "quiet", False)))
+
+
+def _split_models(models: str | None) -> list[str] | None:
+    if models is None:
+        return None
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    if not names:
+        raise InputError(f"--models needs comma-separated recognizer names, got {models!r}")
+    return names
+
+
+def _is_cloaked_output(path: Path) -> bool:
+    return ".cloaked" in path.suffixes or path.stem.endswith(".cloaked")
+
+
+def expand_inputs(items: list[str]) -> tuple[list[Path], list[_Outcome]]:
+    """Files from paths, directories (their images) and globs; unmatched items as error outcomes.
+
+    Directories and globs skip earlier outputs (``*.cloaked.*``) and files that do not look like images;
+    files named explicitly are always tried.
+    """
+    files: list[Path] = []
+    missing: list[_Outcome] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if _candidate(p))
+            if not found:
+                missing.append(
+                    _Outcome(item, error=f"{item}: no images in this directory", exit_code=EXIT_INPUT)
+                )
+            files += found
+        elif path.exists():
+            files.append(path)
+        elif glob.has_magic(item):
+            found = sorted(p for p in map(Path, glob.glob(item)) if _candidate(p))
+            if not found:
+                missing.append(_Outcome(item, error=f"{item}: no image files match", exit_code=EXIT_INPUT))
+            files += found
+        else:
+            missing.append(_Outcome(item, error=f"{item}: no such file", exit_code=EXIT_INPUT))
+    unique = list(dict.fromkeys(files))
+    return unique, missing
+
+
+def _candidate(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not _is_cloaked_output(path)
+
+
+def output_path(source: Path, output: Path | None, fmt: str | None, *, many: bool) -> Path:
+    """Where the cloak of ``source`` goes: beside it, into the ``output`` folder, or at ``output``."""
+    default = default_output_path(source, fmt)
+    if output is None:
+        return default
+    if many or output.is_dir() or str(output).endswith(("/", "\\")):
+        if output.exists() and not output.is_dir():
+            raise OutputPathError(f"{output}: with several inputs, -o must be a directory")
+        output.mkdir(parents=True, exist_ok=True)
+        return output / default.name
+    return output
+
+
+def cloak(
+    ctx: typer.Context,
+    paths: Annotated[list[str], typer.Argument(metavar="PATH", help="Image files, directories or globs.")],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "-o", "--output", help="Output file, or a directory (required to be one with several inputs)."
+        ),
+    ] = None,
+    fmt: Annotated[
+        str | None,
+        typer.Option("--format", help="Output format: jpg, png or webp \\[default: the input's]."),
+    ] = None,
+    mode: Annotated[
+        str, typer.Option(help="Strength: low, mid or high (see above).")
+    ] = cloaking.DEFAULT_MODE,
+    eps: Annotated[
+        float | None, typer.Option(help="L-inf budget in grey levels (0..255), overriding the mode.")
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Most attack steps per face, overriding the mode.")
+    ] = None,
+    ssim_min: Annotated[
+        float | None,
+        typer.Option("--ssim-min", help="SSIM floor per face region, overriding the mode (0: none)."),
+    ] = None,
+    face: Annotated[
+        int | None, typer.Option(help="Cloak only face N (1 = leftmost, as numbered in the report).")
+    ] = None,
+    largest: Annotated[bool, typer.Option("--largest", help="Cloak only the largest face.")] = False,
+    no_align: Annotated[
+        bool,
+        typer.Option("--no-align", help="No face detection: treat the image's centred square as the face."),
+    ] = False,
+    target_identity: Annotated[
+        Path | None,
+        typer.Option(
+            "--target-identity",
+            metavar="PHOTO",
+            help="Targeted cloak: make the faces match this photo's largest face.",
+        ),
+    ] = None,
+    models: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated recognizers \\[default: the shipped default ensemble]."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report instead of tables.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the random draws (equal seeds, equal outputs).")] = 0,
+    keep_location: Annotated[
+        bool, typer.Option("--keep-location", help="Keep GPS/location EXIF (stripped by default).")
+    ] = False,
+) -> None:
+    device, quiet = _global(ctx)
+    outcomes: list[_Outcome] = []
+    recognizers: list[Any] = []
+    detector: cloaking.Detector | None = None
+    target: dict[str, Any] | None = None
+    with clean_errors():
+        if face is not None and face < 1:
+            raise InputError(f"--face counts from 1, got {face}")
+        settings = cloaking.settings_for(mode, eps=eps, steps=steps, ssim_min=ssim_min)
+        out_format = None if fmt is None else normalise_format(fmt)
+        files, missing = expand_inputs(paths)
+        outcomes += missing
+        many = len(files) + len(missing) > 1
+        planned = {}
+        for source in files:
+            planned[source] = output_path(source, output, out_format, many=many)
+        clashes = [p for p in planned.values() if list(planned.values()).count(p) > 1]
+        if clashes:
+            raise OutputPathError(f"several inputs would be written to {clashes[0]}; use separate runs")
+        if files:
+            recognizers = cloaking.load_recognizers(_split_models(models), device=device)
+            if not no_align or target_identity is not None:
+                detector = cloaking.load_detector(device=device)
+            if target_identity is not None:
+                target_photo = load_image(target_identity)
+                target = cloaking.target_embeddings(target_photo, recognizers, detector)
+    console = Console(stderr=True)
+    with clean_errors(), _progress(console, hidden=quiet or not files) as progress:
+        task = progress.add_task("cloaking", total=len(files), detail="")
+        for source in files:
+            outcome = _cloak_one(
+                source,
+                planned[source],
+                settings=settings,
+                face=None if face is None else face - 1,
+                largest=largest,
+                no_align=no_align,
+                target=target,
+                seed=seed,
+                out_format=out_format,
+                keep_location=keep_location,
+                recognizers=recognizers,
+                detector=detector,
+                on_progress=lambda p, name=source.name: progress.update(
+                    task, detail=f"{name}: face {p.face}/{p.faces}, step {p.step}/{p.steps}"
+                ),
+            )
+            outcomes.append(outcome)
+            progress.advance(task)
+    code = _exit_code(outcomes)
+    if as_json:
+        typer.echo(json.dumps({"files": [o.to_dict() for o in outcomes], "exit_code": code}, indent=2))
+    else:
+        _print_outcomes(outcomes)
+    raise typer.Exit(code)
+
+
+cloak.__doc__ = CLOAK_HELP
+
+
+def _progress(console: Console, *, hidden: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[detail]}"),
+        console=console,
+        disable=hidden,
+        transient=True,
+    )
+
+
+def _cloak_one(
+    source: Path,
+    destination: Path,
+    *,
+    settings: cloaking.CloakSettings,
+    face: int | None,
+    largest: bool,
+    no_align: bool,
+    target: dict[str, Any] | None,
+    seed: int,
+    out_format: str | None,
+    keep_location: bool,
+    recognizers: list[Any],
+    detector: cloaking.Detector | None,
+    on_progress: cloaking.ProgressCallback,
+) -> _Outcome:
+    """Cloak, save and verify one file; an input error becomes the outcome (nothing is written then)."""
+    try:
+        loaded = load_image(source)
+        result = cloaking.cloak_image(
+            loaded,
+            recognizers=recognizers,
+            detector=detector,
+            mode=settings,
+            face=face,
+            largest=largest,
+            no_align=no_align,
+            target=target,
+            seed=seed,
+            progress=on_progress,
+        )
+        start = time.perf_counter()
+        written = save_image(
+            result.image, loaded, destination, format=out_format, strip_location=not keep_location
+        )
+        saving = time.perf_counter() - start
+        report = verify(loaded, written, result, recognizers=recognizers, detector=detector)
+    except ModelError:
+        raise
+    except UncnnError as exc:
+        return _Outcome(str(source), error=str(exc), exit_code=exc.exit_code)
+    details = {
+        "mode": settings.mode,
+        "eps": settings.eps,
+        "steps": settings.steps,
+        "ssim_min": settings.ssim_min,
+        "models": list(result.models),
+        "cloak_seconds": round(result.seconds + saving, 3),
+        "steps_run": {f"face {f.number}": f.steps for f in result.faces},
+        "notes": list(loaded.notes),
+    }
+    code = EXIT_OK if report.protected else EXIT_NOT_PROTECTED
+    return _Outcome(str(source), output=written, exit_code=code, report=report, details=details)
+
+
+def _exit_code(outcomes: list[_Outcome]) -> int:
+    codes = {o.exit_code for o in outcomes}
+    for code in (EXIT_MODEL, EXIT_INPUT, EXIT_FAILED, EXIT_NOT_PROTECTED):
+        if code in codes:
+            return code
+    return EXIT_OK
+
+
+def _print_outcomes(outcomes: list[_Outcome]) -> None:
+    out = Console()
+    for outcome in outcomes:
+        if outcome.error is not None:
+            typer.echo(f"error: {outcome.error}", err=True)
+            continue
+        report = outcome.report
+        assert report is not None
+        verdict = "PROTECTED" if report.protected else "NOT PROTECTED"
+        table = Table(
+            title=f"{outcome.input} -> {outcome.output}",
+            caption=(
+                f"{verdict} · SSIM {report.ssim:.4f} · PSNR {_db(report.psnr)} · "
+                f"{outcome.details['cloak_seconds']:.1f} s + verify {report.seconds:.1f} s · "
+                f"{outcome.details['mode']}, eps {outcome.details['eps']:g}"
+            ),
+        )
+        for column in ("face", "model", "before", "after", "threshold", ""):
+            table.add_column(
+                column, justify="right" if column in ("before", "after", "threshold") else "left"
+            )
+        for face in report.faces:
+            label = f"{face.number}" + ("" if face.redetected else " (not re-detected)")
+            for i, m in enumerate(face.models):
+                status = "[green]PROTECTED" if m.protected else "[red]NOT PROTECTED"
+                threshold = "-" if m.threshold is None else f"{m.threshold:.3f}"
+                table.add_row(
+                    label if i == 0 else "", m.name, f"{m.before:.3f}", f"{m.after:.3f}", threshold, status
+                )
+        out.print(table)
+
+
+def _db(value: float) -> str:
+    return "inf" if math.isinf(value) else f"{value:.1f} dB"
+
+
+def compare(
+    ctx: typer.Context,
+    first: Annotated[Path, typer.Argument(metavar="A", help="First photo.")],
+    second: Annotated[Path, typer.Argument(metavar="B", help="Second photo.")],
+    no_align: Annotated[
+        bool, typer.Option("--no-align", help="No face detection: compare the images' centred squares.")
+    ] = False,
+    models: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated recognizers \\[default: the shipped default ensemble]."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report instead of a table.")] = False,
+) -> None:
+    """Same person? Each recognizer's cosine similarity of the largest face in A and in B, against its
+    match threshold, and a verdict (the majority of the models). Exit code 0 either way; 2 on an input
+    error (e.g. no face found), 3 when a model is missing."""
+    device, _ = _global(ctx)
+    with clean_errors():
+        a, b = load_image(first), load_image(second)
+        recognizers = cloaking.load_recognizers(_split_models(models), device=device)
+        detector = None if no_align else cloaking.load_detector(device=device)
+        sims = compare_faces(a, b, recognizers=recognizers, detector=detector, no_align=no_align)
+    matches = sum(s.match for s in sims)
+    same = matches * 2 > len(sims)
+    verdict = f"{'same person' if same else 'different people'} ({matches} of {len(sims)} models match)"
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "a": str(first),
+                    "b": str(second),
+                    "same_person": same,
+                    "models": [
+                        {
+                            "name": s.name,
+                            "similarity": round(s.similarity, 6),
+                            "threshold": s.threshold,
+                            "match": s.match,
+                        }
+                        for s in sims
+                    ],
+                },
+                indent=2,
+            )
+        )
+        return
+    table = Table(title=f"{first} vs {second}", caption=verdict)
+    for column in ("model", "similarity", "threshold", ""):
+        table.add_column(column, justify="right" if column in ("similarity", "threshold") else "left")
+    for s in sims:
+        threshold = "-" if s.threshold is None else f"{s.threshold:.3f}"
+        table.add_row(
+            s.name, f"{s.similarity:.3f}", threshold, "[green]match" if s.match else "[red]no match"
+        )
+    Console().print(table)
+
+
+def classify(
+    ctx: typer.Context,
+    image: Annotated[Path, typer.Argument(metavar="IMG", help="Photo to classify.")],
+    top: Annotated[int, typer.Option(help="How many classes to show.", min=1)] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """The top ImageNet classes of IMG with the shipped classifier (EfficientNet-Lite0): the centred square
+    of the photo resized to the classifier's input size."""
+    device, _ = _global(ctx)
+    with clean_errors():
+        loaded = load_image(image)
+        entries = {e.name: e for e in zoo.load_manifest()}
+        if CLASSIFIER not in entries:
+            raise ModelError(
+                f"the ImageNet classifier {CLASSIFIER} is not shipped in this installation "
+                "(build the zoo: python -m uncnn_rt.converters.zoo build)"
+            )
+        session = open_session(entries[CLASSIFIER].path, device=device)
+        ranked = classify_image(loaded.rgb, session, top=top)
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "image": str(image),
+                    "model": CLASSIFIER,
+                    "top": [{"label": label, "probability": round(p, 6)} for label, p in ranked],
+                },
+                indent=2,
+            )
+        )
+        return
+    table = Table(title=f"{image} ({CLASSIFIER})")
+    table.add_column("#", justify="right")
+    table.add_column("class")
+    table.add_column("probability", justify="right")
+    for i, (label, p) in enumerate(ranked, 1):
+        table.add_row(str(i), label, f"{100 * p:.1f}%")
+    Console().print(table)

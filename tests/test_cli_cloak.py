@@ -1,0 +1,261 @@
+"""``uncnn-rt cloak``, ``compare`` and ``classify`` through Typer's CliRunner.
+
+The recognizers are the hand-built linear attack graphs and the detector a fake one (see
+``test_cloak.py``), patched into the command module, so these tests run without the model zoo.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import LinearGraph
+from numpy.typing import NDArray
+from PIL import Image
+from test_cloak import ONE_FACE, FakeDetector, photo
+from typer.testing import CliRunner
+
+from uncnn_rt.cli import cloak_cmd
+from uncnn_rt.cli.app import app
+from uncnn_rt.runtime import zoo
+from uncnn_rt.runtime.sessions import AttackSession
+
+STRONG = ["--eps", "32", "--steps", "20", "--ssim-min", "0"]
+
+
+@pytest.fixture
+def patched(
+    monkeypatch: pytest.MonkeyPatch, linear_face_graph: LinearGraph, linear_face_graph_24: LinearGraph
+) -> FakeDetector:
+    sessions = {
+        "linear_face": AttackSession(linear_face_graph.path, device="cpu"),
+        "linear_face_24": AttackSession(linear_face_graph_24.path, device="cpu"),
+    }
+
+    def load_recognizers(names: list[str] | None = None, *, device: str = "auto") -> list[AttackSession]:
+        return [sessions[n] for n in (names or list(sessions))]
+
+    detector = FakeDetector([ONE_FACE])
+    monkeypatch.setattr(cloak_cmd.cloaking, "load_recognizers", load_recognizers)
+    monkeypatch.setattr(cloak_cmd.cloaking, "load_detector", lambda *, device="auto": detector)
+    return detector
+
+
+def invoke(*args: str) -> object:
+    return CliRunner().invoke(app, list(args))
+
+
+def write(path: Path, array: NDArray[np.uint8], fmt: str, mode: str | None = None) -> Path:
+    image = Image.fromarray(array)
+    if mode is not None:
+        image = image.convert(mode)
+    image.save(path, format=fmt)
+    return path
+
+
+def files_in(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+def test_cloak_writes_beside_the_input_and_verifies(patched: FakeDetector, tmp_path: Path) -> None:
+    source = write(tmp_path / "me.png", photo(), "PNG")
+    before = source.read_bytes()
+    result = CliRunner().invoke(app, ["--quiet", "cloak", str(source), *STRONG])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "me.cloaked.png"
+    assert source.read_bytes() == before
+    with Image.open(out) as cloaked, Image.open(source) as original:
+        assert (cloaked.format, cloaked.mode, cloaked.size) == (original.format, original.mode, original.size)
+    assert "PROTECTED" in result.stdout and "linear_face_24" in result.stdout
+    assert files_in(tmp_path) == {"me.png", "me.cloaked.png"}
+
+
+def test_cloak_keeps_jpeg_and_grey_and_converts_on_request(patched: FakeDetector, tmp_path: Path) -> None:
+    jpeg = write(tmp_path / "colour.jpg", photo(), "JPEG")
+    grey = write(tmp_path / "grey.png", photo(), "PNG", mode="L")
+    result = CliRunner().invoke(app, ["-q", "cloak", str(jpeg), str(grey), *STRONG])
+    assert result.exit_code in (0, 4), result.output
+    with Image.open(tmp_path / "colour.cloaked.jpg") as im:
+        assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (200, 160))
+    with Image.open(tmp_path / "grey.cloaked.png") as im:
+        assert (im.format, im.mode) == ("PNG", "L")
+    result = CliRunner().invoke(app, ["-q", "cloak", str(jpeg), "--format", "png", *STRONG])
+    assert result.exit_code in (0, 4), result.output
+    with Image.open(tmp_path / "colour.cloaked.png") as im:
+        assert im.format == "PNG"
+
+
+def test_json_report_parses_and_exit_code_tells_protected_from_not(
+    patched: FakeDetector, tmp_path: Path
+) -> None:
+    source = write(tmp_path / "me.png", photo(), "PNG")
+    strong = CliRunner().invoke(app, ["-q", "cloak", str(source), "--json", *STRONG])
+    assert strong.exit_code == 0, strong.output
+    report = json.loads(strong.stdout)
+    assert report["exit_code"] == 0
+    entry = report["files"][0]
+    assert entry["status"] == "protected" and entry["output"].endswith("me.cloaked.png")
+    assert entry["faces"][0]["face"] == 1
+    assert {m["name"] for m in entry["faces"][0]["models"]} == {"linear_face", "linear_face_24"}
+    assert all(m["after"] < m["threshold"] for m in entry["faces"][0]["models"])
+    assert 0 < entry["ssim"] <= 1
+
+    # No budget: cloaked (a file is written) but not protected.
+    weak = CliRunner().invoke(
+        app, ["-q", "cloak", str(source), "--json", "--eps", "0", "-o", str(tmp_path / "w.png")]
+    )
+    assert weak.exit_code == cloak_cmd.EXIT_NOT_PROTECTED, weak.output
+    entry = json.loads(weak.stdout)["files"][0]
+    assert entry["status"] == "not_protected" and (tmp_path / "w.png").is_file()
+    assert all(not m["protected"] for m in entry["faces"][0]["models"])
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def _truncated_jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(photo()).save(buffer, format="JPEG")
+    data = buffer.getvalue()
+    return data[: len(data) // 2]
+
+
+def _flat_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (90, 90, 90)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+BAD_INPUTS = {
+    "truncated.jpg": (_truncated_jpeg, "truncated or corrupt"),
+    "notes.jpg": (lambda: b"these are my notes, not a photo\n", "not an image"),
+    "empty.jpg": (lambda: b"", "empty file"),
+    "huge.png": (lambda: _png_header_only(30000, 30000), "too large"),
+    "wall.png": (_flat_png, "no face found in"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUTS))
+def test_bad_inputs_give_one_line_and_exit_2(patched: FakeDetector, tmp_path: Path, name: str) -> None:
+    make, message = BAD_INPUTS[name]
+    source = tmp_path / name
+    source.write_bytes(make())
+    before = source.read_bytes()
+    result = CliRunner().invoke(app, ["cloak", str(source)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert "Traceback" not in result.output
+    assert source.read_bytes() == before
+    assert files_in(tmp_path) == {name}  # no output, no temporary file left behind
+    if name == "wall.png":
+        assert "use --no-align" in lines[0]
+
+
+def test_a_batch_goes_on_past_bad_files_and_reports_the_worst_code(
+    patched: FakeDetector, tmp_path: Path
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write(folder / "a.png", photo(), "PNG")
+    write(folder / "b.jpg", photo(), "JPEG")
+    (folder / "broken.jpg").write_bytes(b"")
+    (folder / "notes.txt").write_text("not an image, skipped in a directory")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["-q", "cloak", str(folder), "-o", str(out), "--json", *STRONG])
+    assert result.exit_code == 2, result.output
+    report = json.loads(result.stdout)
+    status = {Path(f["input"]).name: f["status"] for f in report["files"]}
+    assert status == {"a.png": "protected", "b.jpg": status["b.jpg"], "broken.jpg": "error"}
+    assert status["b.jpg"] in ("protected", "not_protected")
+    assert files_in(out) == {"a.cloaked.png", "b.cloaked.jpg"}
+    # Cloaking the folder again skips the earlier outputs when they sit beside the inputs.
+    again = CliRunner().invoke(app, ["-q", "cloak", str(out / "*.png"), *STRONG])
+    assert again.exit_code == 2 and "no image files match" in again.stderr
+
+
+def test_output_options(patched: FakeDetector, tmp_path: Path) -> None:
+    source = write(tmp_path / "me.png", photo(), "PNG")
+    named = tmp_path / "chosen.png"
+    assert CliRunner().invoke(app, ["-q", "cloak", str(source), "-o", str(named), *STRONG]).exit_code == 0
+    assert named.is_file()
+    refused = CliRunner().invoke(app, ["-q", "cloak", str(source), "-o", str(source)])
+    assert refused.exit_code == 2 and "refusing to overwrite the input" in refused.stderr
+    missing = CliRunner().invoke(app, ["-q", "cloak", str(tmp_path / "nope.jpg")])
+    assert missing.exit_code == 2 and "no such file" in missing.stderr
+    bad_face = CliRunner().invoke(app, ["-q", "cloak", str(source), "--face", "2"])
+    assert bad_face.exit_code == 2 and "face 2 asked, but 1 face" in bad_face.stderr
+    bad_mode = CliRunner().invoke(app, ["-q", "cloak", str(source), "--mode", "max"])
+    assert bad_mode.exit_code == 2 and "unknown mode" in bad_mode.stderr
+    bad_model = CliRunner().invoke(app, ["-q", "cloak", str(source), "--models", "nonesuch"])
+    assert bad_model.exit_code != 0
+
+
+def test_no_align_and_target_identity(patched: FakeDetector, tmp_path: Path) -> None:
+    source = write(tmp_path / "chip.png", photo(), "PNG")
+    target = write(tmp_path / "other.png", np.asarray(Image.fromarray(photo()).rotate(180)), "PNG")
+    calls = patched.calls
+    result = CliRunner().invoke(app, ["-q", "cloak", str(source), "--no-align", "--json", *STRONG])
+    assert result.exit_code in (0, 4), result.output
+    assert patched.calls == calls  # no detector with --no-align
+    assert json.loads(result.stdout)["files"][0]["faces"][0]["box"] is None
+    targeted = CliRunner().invoke(
+        app, ["-q", "cloak", str(source), "--target-identity", str(target), "--json", *STRONG]
+    )
+    assert targeted.exit_code in (0, 4), targeted.output
+    assert json.loads(targeted.stdout)["files"][0]["targeted"] is True
+
+
+def test_cloak_help_documents_modes_and_exit_codes() -> None:
+    result = CliRunner().invoke(app, ["cloak", "--help"])
+    assert result.exit_code == 0
+    for word in ("low:", "mid:", "high:", "SSIM", "Exit codes", "NOT PROTECTED"):
+        assert word in result.output
+
+
+def test_compare_reports_per_model_similarity(patched: FakeDetector, tmp_path: Path) -> None:
+    a = write(tmp_path / "a.png", photo(), "PNG")
+    result = CliRunner().invoke(app, ["compare", str(a), str(a), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["same_person"] is True
+    assert [m["name"] for m in report["models"]] == ["linear_face", "linear_face_24"]
+    table = CliRunner().invoke(app, ["compare", str(a), str(a)])
+    assert "same person" in table.stdout
+    flat = tmp_path / "wall.png"
+    flat.write_bytes(_flat_png())
+    none = CliRunner().invoke(app, ["compare", str(a), str(flat)])
+    assert none.exit_code == 2 and "no face found" in none.stderr
+
+
+def test_classify_top_classes_and_missing_classifier(
+    monkeypatch: pytest.MonkeyPatch, linear_classifier_graph: LinearGraph, tmp_path: Path
+) -> None:
+    image = write(tmp_path / "cat.png", photo(), "PNG")
+    monkeypatch.setattr(cloak_cmd.zoo, "load_manifest", lambda path=None: [])
+    missing = CliRunner().invoke(app, ["classify", str(image)])
+    assert missing.exit_code == 3 and "efficientnet_lite0 is not shipped" in missing.stderr
+    entry = zoo.ModelEntry(
+        name="efficientnet_lite0", file=str(linear_classifier_graph.path), sha256="", kind="classifier",
+        role="classifier", license="MIT", source={}, raw={},
+    )  # fmt: skip
+    monkeypatch.setattr(cloak_cmd.zoo, "load_manifest", lambda path=None: [entry])
+    result = CliRunner().invoke(app, ["classify", str(image), "--top", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    top = json.loads(result.stdout)["top"]
+    assert len(top) == 3 and top[0]["probability"] >= top[1]["probability"] >= top[2]["probability"]
