@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx.utils
+
 from uncnn_rt.runtime import contract, zoo
 from uncnn_rt.runtime.sessions import AttackSession
 
@@ -118,6 +119,7 @@ def bench_model(path: Path, batch: int, threads: int, repeats: int) -> dict[str,
 def synthetic_recognizer(directory: Path) -> Path:
     """A 112-px, 128-d conv recognizer with random weights (Conv-BN-ReLU stages), as an attack graph."""
     from onnx import TensorProto, helper, numpy_helper
+
     from uncnn_rt.converters.grad import build_attack_graph
 
     rng = np.random.default_rng(0)

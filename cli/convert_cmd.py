@@ -1,4 +1,4 @@
-"""``uncnn-rt convert``: turn a model into an attack graph (preprocessing + head + gradient, standard ONNX)."""
+"""``uncnn-rt convert``: turn a model into an attack graph (preprocessing, head, gradient; standard ONNX)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from uncnn_rt.runtime import contract as C
 from uncnn_rt.runtime.errors import InputError
 from uncnn_rt.runtime.fileio import atomic_write_bytes
 
-app = typer.Typer(help="Convert models into attack graphs that onnxruntime can differentiate.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Convert models into attack graphs that onnxruntime can differentiate.", no_args_is_help=True
+)
 
 
 def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
@@ -45,7 +46,9 @@ def _infer_layout(model: object, input_name: str | None) -> tuple[str, tuple[int
 
     assert isinstance(model, onnx.ModelProto)
     inits = {i.name for i in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in inits and (input_name is None or i.name == input_name)]
+    inputs = [
+        i for i in model.graph.input if i.name not in inits and (input_name is None or i.name == input_name)
+    ]
     if len(inputs) != 1:
         raise InputError(f"cannot tell the image input among {[i.name for i in inputs]}; pass --input")
     dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
@@ -56,40 +59,115 @@ def _infer_layout(model: object, input_name: str | None) -> tuple[str, tuple[int
     raise InputError(f"input {inputs[0].name!r} has shape {dims}; pass --layout and --native-size")
 
 
+SOURCE_FORMATS = (
+    "ONNX (.onnx), TF.js graph model (model.json), TFLite (.tflite), "
+    "Keras (.keras, .h5 or a SavedModel folder), TorchScript (.pt, .pth)"
+)
+
+
+def load_source(path: Path, input_shape: tuple[int, ...] | None) -> object:
+    """Convert any supported source model to a forward ONNX model (heavy frameworks load lazily)."""
+    suffix = path.suffix.lower()
+    if path.is_dir() or suffix in (".keras", ".h5"):
+        from uncnn_rt.converters import keras
+
+        return keras.convert(path, input_shape=input_shape[1:] if input_shape else None)
+    if suffix == ".json":
+        from uncnn_rt.converters import tfjs
+
+        return tfjs.convert(path)
+    if suffix == ".tflite":
+        from uncnn_rt.converters import tflite
+
+        return tflite.convert(path)
+    if suffix in (".pt", ".pth", ".torchscript"):
+        if input_shape is None:
+            raise InputError("a TorchScript model needs --input-shape, e.g. 1,3,112,112")
+        from uncnn_rt.converters import pytorch
+
+        return pytorch.convert(path, input_shape=input_shape)
+    if suffix == ".onnx":
+        from uncnn_rt.converters import onnx_source
+
+        return onnx_source.convert(path)
+    raise InputError(
+        f"{path}: unsupported model format {suffix or '(folder)'!r}; supported: {SOURCE_FORMATS}"
+    )
+
+
 @app.command("grad")
 def grad(
-    model_path: Annotated[Path, typer.Argument(metavar="MODEL.onnx", exists=True, dir_okay=False, readable=True,
-                                               help="Forward ONNX model (image in, embedding or logits out).")],
-    output: Annotated[Path | None, typer.Option("-o", "--output",
-                                                help="Where to write the attack graph \\[default: MODEL.attack.onnx].")]
-    = None,
-    kind: Annotated[str, typer.Option(help="face (L2-normalised embedding) or classifier (log-softmax).")] = "face",
-    name: Annotated[str | None, typer.Option(help="Model name stored in the metadata \\[default: file stem].")] = None,
-    canonical_size: Annotated[int | None, typer.Option(help="Side S of the image input \\[default: native height].")]
-    = None,
-    native_size: Annotated[str | None, typer.Option(help="Model input size, HxW \\[default: from the model].")] = None,
+    model_path: Annotated[
+        Path,
+        typer.Argument(
+            metavar="MODEL",
+            exists=True,
+            readable=True,
+            help=f"Source model (image in, embedding or logits out): {SOURCE_FORMATS}.",
+        ),
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "-o", "--output", help="Where to write the attack graph \\[default: MODEL.attack.onnx]."
+        ),
+    ] = None,
+    kind: Annotated[
+        str, typer.Option(help="face (L2-normalised embedding) or classifier (log-softmax).")
+    ] = "face",
+    name: Annotated[
+        str | None, typer.Option(help="Model name stored in the metadata \\[default: file stem].")
+    ] = None,
+    canonical_size: Annotated[
+        int | None, typer.Option(help="Side S of the image input \\[default: native height].")
+    ] = None,
+    native_size: Annotated[
+        str | None, typer.Option(help="Model input size, HxW \\[default: from the model].")
+    ] = None,
     layout: Annotated[str | None, typer.Option(help="NCHW or NHWC \\[default: from the model].")] = None,
     channel_order: Annotated[str, typer.Option(help="RGB or BGR, as the model expects.")] = "RGB",
     mean: Annotated[str, typer.Option(help="Per-channel mean in 0..255 units, one value or three.")] = "0",
     std: Annotated[str, typer.Option(help="Per-channel std in 0..255 units, one value or three.")] = "1",
-    crop: Annotated[str, typer.Option(help="Window of the canonical crop fed to the model: top,left,bottom,right "
-                                           "as fractions.")] = "0,0,1,1",
-    resize: Annotated[str, typer.Option(help="bilinear or area (box filter, for large downscales).")] = "bilinear",
+    crop: Annotated[
+        str,
+        typer.Option(
+            help="Window of the canonical crop fed to the model: top,left,bottom,right as fractions."
+        ),
+    ] = "0,0,1,1",
+    resize: Annotated[
+        str, typer.Option(help="bilinear or area (box filter, for large downscales).")
+    ] = "bilinear",
     threshold: Annotated[float | None, typer.Option(help="Cosine match threshold (face models).")] = None,
-    labels: Annotated[Path | None, typer.Option(exists=True, dir_okay=False,
-                                                help="Text file with one class label per line (classifiers).")]
-    = None,
-    outputs: Annotated[str | None, typer.Option(help="What the model outputs: embedding, logits or probabilities.")]
-    = None,
-    input_name: Annotated[str | None, typer.Option("--input", help="Image input name, if the model has several.")]
-    = None,
-    output_name: Annotated[str | None, typer.Option("--output-name", help="Output to use, if several.")] = None,
-    validate: Annotated[bool, typer.Option(help="Check features against the source and grad against finite "
-                                                "differences.")] = True,
+    labels: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True, dir_okay=False, help="Text file with one class label per line (classifiers)."
+        ),
+    ] = None,
+    outputs: Annotated[
+        str | None, typer.Option(help="What the model outputs: embedding, logits or probabilities.")
+    ] = None,
+    input_name: Annotated[
+        str | None, typer.Option("--input", help="Image input name, if the model has several.")
+    ] = None,
+    output_name: Annotated[
+        str | None, typer.Option("--output-name", help="Output to use, if several.")
+    ] = None,
+    input_shape: Annotated[
+        str | None,
+        typer.Option(
+            help="Input shape with batch, e.g. 1,3,112,112 (TorchScript, Keras models without a fixed shape)."
+        ),
+    ] = None,
+    validate: Annotated[
+        bool, typer.Option(help="Check features against the source and grad against finite differences.")
+    ] = True,
 ) -> None:
-    """Build the attack graph of an ONNX model: folded preprocessing, head, objective and d objective/d image.
+    """Build the attack graph of a model: folded preprocessing, head, objective and d objective/d image.
 
-    The result has inputs image \\[N,S,S,3] (RGB 0..255) and reference \\[N,D], and outputs features, objective and grad, all standard ONNX that stock onnxruntime runs on any execution provider.
+    Inputs: image \\[N,S,S,3] (RGB 0..255) and reference \\[N,D]. Outputs: features, objective, grad.
+
+    Standard ONNX only, so stock onnxruntime runs it on any execution provider.
     """
     with clean_errors():
         import onnx
@@ -103,11 +181,21 @@ def grad(
             raise InputError(f"--channel-order must be RGB or BGR, got {channel_order!r}")
         if resize not in ("bilinear", "area"):
             raise InputError(f"--resize must be bilinear or area, got {resize!r}")
-        try:
-            source = onnx.load(str(model_path))
-        except Exception as exc:  # protobuf raises DecodeError, onnx its own; the file is not ONNX either way
-            raise InputError(f"{model_path}: not a readable ONNX model ({exc})") from exc
-        guessed_layout, guessed_size = (None, None) if (layout and native_size) else _infer_layout(source, input_name)
+        shape = (
+            tuple(int(v) for v in _floats(input_shape, input_shape.count(",") + 1, "--input-shape"))
+            if input_shape
+            else None
+        )
+        if model_path.suffix.lower() == ".onnx":
+            try:
+                onnx.load(str(model_path))
+            except Exception as exc:  # protobuf raises DecodeError, onnx its own: not ONNX either way
+                raise InputError(f"{model_path}: not a readable ONNX model ({exc})") from exc
+        source = load_source(model_path, shape)
+        assert isinstance(source, onnx.ModelProto)
+        guessed_layout, guessed_size = (
+            (None, None) if (layout and native_size) else _infer_layout(source, input_name)
+        )
         lay = layout or guessed_layout
         if lay not in ("NCHW", "NHWC"):
             raise InputError(f"--layout must be NCHW or NHWC, got {lay!r}")
@@ -115,16 +203,25 @@ def grad(
         assert size_hw is not None
         window = _floats(crop, 4, "--crop")
         pre = C.Preprocessing(
-            native_size=size_hw, layout=lay,  # type: ignore[arg-type]
+            native_size=size_hw,
+            layout=lay,  # type: ignore[arg-type]
             channel_order=channel_order,  # type: ignore[arg-type]
-            mean=_floats(mean, 3, "--mean"), std=_floats(std, 3, "--std"),  # type: ignore[arg-type]
-            crop=window, resize=resize,  # type: ignore[arg-type]
+            mean=_floats(mean, 3, "--mean"),
+            std=_floats(std, 3, "--std"),  # type: ignore[arg-type]
+            crop=window,
+            resize=resize,  # type: ignore[arg-type]
         )
         label_list = labels.read_text(encoding="utf-8").splitlines() if labels else None
         attack = build_attack_graph(
-            source, kind=kind, preprocessing=pre,  # type: ignore[arg-type]
-            canonical_size=canonical_size or size_hw[0], name=name or model_path.stem.split(".")[0],
-            threshold=threshold, labels=label_list, input_name=input_name, output_name=output_name,
+            source,
+            kind=kind,
+            preprocessing=pre,  # type: ignore[arg-type]
+            canonical_size=canonical_size or size_hw[0],
+            name=name or model_path.name.split(".")[0],
+            threshold=threshold,
+            labels=label_list,
+            input_name=input_name,
+            output_name=output_name,
             outputs=outputs,  # type: ignore[arg-type]
         )
         if validate:
@@ -132,7 +229,8 @@ def grad(
             typer.echo(f"validation: {report.describe()}")
             if not report.ok:
                 raise InputError("validation failed: the attack graph does not match its source model")
-        out = output or model_path.with_name(model_path.name.removesuffix(".onnx") + ".attack.onnx")
+        stem = model_path.name if model_path.is_dir() else model_path.name.rsplit(".", 1)[0]
+        out = output or model_path.with_name(stem + ".attack.onnx")
         if out.resolve() == model_path.resolve():
             raise InputError(f"refusing to overwrite the input {model_path}; choose another --output")
         atomic_write_bytes(out, attack.SerializeToString())

@@ -14,7 +14,7 @@ EXIT_USAGE = 2
 
 @contextmanager
 def clean_errors() -> Iterator[None]:
-    """Report :class:`UncnnError` (and missing files) as ``error: ...`` plus its exit code, never a traceback."""
+    """Report :class:`UncnnError` and missing files as ``error: ...`` and an exit code, never a traceback."""
     try:
         yield
     except UncnnError as exc:

@@ -9,8 +9,9 @@ from rich.table import Table
 from uncnn_rt.cli.errors import clean_errors
 from uncnn_rt.runtime import zoo
 
-app = typer.Typer(help="List and verify the shipped models (provenance, license, dev-set figures).",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="List and verify the shipped models (provenance, license, dev-set figures).", no_args_is_help=True
+)
 
 
 def _dev_summary(entry: zoo.ModelEntry) -> str:
@@ -31,7 +32,9 @@ def list_models() -> None:
     with clean_errors():
         entries = zoo.load_manifest()
     if not entries:
-        typer.echo("no models are shipped in this installation (build them: python -m uncnn_rt.converters.zoo build)")
+        typer.echo(
+            "no models are shipped in this installation (build them: python -m uncnn_rt.converters.zoo build)"
+        )
         return
     table = Table(title="uncnn-rt models")
     for col in ("name", "kind", "role", "MB", "license", "source", "default", "dev set"):
@@ -39,8 +42,16 @@ def list_models() -> None:
     for e in entries:
         size = e.path.stat().st_size / 1e6 if e.path.is_file() else float("nan")
         source = f"{e.source.get('package', '?')}@{e.source.get('version', '?')}"
-        table.add_row(e.name, e.kind, e.role, f"{size:.1f}", e.license, source,
-                      "yes" if e.in_default_ensemble else "", _dev_summary(e))
+        table.add_row(
+            e.name,
+            e.kind,
+            e.role,
+            f"{size:.1f}",
+            e.license,
+            source,
+            "yes" if e.in_default_ensemble else "",
+            _dev_summary(e),
+        )
     Console().print(table)
 
 

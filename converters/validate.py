@@ -34,16 +34,20 @@ class ValidationReport:
         return self.features_max_abs_error < 1e-3 and self.grad_relative_error < 2e-2
 
     def describe(self) -> str:
-        return (f"features max |error| {self.features_max_abs_error:.2e}; "
-                f"<grad, v> {self.grad_directional:.5g} vs finite difference {self.finite_difference:.5g} "
-                f"(relative error {self.grad_relative_error:.2e})")
+        return (
+            f"features max |error| {self.features_max_abs_error:.2e}; "
+            f"<grad, v> {self.grad_directional:.5g} vs finite difference {self.finite_difference:.5g} "
+            f"(relative error {self.grad_relative_error:.2e})"
+        )
 
 
 def sample_image(size: int, seed: int = 0) -> np.ndarray:
     """A smooth, deterministic RGB test image ``[size, size, 3]`` in 0..255 (no data files needed)."""
     yy, xx = np.mgrid[0:size, 0:size] / max(size - 1, 1)
     rng = np.random.default_rng(seed)
-    channels = [127 + 100 * np.sin(2 * np.pi * (a * xx + b * yy) + c) for a, b, c in rng.uniform(0.3, 2.0, (3, 3))]
+    channels = [
+        127 + 100 * np.sin(2 * np.pi * (a * xx + b * yy) + c) for a, b, c in rng.uniform(0.3, 2.0, (3, 3))
+    ]
     return np.clip(np.stack(channels, axis=-1), 0, 255).astype(np.float32)
 
 
@@ -94,6 +98,7 @@ def validate_attack_graph(
     feat_err = float(np.abs(feats.astype(np.float64) - expected).max())
 
     v = np.sign(grad).astype(np.float32)
+
     def objective(x: np.ndarray) -> float:
         return float(sess.run([C.OUTPUT_OBJECTIVE], {C.INPUT_IMAGE: x, C.INPUT_REFERENCE: reference})[0][0])
 

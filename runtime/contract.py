@@ -4,7 +4,7 @@ Every victim model ships as one ONNX file made of standard ``ai.onnx`` ops:
 
 inputs
     ``image``      float32 ``[N, S, S, 3]``, RGB, values 0..255 (the canonical crop)
-    ``reference``  float32 ``[N, D]`` (a unit embedding for face models, a class weight vector for classifiers)
+    ``reference``  float32 ``[N, D]`` (unit embedding for face models, class weights for classifiers)
 outputs
     ``features``   float32 ``[N, D]`` (L2-normalised embedding, or log-softmax for classifiers)
     ``objective``  float32 ``[N]`` = ``sum(features * reference, axis=1)``

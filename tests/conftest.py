@@ -24,6 +24,7 @@ import onnx
 import pytest
 from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
+
 from uncnn_rt.runtime import contract
 
 

@@ -12,8 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
 from uncnn_rt.cli.app import app
-from uncnn_rt.converters.grad import build_attack_graph, resize_matrix
 from uncnn_rt.converters.calibrate import preprocess
+from uncnn_rt.converters.grad import build_attack_graph, resize_matrix
 from uncnn_rt.converters.validate import sample_image, validate_attack_graph
 from uncnn_rt.runtime import contract as C
 from uncnn_rt.runtime.errors import ModelError

@@ -15,6 +15,7 @@ from numpy.typing import NDArray
 from PIL import Image
 from skimage import data
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
 from uncnn_rt.runtime import image_ops, zoo
 from uncnn_rt.runtime.attacks import (
     BIM,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 from typer.testing import CliRunner
 
 import uncnn_rt
@@ -40,7 +40,9 @@ def test_every_source_package_is_listed_in_pyproject() -> None:
         for init in (ROOT / folder).rglob("__init__.py"):
             rel = init.parent.relative_to(ROOT / folder)
             found.add(".".join([package, *rel.parts]) if rel.parts else package)
-    assert found <= listed, f"packages missing from pyproject [tool.setuptools].packages: {sorted(found - listed)}"
+    assert found <= listed, (
+        f"packages missing from pyproject [tool.setuptools].packages: {sorted(found - listed)}"
+    )
 
 
 def test_version_and_help_list_commands() -> None:
@@ -54,20 +56,43 @@ def test_version_and_help_list_commands() -> None:
 
 
 def test_python_dash_m_runs_the_cli() -> None:
-    out = subprocess.run([sys.executable, "-m", "uncnn_rt", "--version"], capture_output=True, text=True,
-                         cwd="/", check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "uncnn_rt", "--version"], capture_output=True, text=True, cwd="/", check=True
+    )
     assert out.stdout.startswith("uncnn-rt ")
 
 
 @pytest.mark.slow
 def test_wheel_ships_subpackages_models_and_typing_marker(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(tmp_path)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(ROOT),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+    )
     wheel = next(tmp_path.glob("uncnn_rt-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    for required in ("uncnn_rt/__init__.py", "uncnn_rt/py.typed", "uncnn_rt/runtime/contract.py",
-                     "uncnn_rt/converters/grad/driver.py", "uncnn_rt/cli/app.py", "uncnn_rt/models/__init__.py"):
+    for required in (
+        "uncnn_rt/__init__.py",
+        "uncnn_rt/py.typed",
+        "uncnn_rt/runtime/contract.py",
+        "uncnn_rt/converters/grad/driver.py",
+        "uncnn_rt/cli/app.py",
+        "uncnn_rt/models/__init__.py",
+    ):
         assert required in names
-    shipped = {p.name for p in (ROOT / "models").glob("*.onnx")} | {p.name for p in (ROOT / "models").glob("*.json")}
+    shipped = {p.name for p in (ROOT / "models").glob("*.onnx")} | {
+        p.name for p in (ROOT / "models").glob("*.json")
+    }
     assert {f"uncnn_rt/models/{n}" for n in shipped} <= names
     assert not any(n.startswith("tests/") or n.startswith("bench/") for n in names)

@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 from conftest import LinearGraph, build_linear_face
 from numpy.typing import NDArray
+
 from uncnn_rt.runtime import contract
 from uncnn_rt.runtime.errors import ContractError, DeviceError, InputError, ModelError
 from uncnn_rt.runtime.sessions import (

@@ -65,12 +65,14 @@ def build_attack_graph(
     if canonical_size <= 0:
         raise ModelError(f"canonical_size must be positive, got {canonical_size}")
     outputs = outputs or ("embedding" if kind == "face" else "logits")
-    graph_model = _assemble(model, kind, preprocessing, canonical_size, input_name, output_name, outputs,
-                            dynamic_batch=True)
+    graph_model = _assemble(
+        model, kind, preprocessing, canonical_size, input_name, output_name, outputs, dynamic_batch=True
+    )
     attack = _finish(graph_model, kind, preprocessing, canonical_size, name, threshold, labels)
     if check_batch and not _batch_consistent(attack, canonical_size):
-        graph_model = _assemble(model, kind, preprocessing, canonical_size, input_name, output_name, outputs,
-                                dynamic_batch=False)
+        graph_model = _assemble(
+            model, kind, preprocessing, canonical_size, input_name, output_name, outputs, dynamic_batch=False
+        )
         attack = _finish(graph_model, kind, preprocessing, canonical_size, name, threshold, labels)
     return attack
 
@@ -153,15 +155,19 @@ def _assemble(
     g.initializer.extend(inits + head_inits)
     elem = TensorProto.FLOAT
     del g.input[:]
-    g.input.extend([
-        helper.make_tensor_value_info(C.INPUT_IMAGE, elem, [batch, size, size, 3]),
-        helper.make_tensor_value_info(C.INPUT_REFERENCE, elem, [batch, None]),
-    ])
+    g.input.extend(
+        [
+            helper.make_tensor_value_info(C.INPUT_IMAGE, elem, [batch, size, size, 3]),
+            helper.make_tensor_value_info(C.INPUT_REFERENCE, elem, [batch, None]),
+        ]
+    )
     del g.output[:]
-    g.output.extend([
-        helper.make_tensor_value_info(C.OUTPUT_FEATURES, elem, None),
-        helper.make_tensor_value_info(C.OUTPUT_OBJECTIVE, elem, None),
-    ])
+    g.output.extend(
+        [
+            helper.make_tensor_value_info(C.OUTPUT_FEATURES, elem, None),
+            helper.make_tensor_value_info(C.OUTPUT_OBJECTIVE, elem, None),
+        ]
+    )
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
     feats = next(v for v in [*inferred.graph.output] if v.name == C.OUTPUT_FEATURES)
     dim = _static_dim(feats, 1)
@@ -199,14 +205,20 @@ def _dims(vi: onnx.ValueInfoProto) -> list[int | str | None]:
 
 
 def _check_input_shape(vi: onnx.ValueInfoProto, pre: C.Preprocessing) -> None:
-    if vi.type.tensor_type.elem_type != TensorProto.FLOAT:
-        raise ModelError(f"model input {vi.name!r} must be float32, got {helper.tensor_dtype_to_string(vi.type.tensor_type.elem_type)}")
+    elem = vi.type.tensor_type.elem_type
+    if elem != TensorProto.FLOAT:
+        got = helper.tensor_dtype_to_string(elem)
+        raise ModelError(f"model input {vi.name!r} must be float32, got {got}")
     dims = _dims(vi)
     h, w = pre.native_size
     expected = ["N", 3, h, w] if pre.layout == "NCHW" else ["N", h, w, 3]
-    if len(dims) != 4 or any(isinstance(d, int) and d != e for d, e in zip(dims[1:], expected[1:], strict=True)):
-        raise ModelError(f"model input {vi.name!r} has shape {dims}; preprocessing ({pre.layout}, native size "
-                         f"{h}x{w}) expects {expected}")
+    if len(dims) != 4 or any(
+        isinstance(d, int) and d != e for d, e in zip(dims[1:], expected[1:], strict=True)
+    ):
+        raise ModelError(
+            f"model input {vi.name!r} has shape {dims}; preprocessing ({pre.layout}, native size "
+            f"{h}x{w}) expects {expected}"
+        )
 
 
 def _set_batch(vi: onnx.ValueInfoProto, batch: str | int) -> None:
@@ -249,9 +261,17 @@ def _preprocessing_nodes(
     if (h, w) != (size, size) or pre.crop != (0.0, 0.0, 1.0, 1.0):
         rows = resize_matrix(size, h, top * size, bottom * size, pre.resize)  # [h, S]
         cols = resize_matrix(size, w, left * size, right * size, pre.resize)  # [w, S]
-        nodes.append(helper.make_node("MatMul", [const("rows", rows), x], [_P + "rows_out"], name=_P + "rows"))
-        nodes.append(helper.make_node("MatMul", [_P + "rows_out", const("cols_t", np.ascontiguousarray(cols.T))],
-                                      [_P + "resized"], name=_P + "cols"))
+        nodes.append(
+            helper.make_node("MatMul", [const("rows", rows), x], [_P + "rows_out"], name=_P + "rows")
+        )
+        nodes.append(
+            helper.make_node(
+                "MatMul",
+                [_P + "rows_out", const("cols_t", np.ascontiguousarray(cols.T))],
+                [_P + "resized"],
+                name=_P + "cols",
+            )
+        )
         x = _P + "resized"
     # Colour order and (x - mean) / std as one 1x1 convolution: y_c = sum_k W[c, k] x_k + b_c.
     order = [0, 1, 2] if pre.channel_order == "RGB" else [2, 1, 0]
@@ -265,11 +285,19 @@ def _preprocessing_nodes(
         weight[out_c, in_c, 0, 0] = 1.0 / std[out_c]
         bias[out_c] = -mean[out_c] / std[out_c]
     normalised = _P + "normalised" if pre.layout == "NHWC" else model_input
-    nodes.append(helper.make_node("Conv", [x, const("colour_w", weight), const("colour_b", bias)], [normalised],
-                                  kernel_shape=[1, 1], name=_P + "colour"))
+    nodes.append(
+        helper.make_node(
+            "Conv",
+            [x, const("colour_w", weight), const("colour_b", bias)],
+            [normalised],
+            kernel_shape=[1, 1],
+            name=_P + "colour",
+        )
+    )
     if pre.layout == "NHWC":
-        nodes.append(helper.make_node("Transpose", [normalised], [model_input], perm=[0, 2, 3, 1],
-                                      name=_P + "to_nhwc"))
+        nodes.append(
+            helper.make_node("Transpose", [normalised], [model_input], perm=[0, 2, 3, 1], name=_P + "to_nhwc")
+        )
     return nodes, inits
 
 
@@ -326,8 +354,10 @@ def _head_nodes(kind: str, outputs: str, model_output: str) -> tuple[list[onnx.N
         nodes.append(helper.make_node("LogSoftmax", [flat], [C.OUTPUT_FEATURES], axis=1))
     elif outputs == "probabilities":
         inits.append(numpy_helper.from_array(np.array([1e-12], dtype=np.float32), _H + "eps"))
-        nodes += [helper.make_node("Add", [flat, _H + "eps"], [_H + "p_eps"]),
-                  helper.make_node("Log", [_H + "p_eps"], [C.OUTPUT_FEATURES])]
+        nodes += [
+            helper.make_node("Add", [flat, _H + "eps"], [_H + "p_eps"]),
+            helper.make_node("Log", [_H + "p_eps"], [C.OUTPUT_FEATURES]),
+        ]
     else:
         raise ModelError(f"classifier outputs must be 'logits' or 'probabilities', got {outputs!r}")
     inits.append(numpy_helper.from_array(np.array([1], dtype=np.int64), _H + "obj_axis"))
@@ -349,15 +379,23 @@ def _batch_consistent(model: onnx.ModelProto, size: int) -> bool:
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (2, size, size, 3)).astype(np.float32)
     refs = np.zeros((2, dim), dtype=np.float32)
-    rejected = (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidArgument,
-                ort.capi.onnxruntime_pybind11_state.RuntimeException)
+    rejected = (
+        ort.capi.onnxruntime_pybind11_state.Fail,
+        ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+        ort.capi.onnxruntime_pybind11_state.RuntimeException,
+    )
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     try:
         both = sess.run([C.OUTPUT_FEATURES], {C.INPUT_IMAGE: images, C.INPUT_REFERENCE: refs})[0]
-        one = np.concatenate([
-            sess.run([C.OUTPUT_FEATURES], {C.INPUT_IMAGE: images[i:i + 1], C.INPUT_REFERENCE: refs[i:i + 1]})[0]
-            for i in range(2)
-        ])
+        one = np.concatenate(
+            [
+                sess.run(
+                    [C.OUTPUT_FEATURES],
+                    {C.INPUT_IMAGE: images[i : i + 1], C.INPUT_REFERENCE: refs[i : i + 1]},
+                )[0]
+                for i in range(2)
+            ]
+        )
     except rejected:  # onnxruntime rejects the batch of 2 outright: a fixed-batch model
         return False
     return both.shape == one.shape and bool(np.allclose(both, one, rtol=1e-4, atol=1e-5))

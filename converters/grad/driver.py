@@ -35,7 +35,9 @@ def to_opset(model: onnx.ModelProto, opset: int = OPSET) -> onnx.ModelProto:
         raise ModelError("model imports no ai.onnx opset")
     others = sorted({n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx")})
     if others:
-        raise ModelError(f"model uses non-standard op domains {others}; only ai.onnx ops can be differentiated")
+        raise ModelError(
+            f"model uses non-standard op domains {others}; only ai.onnx ops can be differentiated"
+        )
     # Exporters import domains they never use (tf2onnx always adds ai.onnx.ml); drop those imports.
     if any(o.domain not in ("", "ai.onnx") for o in model.opset_import):
         model = onnx.ModelProto.FromString(model.SerializeToString())
@@ -109,8 +111,10 @@ def _try_fold(
 
 
 def _eval(node: onnx.NodeProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
-              for n, v in feeds.items()]
+    inputs = [
+        helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+        for n, v in feeds.items()
+    ]
     outputs = [helper.make_tensor_value_info(n, TensorProto.UNDEFINED, None) for n in node.output if n]
     graph = helper.make_graph([node], "fold", inputs, outputs)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
@@ -177,8 +181,10 @@ def differentiate(
         if rule is None:
             raise UnsupportedOpError(node)
         dxs = list(rule(ctx, node, dys))
-        if any(dx is not None for dx in dxs[len(node.input):]):
-            raise RuntimeError(f"rule for {node.op_type} returned gradients for inputs the node does not have")
+        if any(dx is not None for dx in dxs[len(node.input) :]):
+            raise RuntimeError(
+                f"rule for {node.op_type} returned gradients for inputs the node does not have"
+            )
         for name, dx in zip(node.input, dxs, strict=False):
             if dx is not None and name in reaches:
                 pending.setdefault(name, []).append(dx)

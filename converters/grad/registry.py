@@ -118,7 +118,9 @@ class GradContext:
         """The shape of ``name`` with every dimension known; a dynamic one is an error of ``node``."""
         shape = self.shape(name)
         if any(d is None for d in shape):
-            raise UnsupportedOpError(node, f"tensor {name!r} has dynamic shape {shape}; this rule needs it static")
+            raise UnsupportedOpError(
+                node, f"tensor {name!r} has dynamic shape {shape}; this rule needs it static"
+            )
         return tuple(int(d) for d in shape if d is not None)
 
     def elem_type(self, name: str) -> int:
@@ -157,8 +159,9 @@ class GradContext:
         self.nodes.append(node)
         return names
 
-    def const(self, value: np.ndarray | float | Sequence[float], *, like: str | None = None,
-              hint: str = "c") -> str:
+    def const(
+        self, value: np.ndarray | float | Sequence[float], *, like: str | None = None, hint: str = "c"
+    ) -> str:
         """A float initializer holding ``value`` in the dtype of tensor ``like`` (float32 without one)."""
         dtype = self.np_dtype(like) if like is not None else np.dtype(np.float32)
         name = self.fresh(hint)
@@ -186,7 +189,7 @@ class GradContext:
         return self.filled_like(name, 0.0)
 
     def forward_output(self, node: onnx.NodeProto, index: int) -> str:
-        """Name of the forward node's optional output ``index`` (e.g. MaxPool indices), adding it if absent."""
+        """Name of the forward node's optional output ``index`` (e.g. MaxPool indices); added if absent."""
         while len(node.output) <= index:
             node.output.append("")
         if not node.output[index]:
@@ -203,7 +206,8 @@ class GradContext:
                 continue
             if dim != 1:
                 raise UnsupportedOpError(
-                    node, f"cannot un-broadcast a gradient of shape {grad_shape} to {to!r} of shape {target_shape}"
+                    node,
+                    f"cannot un-broadcast a gradient of shape {grad_shape} to {to!r} of shape {target_shape}",
                 )
             axes.append(lead + i)
         if not axes:

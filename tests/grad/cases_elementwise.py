@@ -114,7 +114,9 @@ def sum_case(draw) -> Case:
 def hard_sigmoid_case(draw) -> Case:
     shape = draw(shapes)
     alpha, beta = draw(st.sampled_from([(0.2, 0.5), (1.0 / 6.0, 0.5), (0.5, 0.1)]))
-    return Case(lambda dt: one_node("HardSigmoid", dt, shape, alpha=alpha, beta=beta), shape, low=-5.0, high=5.0)
+    return Case(
+        lambda dt: one_node("HardSigmoid", dt, shape, alpha=alpha, beta=beta), shape, low=-5.0, high=5.0
+    )
 
 
 CASES = {

@@ -100,7 +100,9 @@ def pow_(ctx: GradContext, node: onnx.NodeProto, dys: Grads) -> Grads:
     # y = x^p with constant p: dy/dx = p x^(p-1)
     x, p_name = node.input
     if ctx.needs_grad(p_name):
-        raise UnsupportedOpError(node, "the exponent depends on the input; only constant exponents are supported")
+        raise UnsupportedOpError(
+            node, "the exponent depends on the input; only constant exponents are supported"
+        )
     p = ctx.require_value(p_name, node, "exponent")
     if p.size != 1:
         raise UnsupportedOpError(node, f"only scalar exponents are supported, got shape {p.shape}")
@@ -110,7 +112,9 @@ def pow_(ctx: GradContext, node: onnx.NodeProto, dys: Grads) -> Grads:
     if exponent == 2.0:
         local = ctx.emit("Mul", [x, ctx.const(2.0, like=x)])
     else:
-        local = ctx.emit("Mul", [ctx.emit("Pow", [x, ctx.const(exponent - 1.0, like=x)]), ctx.const(exponent, like=x)])
+        local = ctx.emit(
+            "Mul", [ctx.emit("Pow", [x, ctx.const(exponent - 1.0, like=x)]), ctx.const(exponent, like=x)]
+        )
     return [ctx.emit("Mul", [_dy(dys), local]), None]
 
 
@@ -166,7 +170,9 @@ def leaky_relu(ctx: GradContext, node: onnx.NodeProto, dys: Grads) -> Grads:
     x = node.input[0]
     alpha = float(attributes(node).get("alpha", 0.01))
     mask = ctx.emit("Cast", [ctx.emit("Greater", [x, ctx.const(0.0, like=x)])], to=ctx.elem_type(x))
-    local = ctx.emit("Add", [ctx.emit("Mul", [mask, ctx.const(1.0 - alpha, like=x)]), ctx.const(alpha, like=x)])
+    local = ctx.emit(
+        "Add", [ctx.emit("Mul", [mask, ctx.const(1.0 - alpha, like=x)]), ctx.const(alpha, like=x)]
+    )
     return [ctx.emit("Mul", [_dy(dys), local])]
 
 
@@ -193,8 +199,10 @@ def hard_swish(ctx: GradContext, node: onnx.NodeProto, dys: Grads) -> Grads:
 def _hard_window(ctx: GradContext, x: str, alpha: float, beta: float, scale: float) -> str:
     """``scale * [0 < alpha x + beta < 1]`` as a float tensor shaped like ``x``."""
     z = ctx.emit("Add", [ctx.emit("Mul", [x, ctx.const(alpha, like=x)]), ctx.const(beta, like=x)])
-    inside = ctx.emit("And", [ctx.emit("Greater", [z, ctx.const(0.0, like=x)]),
-                              ctx.emit("Less", [z, ctx.const(1.0, like=x)])])
+    inside = ctx.emit(
+        "And",
+        [ctx.emit("Greater", [z, ctx.const(0.0, like=x)]), ctx.emit("Less", [z, ctx.const(1.0, like=x)])],
+    )
     mask = ctx.emit("Cast", [inside], to=ctx.elem_type(x))
     return mask if scale == 1.0 else ctx.emit("Mul", [mask, ctx.const(scale, like=x)])
 
@@ -219,7 +227,9 @@ def clip(ctx: GradContext, node: onnx.NodeProto, dys: Grads) -> Grads:
     bounds = [n if i < len(node.input) and n else "" for i, n in enumerate(node.input[1:3])]
     for name in bounds:
         if name and ctx.needs_grad(name):
-            raise UnsupportedOpError(node, "clip bounds depend on the input; only constant bounds are supported")
+            raise UnsupportedOpError(
+                node, "clip bounds depend on the input; only constant bounds are supported"
+            )
     mask = None
     if len(bounds) > 0 and bounds[0]:
         mask = ctx.emit("Greater", [x, bounds[0]])
