@@ -11,16 +11,16 @@ warm-up, the two sides interleaved step by step so that both see the same machin
 Setup (once). onnx2torch needs a torchvision that matches torch, which the project venv lacks, so the
 bench has its own venv (the torch wheels come from the local wheel mirror)::
 
-    python -m venv /work/venv-bench
-    /work/venv-bench/bin/pip install torch==2.14.1 torchvision==0.29.1 onnx2torch onnxruntime onnx \
+    python -m venv .venv-bench
+    .venv-bench/bin/pip install torch==2.14.1 torchvision==0.29.1 onnx2torch onnxruntime onnx \
         numpy pillow
-    /work/venv-bench/bin/pip install -e /work/main --no-deps
+    .venv-bench/bin/pip install -e . --no-deps
 
 Run::
 
-    /work/venv-bench/bin/python bench/attack_step.py                      # every face model in the manifest
-    /work/venv-bench/bin/python bench/attack_step.py --model a.onnx ...   # any attack graphs
-    /work/venv-bench/bin/python bench/attack_step.py --synthetic          # a built 112-px CNN, no zoo needed
+    .venv-bench/bin/python bench/attack_step.py                      # every face model in the manifest
+    .venv-bench/bin/python bench/attack_step.py --model a.onnx ...   # any attack graphs
+    .venv-bench/bin/python bench/attack_step.py --synthetic          # a built 112-px CNN, no zoo needed
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ is its own. The photos are skimage's astronaut (one face) scaled up and padded o
 
 Usage::
 
-    /work/venv/bin/python bench/cloak_latency.py              # both cases, default mode, 3 runs
-    /work/venv/bin/python bench/cloak_latency.py --mode high --runs 5 --threads 2
+    .venv/bin/python bench/cloak_latency.py              # both cases, default mode, 3 runs
+    .venv/bin/python bench/cloak_latency.py --mode high --runs 5 --threads 2
 """
 
 from __future__ import annotations
