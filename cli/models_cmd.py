@@ -37,15 +37,18 @@ def list_models() -> None:
         )
         return
     table = Table(title="uncnn-rt models")
-    for col in ("name", "kind", "role", "MB", "license", "source", "default", "dev set"):
+    table.add_column("name", no_wrap=True)
+    for col in ("kind", "MB", "license"):
         table.add_column(col)
+    table.add_column("source", overflow="fold")
+    table.add_column("default")
+    table.add_column("dev set")
     for e in entries:
         size = e.path.stat().st_size / 1e6 if e.path.is_file() else float("nan")
         source = f"{e.source.get('package', '?')}@{e.source.get('version', '?')}"
         table.add_row(
             e.name,
             e.kind,
-            e.role,
             f"{size:.1f}",
             e.license,
             source,

@@ -1,0 +1,227 @@
+"""PNG figures of an evaluation (:mod:`.evaluate`): protection against image quality, per-model bars,
+and a before/after strip of sample faces.
+
+matplotlib is an optional extra (``pip install 'uncnn-rt[plot]'``); it is imported inside the functions,
+so the runtime imports without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .errors import UncnnError
+from .evaluate import AS_SAVED, KINDS, PROTOCOLS, EvalReport, Sample
+
+AMPLIFY: Final = 10
+"""The difference image shows ``128 + AMPLIFY * (cloaked - original)``."""
+GOALS: Final = {AS_SAVED: 90.0, "jpeg75": 80.0}
+"""The protection goals of the issue tracker, at mean SSIM >= :data:`GOAL_SSIM`."""
+GOAL_SSIM: Final = 0.95
+_KIND_COLOURS: Final = {"white-box": "#7f7f7f", "leave-one-out": "#d62728", "external": "#1f77b4"}
+_KIND_LABELS: Final = {
+    "white-box": "white-box",
+    "leave-one-out": "leave-one-out transfer",
+    "external": "external (independent)",
+}
+_PROTOCOL_STYLE: Final = {"p1": ("o", "-"), "p2": ("s", "--")}
+_PROTOCOL_LABELS: Final = {"p1": "P1 probe cloaked", "p2": "P2 gallery cloaked"}
+
+
+class MissingExtraError(UncnnError):
+    """An optional dependency of this feature is not installed."""
+
+    exit_code = 2
+
+
+def require_matplotlib() -> None:
+    """Raise :class:`MissingExtraError` now when matplotlib is missing."""
+    _pyplot()
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise MissingExtraError(
+            "plots need matplotlib, which the [plot] extra installs: pip install 'uncnn-rt[plot]'"
+        ) from exc
+    return plt
+
+
+def protection_vs_ssim(report: EvalReport | Mapping[str, Any], path: str | Path) -> Path:
+    """One panel per condition: pooled protection (%) against mean SSIM, one point per mode, a line per
+    kind (white-box, leave-one-out, independent external) and protocol (P1, P2).
+
+    ``report`` is an :class:`EvalReport` or its JSON form (``to_dict``; several runs' ``modes`` may be
+    concatenated into one, as ``bench/eval_dev.py plot`` does).
+    """
+    data = report.to_dict() if isinstance(report, EvalReport) else report
+    plt = _pyplot()
+    described = {c["name"]: c["description"] for c in data["conditions"]}
+    conditions = list(described)
+    fig, axes = plt.subplots(1, len(conditions), figsize=(5.2 * len(conditions), 4.6), squeeze=False)
+    ssims = [1.0]
+    for ax, condition in zip(axes[0], conditions, strict=True):
+        for kind in KINDS:
+            for protocol in PROTOCOLS:
+                points = []
+                for mode in data["modes"]:
+                    summary = mode["summary"].get(kind)
+                    if summary is None or summary["ssim_mean"] is None:
+                        continue
+                    rate = summary["conditions"][condition][protocol]["rate"]
+                    if rate is not None:
+                        points.append((float(summary["ssim_mean"]), 100.0 * rate, str(mode["mode"])))
+                if not points:
+                    continue
+                points.sort()
+                ssims += [p[0] for p in points]
+                marker, line = _PROTOCOL_STYLE[protocol]
+                ax.plot(
+                    [p[0] for p in points],
+                    [p[1] for p in points],
+                    marker=marker,
+                    linestyle=line,
+                    color=_KIND_COLOURS[kind],
+                    label=f"{_KIND_LABELS[kind]}, {_PROTOCOL_LABELS[protocol]}",
+                )
+                if protocol == "p1":
+                    for x, y, name in points:
+                        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        goal = GOALS.get(condition)
+        if goal is not None:
+            ax.axvspan(GOAL_SSIM, 1.0, ymin=(goal + 2) / 104, color="#2ca02c", alpha=0.12, lw=0)
+            ax.text(GOAL_SSIM + 0.002, goal + 1, f"goal: >= {goal:g}% at SSIM >= {GOAL_SSIM}", fontsize=7)
+        ax.set_title("as saved" if condition == AS_SAVED else f"after {described[condition]}")
+        ax.set_xlabel("mean SSIM of the saved photo (1 = unchanged)")
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+    low = min(min(ssims) - 0.01, GOAL_SSIM - 0.01)
+    for ax in axes[0]:
+        ax.set_xlim(low, 1.0)
+    axes[0][0].set_ylabel("protection (% of probes recognized when clean)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle(
+        f"Protection vs image quality: {Path(data['dataset']).name}, {data['probes']} probes, "
+        f"ensemble {'+'.join(data['ensemble'])}",
+        fontsize=10,
+    )
+    fig.tight_layout(rect=(0, 0.1, 1, 0.95))
+    return _save(plt, fig, path)
+
+
+def protection_bars(report: EvalReport | Mapping[str, Any], mode: str, path: str | Path) -> Path:
+    """Per evaluator, P1 and P2 protection (%) as saved and after each transform, for the mode named
+    ``mode`` of ``report`` (an :class:`EvalReport` or its JSON form)."""
+    data = report.to_dict() if isinstance(report, EvalReport) else report
+    chosen = [m for m in data["modes"] if m["mode"] == mode]
+    if not chosen:
+        raise UncnnError(
+            f"no mode {mode!r} in the report (has: {', '.join(m['mode'] for m in data['modes'])})"
+        )
+    plt = _pyplot()
+    described = {c["name"]: c["description"] for c in data["conditions"]}
+    conditions = list(described)
+    scores = chosen[0]["scores"]
+    fig, axes = plt.subplots(1, 2, figsize=(max(9.0, 0.9 * len(scores) + 5), 5.4), sharey=True)
+    width = 0.8 / len(conditions)
+    shades = ("#08306b", "#4292c6", "#9ecae1", "#deebf7")
+    for ax, protocol in zip(axes, PROTOCOLS, strict=True):
+        x = np.arange(len(scores))
+        for k, condition in enumerate(conditions):
+            rates = [s["conditions"][condition][protocol]["rate"] for s in scores]
+            ax.bar(
+                x + (k - (len(conditions) - 1) / 2) * width,
+                [0.0 if r is None else 100.0 * r for r in rates],
+                width,
+                color=shades[k % len(shades)],
+                label="as saved" if condition == AS_SAVED else f"after {described[condition]}",
+            )
+        ax.set_xticks(x)
+        ax.set_xticklabels(
+            [_score_label(s["evaluator"], s["kind"], s["duplicate_of"]) for s in scores],
+            fontsize=7,
+            rotation=35,
+            ha="right",
+        )
+        ax.set_title(_PROTOCOL_LABELS[protocol])
+        ax.set_ylim(0, 102)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("protection (%)")
+    axes[1].legend(fontsize=7, loc="upper right")
+    fig.suptitle(f"Protection per recognizer, mode {mode}", fontsize=10)
+    fig.tight_layout()
+    return _save(plt, fig, path)
+
+
+def _score_label(evaluator: str, kind: str, duplicate_of: str | None) -> str:
+    tag = {"white-box": "white-box", "leave-one-out": "leave-one-out", "external": "external"}[kind]
+    twin = f", = {duplicate_of}" if duplicate_of else ""
+    return f"{evaluator} ({tag}{twin})"
+
+
+def difference_image(original: NDArray[np.uint8], cloaked: NDArray[np.uint8]) -> NDArray[np.uint8]:
+    """``128 + AMPLIFY * (cloaked - original)``, clipped: grey where nothing changed."""
+    diff = cloaked.astype(np.int32) - original.astype(np.int32)
+    return np.clip(128 + AMPLIFY * diff, 0, 255).astype(np.uint8)
+
+
+def before_after(samples: Sequence[Sample], path: str | Path, *, title: str = "") -> Path:
+    """A strip of faces: original, cloaked (as saved), and the difference amplified :data:`AMPLIFY` x."""
+    if not samples:
+        raise UncnnError("no sample faces to draw (nothing was cloaked)")
+    plt = _pyplot()
+    fig, axes = plt.subplots(3, len(samples), figsize=(max(2.2 * len(samples), 5.0), 7.0), squeeze=False)
+    rows = ("original", "cloaked", f"difference x{AMPLIFY}")
+    for j, sample in enumerate(samples):
+        images = (sample.original, sample.cloaked, difference_image(sample.original, sample.cloaked))
+        for i, image in enumerate(images):
+            ax = axes[i][j]
+            ax.imshow(image, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(rows[i])
+        axes[0][j].set_title(sample.name, fontsize=8)
+        axes[1][j].set_title(f"SSIM {sample.ssim:.3f}", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(plt, fig, path)
+
+
+def write_plots(report: EvalReport, folder: str | Path) -> list[Path]:
+    """Every figure of ``report`` into ``folder``: ``protection_vs_ssim.png``, and per mode
+    ``protection_<mode>.png`` and ``before_after_<mode>.png``."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [protection_vs_ssim(report, out / "protection_vs_ssim.png")]
+    for mode in report.modes:
+        slug = "".join(ch if ch.isalnum() else "_" for ch in mode.mode).strip("_") or "mode"
+        written.append(protection_bars(report, mode.mode, out / f"protection_{slug}.png"))
+        if mode.samples:
+            written.append(
+                before_after(
+                    mode.samples,
+                    out / f"before_after_{slug}.png",
+                    title=f"Mode {mode.mode}: white-box cloak ({'+'.join(report.ensemble)}), as saved",
+                )
+            )
+    return written
+
+
+def _save(plt: Any, fig: Any, path: str | Path) -> Path:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+    return target
