@@ -17,10 +17,10 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from uncnn_rt.cli.errors import clean_errors
+from uncnn_rt.cli.progress import progress_bar
 from uncnn_rt.runtime import cloak as cloaking
 from uncnn_rt.runtime import zoo
 from uncnn_rt.runtime.errors import InputError, ModelError, OutputPathError, UncnnError
@@ -228,7 +228,7 @@ def cloak(
                 target_photo = load_image(target_identity)
                 target = cloaking.target_embeddings(target_photo, recognizers, detector)
     console = Console(stderr=True)
-    with clean_errors(), _progress(console, hidden=quiet or not files) as progress:
+    with clean_errors(), progress_bar(console, hidden=quiet or not files) as progress:
         task = progress.add_task("cloaking", total=len(files), detail="")
         for source in files:
             outcome = _cloak_one(
@@ -259,19 +259,6 @@ def cloak(
 
 
 cloak.__doc__ = CLOAK_HELP
-
-
-def _progress(console: Console, *, hidden: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[detail]}"),
-        console=console,
-        disable=hidden,
-        transient=True,
-    )
 
 
 def _cloak_one(

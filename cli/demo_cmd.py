@@ -10,7 +10,6 @@ import typer
 
 from uncnn_rt.cli import cloak_cmd
 from uncnn_rt.cli.errors import clean_errors
-from uncnn_rt.runtime import cloak as cloaking
 from uncnn_rt.runtime.errors import InputError
 from uncnn_rt.runtime.fileio import atomic_write_bytes
 
@@ -36,7 +35,7 @@ def demo(
         Path, typer.Option("--folder", file_okay=False, help="Where to put the sample photo and its cloak.")
     ] = Path("."),
     mode: Annotated[
-        str, typer.Option(help="Cloak strength: low, mid or high (high: the mode that protects this portrait).")
+        str, typer.Option(help="Cloak strength: low, mid or high (high protects this portrait).")
     ] = "high",
 ) -> None:
     """Cloak a sample portrait (astronaut.png, from scikit-image) with the shipped models and verify it.

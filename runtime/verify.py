@@ -191,17 +191,25 @@ def verify(
     )
 
 
-def _match(site: FaceSite, found: Sequence[FaceSite], size: int) -> tuple[FaceSite, bool, float | None]:
-    """The re-detected face overlapping ``site`` most (box IoU >= :data:`MATCH_IOU`), else ``site``."""
-    if site.box is None:
-        return site, True, None
+def best_match(site: FaceSite, found: Sequence[FaceSite]) -> tuple[FaceSite | None, float]:
+    """The face of ``found`` whose box overlaps ``site``'s most, and that IoU (None, 0 when none does)."""
     best, best_iou = None, 0.0
+    if site.box is None:
+        return best, best_iou
     for other in found:
         if other.box is None:
             continue
         overlap = box_iou(site.box, other.box)
         if overlap > best_iou:
             best, best_iou = other, overlap
+    return best, best_iou
+
+
+def _match(site: FaceSite, found: Sequence[FaceSite], size: int) -> tuple[FaceSite, bool, float | None]:
+    """The re-detected face overlapping ``site`` most (box IoU >= :data:`MATCH_IOU`), else ``site``."""
+    if site.box is None:
+        return site, True, None
+    best, best_iou = best_match(site, found)
     if best is None or best_iou < MATCH_IOU:
         return site, False, best_iou if found else None
     return FaceSite(best.crop_to_photo, size, best.box, best.landmarks, best.score), True, best_iou
