@@ -1,9 +1,13 @@
 """Turn ``uncnn-rt eval --json`` reports into the tables of ``bench/RESULTS.md`` and a combined plot.
 
+    python bench/eval_dev.py run ../shared/faces/dev --mode mid --set texture_floor=0.35 \
+        --set ssim_min=0.95 --json bench/results/eval_mid_texture035.json
     python bench/eval_dev.py table bench/results/eval_mid.json [more.json ...]
     python bench/eval_dev.py plot bench/results/eval_*.json -o bench/results/protection_vs_ssim.png \
         --bars bench/results
 
+``run`` evaluates aligned chips (the protocol of ``uncnn-rt eval --aligned``) with a recipe that the
+CLI cannot express: any field of ``CloakSettings`` set with ``--set FIELD=VALUE`` on top of a mode.
 ``table`` prints one markdown table per mode: pooled white-box and leave-one-out protection (P1, P2, in
 every condition), then each recognizer's leave-one-out row and the external evaluators, with mean SSIM
 and seconds per photo. ``plot`` concatenates the modes of several reports of one dataset and ensemble
@@ -14,9 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
+from uncnn_rt.runtime import evaluate as ev
+from uncnn_rt.runtime import zoo
+from uncnn_rt.runtime.cloak import MODES, CloakSettings, default_recognizer_names, load_recognizers
 from uncnn_rt.runtime.plots import protection_bars, protection_vs_ssim
 
 SHORT = {"as_saved": "saved"}
@@ -37,11 +45,9 @@ def mode_table(report: dict[str, Any], mode: dict[str, Any]) -> str:
     quality = {q["attack"]: q for q in mode["quality"]}
     white = quality.get("white-box")
     lines = [
-        f"**{mode['mode']}**: {settings.get('description', '')}; step {settings.get('step_size')}, "
-        f"momentum {settings.get('momentum')}, DI {settings.get('diversity')}, EOT JPEG "
-        f"{settings.get('eot_quality')}, TI {settings.get('smoothing')}, texture floor "
-        f"{settings.get('texture_floor')}, stop margin {settings.get('stop_margin')}. "
-        f"{report['probes']} probes, ensemble {'+'.join(report['ensemble'])}.",
+        f"**{mode['mode']}**: {settings.get('description', '')}; recipe "
+        + ", ".join(f"{k} {v}" for k, v in settings.items() if k not in ("description", "mode"))
+        + f". {report['probes']} probes, ensemble {'+'.join(report['ensemble'])}.",
         "",
     ]
     if white is not None:
@@ -117,6 +123,42 @@ def group_table(report: dict[str, Any], group: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def summary_rows(paths: list[Path]) -> str:
+    """One row per mode and kind (white-box, leave-one-out): pooled P1/P2 in every condition."""
+    out = []
+    for path in paths:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        conditions = [c["name"] for c in report["conditions"]]
+        if not out:
+            head = ["run", "eps", "steps", "SSIM floor", "scored"]
+            head += [f"{p.upper()} {_short(c)}" for p in ("p1", "p2") for c in conditions]
+            head += ["mean SSIM", "s/photo"]
+            out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for mode in report["modes"]:
+            settings = mode["settings"]
+            for kind in ("white-box", "leave-one-out"):
+                summary = mode["summary"].get(kind)
+                if summary is None:
+                    continue
+                attacks = [q for q in mode["quality"] if _kind_of(mode, q["attack"]) == kind]
+                seconds = sum(q["seconds_per_photo"] for q in attacks) / max(len(attacks), 1)
+                cells = [
+                    mode["mode"],
+                    f"{settings['eps']:g}",
+                    str(settings["steps"]),
+                    str(settings["ssim_min"]),
+                    kind,
+                ]
+                cells += [
+                    "-" if (r := summary["conditions"][c][p]["rate"]) is None else f"{100 * r:.1f}%"
+                    for p in ("p1", "p2")
+                    for c in conditions
+                ]
+                cells += [f"{summary['ssim_mean']:.3f}", f"{seconds:.1f}"]
+                out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def merged(paths: list[Path]) -> dict[str, Any]:
     reports = [json.loads(p.read_text(encoding="utf-8")) for p in paths]
     first = dict(reports[0])
@@ -131,6 +173,58 @@ def merged(paths: list[Path]) -> dict[str, Any]:
     return first
 
 
+def _value(text: str) -> Any:
+    """A ``--set`` value: JSON (numbers, true/false, null, [70, 95]) or else the plain string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def recipe(mode: str, assignments: list[str]) -> CloakSettings:
+    """``MODES[mode]`` with ``field=value`` overrides of any :class:`CloakSettings` field."""
+    base = MODES[mode]
+    known = {f.name for f in fields(CloakSettings)}
+    changes: dict[str, Any] = {}
+    for item in assignments:
+        name, sep, text = item.partition("=")
+        if not sep or name not in known:
+            raise SystemExit(
+                f"--set takes FIELD=VALUE with FIELD one of {', '.join(sorted(known))}; got {item!r}"
+            )
+        value = _value(text)
+        changes[name] = tuple(value) if isinstance(value, list) else value
+    label = mode + "".join(f" {k}={v}" for k, v in changes.items())
+    return replace(base, mode=label, **changes)
+
+
+def run(args: argparse.Namespace) -> None:
+    """``uncnn-rt eval --aligned`` on chips with any recipe, through the runtime API."""
+    settings = recipe(args.mode, args.set or [])
+    data = ev.load_dataset(args.dataset)
+    ensemble = default_recognizer_names()
+    shipped = [e.name for e in zoo.load_manifest() if e.kind == "face" and e.threshold is not None]
+    sessions = load_recognizers(list(dict.fromkeys(ensemble + shipped)), device="cpu")
+    by_name = {s.name: s for s in sessions}
+    cloak = ev.cloak_function(by_name, settings, no_align=True, seed=args.seed)
+    report = ev.evaluate(
+        data,
+        cloaks={settings.mode: cloak},
+        embedders=ev.shipped_embedders(sessions),
+        ensemble=ensemble,
+        transfer=not args.no_transfer,
+        limit=args.limit,
+        settings={
+            settings.mode: {"description": settings.describe(), **json.loads(json.dumps(asdict(settings)))}
+        },
+        progress=lambda what: print(what, flush=True) if args.verbose else None,
+    )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+    for mode in report.to_dict()["modes"]:
+        print(mode_table(report.to_dict(), mode))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -138,12 +232,27 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     table = sub.add_parser("table", help="markdown tables for RESULTS.md")
     table.add_argument("reports", nargs="+", type=Path)
+    brief = sub.add_parser("summary", help="one markdown row per mode and kind")
+    brief.add_argument("reports", nargs="+", type=Path)
     plot = sub.add_parser("plot", help="one protection-vs-SSIM figure over several reports")
     plot.add_argument("reports", nargs="+", type=Path)
     plot.add_argument("-o", "--output", type=Path, required=True)
     plot.add_argument("--bars", type=Path, metavar="DIR", help="also one per-recognizer bar chart per mode")
+    runner = sub.add_parser("run", help="eval aligned chips with any recipe (CloakSettings field overrides)")
+    runner.add_argument("dataset", type=Path)
+    runner.add_argument("--mode", default="mid", choices=sorted(MODES))
+    runner.add_argument("--set", action="append", metavar="FIELD=VALUE", help="e.g. texture_floor=0.35")
+    runner.add_argument("--limit", type=int)
+    runner.add_argument("--no-transfer", action="store_true")
+    runner.add_argument("--seed", type=int, default=0)
+    runner.add_argument("--json", type=Path, required=True)
+    runner.add_argument("-v", "--verbose", action="store_true", help="print each cloaked photo")
     args = parser.parse_args()
-    if args.command == "table":
+    if args.command == "run":
+        run(args)
+    elif args.command == "summary":
+        print(summary_rows(args.reports))
+    elif args.command == "table":
         for path in args.reports:
             report = json.loads(path.read_text(encoding="utf-8"))
             for mode in report["modes"]:

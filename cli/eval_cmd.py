@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -313,19 +313,9 @@ run_eval.__doc__ = EVAL_HELP
 
 
 def _settings_dict(s: cloaking.CloakSettings) -> dict[str, Any]:
-    return {
-        "description": s.describe(),
-        "eps": s.eps,
-        "steps": s.steps,
-        "ssim_min": s.ssim_min,
-        "step_size": s.step_size,
-        "momentum": s.momentum,
-        "diversity": s.diversity,
-        "eot_quality": None if s.eot_quality is None else list(s.eot_quality),
-        "smoothing": s.smoothing,
-        "texture_floor": s.texture_floor,
-        "stop_margin": s.stop_margin,
-    }
+    """Every field of the recipe, so that a report says exactly what was run."""
+    fields: dict[str, Any] = json.loads(json.dumps(asdict(s)))
+    return {"description": s.describe(), **fields}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -99,7 +99,15 @@ def protection_vs_ssim(report: EvalReport | Mapping[str, Any], path: str | Path)
         goal = GOALS.get(condition)
         if goal is not None:
             ax.axvspan(GOAL_SSIM, 1.0, ymin=(goal + 2) / 104, color="#2ca02c", alpha=0.12, lw=0)
-            ax.text(GOAL_SSIM + 0.002, goal + 1, f"goal: >= {goal:g}% at SSIM >= {GOAL_SSIM}", fontsize=7)
+            ax.text(
+                (GOAL_SSIM + 1.0) / 2,
+                (goal + 102) / 2,
+                f"goal\n>= {goal:g}%\nSSIM >= {GOAL_SSIM}",
+                fontsize=7,
+                ha="center",
+                va="center",
+                color="#2ca02c",
+            )
         ax.set_title("as saved" if condition == AS_SAVED else f"after {described[condition]}")
         ax.set_xlabel("mean SSIM of the saved photo (1 = unchanged)")
         ax.set_ylim(-2, 102)
