@@ -57,13 +57,14 @@ def main_callback(
 
 def _add_command_groups() -> None:
     # One module per command group, each with its own Typer app.
-    from uncnn_rt.cli import cloak_cmd, convert_cmd, demo_cmd, eval_cmd, models_cmd
+    from uncnn_rt.cli import cloak_cmd, convert_cmd, demo_cmd, eval_cmd, models_cmd, serve_cmd
 
     app.command("cloak", help=cloak_cmd.CLOAK_HELP)(cloak_cmd.cloak)
     app.command("compare")(cloak_cmd.compare)
     app.command("classify")(cloak_cmd.classify)
     app.command("eval")(eval_cmd.run_eval)
     app.command("demo")(demo_cmd.demo)
+    app.command("serve")(serve_cmd.serve)
     app.add_typer(convert_cmd.app, name="convert")
     app.add_typer(models_cmd.app, name="models")
 

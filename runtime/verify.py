@@ -107,7 +107,7 @@ class FaceCheck:
 class VerifyReport:
     """The verdict on a written file: per face and model, plus whole-image quality and time taken."""
 
-    path: Path
+    path: Path | None
     targeted: bool
     faces: tuple[FaceCheck, ...]
     ssim: float
@@ -120,7 +120,7 @@ class VerifyReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "output": str(self.path),
+            "output": None if self.path is None else str(self.path),
             "targeted": self.targeted,
             "protected": self.protected,
             "ssim": round(self.ssim, 6),
@@ -132,7 +132,7 @@ class VerifyReport:
 
 def verify(
     original: LoadedImage,
-    written: str | Path,
+    written: str | Path | bytes,
     result: CloakResult,
     *,
     recognizers: Sequence[AttackSession],
@@ -142,16 +142,17 @@ def verify(
 
     Args:
         original: the photo as decoded before cloaking.
-        written: the saved cloaked file.
+        written: the saved cloaked file, or its encoded bytes (a server verifies what it will send
+            without writing it anywhere).
         result: what :func:`~.cloak.cloak_image` returned for ``original``.
         recognizers: the models to judge with (those of the cloak, or others).
         detector: needed unless the cloak used ``no_align``.
     """
     start = time.perf_counter()
-    cloaked = load_image(written)
+    cloaked = load_image(written, name=None if isinstance(written, (str, Path)) else "cloaked image")
     if cloaked.rgb.shape != original.rgb.shape:
         raise InputError(
-            f"{written}: the saved image is {cloaked.width}x{cloaked.height}, the original "
+            f"{cloaked.name}: the saved image is {cloaked.width}x{cloaked.height}, the original "
             f"{original.width}x{original.height}"
         )
     size = crop_size_for(recognizers)
@@ -182,7 +183,7 @@ def verify(
         faces.append(FaceCheck(face.number, face.site.box, redetected, overlap, tuple(checks)))
     ssim, psnr = image_quality(original.rgb, cloaked.rgb)
     return VerifyReport(
-        path=Path(written),
+        path=Path(written) if isinstance(written, (str, Path)) else None,
         targeted=result.targeted,
         faces=tuple(faces),
         ssim=ssim,
