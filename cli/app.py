@@ -57,7 +57,7 @@ def main_callback(
 
 def _add_command_groups() -> None:
     # One module per command group, each with its own Typer app.
-    from uncnn_rt.cli import cloak_cmd, convert_cmd, demo_cmd, eval_cmd, models_cmd, serve_cmd
+    from uncnn_rt.cli import augment_cmd, cloak_cmd, convert_cmd, demo_cmd, eval_cmd, models_cmd, serve_cmd
 
     app.command("cloak", help=cloak_cmd.CLOAK_HELP)(cloak_cmd.cloak)
     app.command("compare")(cloak_cmd.compare)
@@ -67,6 +67,8 @@ def _add_command_groups() -> None:
     app.command("serve")(serve_cmd.serve)
     app.add_typer(convert_cmd.app, name="convert")
     app.add_typer(models_cmd.app, name="models")
+    app.command("augment", help=augment_cmd.AUGMENT_HELP)(augment_cmd.augment)
+    app.command("robustness")(augment_cmd.robustness)
 
 
 _add_command_groups()
