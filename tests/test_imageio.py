@@ -379,3 +379,15 @@ def test_dev_photos_round_trip_in_format_size_and_mode(tmp_path: Path) -> None:
                 original.mode,
             )
         assert np.abs(np.asarray(written).astype(int) - loaded.rgb).mean() < 1.5, photo.name
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path: Path) -> None:
+    from uncnn_rt.runtime.fileio import atomic_write_bytes
+
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(b"x")
+    atomic = tmp_path / "atomic.bin"
+    atomic_write_bytes(atomic, b"y")
+    assert atomic.read_bytes() == b"y"
+    assert (atomic.stat().st_mode & 0o777) == (plain.stat().st_mode & 0o777)
+    assert not list(tmp_path.glob(".*.tmp"))
