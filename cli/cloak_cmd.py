@@ -24,7 +24,13 @@ from uncnn_rt.cli.progress import progress_bar
 from uncnn_rt.runtime import cloak as cloaking
 from uncnn_rt.runtime import zoo
 from uncnn_rt.runtime.errors import InputError, ModelError, OutputPathError, UncnnError
-from uncnn_rt.runtime.imageio import default_output_path, load_image, normalise_format, save_image
+from uncnn_rt.runtime.imageio import (
+    LoadedImage,
+    default_output_path,
+    load_image,
+    normalise_format,
+    save_image,
+)
 from uncnn_rt.runtime.sessions import open_session
 from uncnn_rt.runtime.verify import VerifyReport, classify_image, compare_faces, verify
 
@@ -59,7 +65,7 @@ CLOAK_HELP = (
 
 
 @dataclass
-class _Outcome:
+class Outcome:
     """One input's fate, for the table and the JSON report."""
 
     input: str
@@ -89,7 +95,7 @@ def _global(ctx: typer.Context) -> tuple[str, bool]:
     return (getattr(options, "device", "auto"), bool(getattr(options, "quiet", False)))
 
 
-def _split_models(models: str | None) -> list[str] | None:
+def split_models(models: str | None) -> list[str] | None:
     if models is None:
         return None
     names = [m.strip() for m in models.split(",") if m.strip()]
@@ -102,21 +108,21 @@ def _is_cloaked_output(path: Path) -> bool:
     return ".cloaked" in path.suffixes or path.stem.endswith(".cloaked")
 
 
-def expand_inputs(items: list[str]) -> tuple[list[Path], list[_Outcome]]:
+def expand_inputs(items: list[str]) -> tuple[list[Path], list[Outcome]]:
     """Files from paths, directories (their images) and globs; unmatched items as error outcomes.
 
     Directories and globs skip earlier outputs (``*.cloaked.*``) and files that do not look like images;
     files named explicitly are always tried.
     """
     files: list[Path] = []
-    missing: list[_Outcome] = []
+    missing: list[Outcome] = []
     for item in items:
         path = Path(item)
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if _candidate(p))
             if not found:
                 missing.append(
-                    _Outcome(item, error=f"{item}: no images in this directory", exit_code=EXIT_INPUT)
+                    Outcome(item, error=f"{item}: no images in this directory", exit_code=EXIT_INPUT)
                 )
             files += found
         elif path.exists():
@@ -124,10 +130,10 @@ def expand_inputs(items: list[str]) -> tuple[list[Path], list[_Outcome]]:
         elif glob.has_magic(item):
             found = sorted(p for p in map(Path, glob.glob(item)) if _candidate(p))
             if not found:
-                missing.append(_Outcome(item, error=f"{item}: no image files match", exit_code=EXIT_INPUT))
+                missing.append(Outcome(item, error=f"{item}: no image files match", exit_code=EXIT_INPUT))
             files += found
         else:
-            missing.append(_Outcome(item, error=f"{item}: no such file", exit_code=EXIT_INPUT))
+            missing.append(Outcome(item, error=f"{item}: no such file", exit_code=EXIT_INPUT))
     unique = list(dict.fromkeys(files))
     return unique, missing
 
@@ -175,6 +181,13 @@ def cloak(
         float | None,
         typer.Option("--ssim-min", help="SSIM floor per face region, overriding the mode (0: none)."),
     ] = None,
+    coarse: Annotated[
+        float | None,
+        typer.Option(
+            help="Grid step of the perturbation in canonical-crop pixels, overriding the mode's 4 "
+            "(1: per pixel; larger: smoother, cheaper in SSIM, weaker per grey level)."
+        ),
+    ] = None,
     face: Annotated[
         int | None, typer.Option(help="Cloak only face N (1 = leftmost, as numbered in the report).")
     ] = None,
@@ -202,14 +215,14 @@ def cloak(
     ] = False,
 ) -> None:
     device, quiet = _global(ctx)
-    outcomes: list[_Outcome] = []
+    outcomes: list[Outcome] = []
     recognizers: list[Any] = []
     detector: cloaking.Detector | None = None
     target: dict[str, Any] | None = None
     with clean_errors():
         if face is not None and face < 1:
             raise InputError(f"--face counts from 1, got {face}")
-        settings = cloaking.settings_for(mode, eps=eps, steps=steps, ssim_min=ssim_min)
+        settings = cloaking.settings_for(mode, eps=eps, steps=steps, ssim_min=ssim_min, coarse=coarse)
         out_format = None if fmt is None else normalise_format(fmt)
         files, missing = expand_inputs(paths)
         outcomes += missing
@@ -221,7 +234,7 @@ def cloak(
         if clashes:
             raise OutputPathError(f"several inputs would be written to {clashes[0]}; use separate runs")
         if files:
-            recognizers = cloaking.load_recognizers(_split_models(models), device=device)
+            recognizers = cloaking.load_recognizers(split_models(models), device=device)
             if not no_align or target_identity is not None:
                 detector = cloaking.load_detector(device=device)
             if target_identity is not None:
@@ -276,7 +289,7 @@ def _cloak_one(
     recognizers: list[Any],
     detector: cloaking.Detector | None,
     on_progress: cloaking.ProgressCallback,
-) -> _Outcome:
+) -> Outcome:
     """Cloak, save and verify one file; an input error becomes the outcome (nothing is written then)."""
     try:
         loaded = load_image(source)
@@ -301,22 +314,32 @@ def _cloak_one(
     except ModelError:
         raise
     except UncnnError as exc:
-        return _Outcome(str(source), error=str(exc), exit_code=exc.exit_code)
-    details = {
+        return Outcome(str(source), error=str(exc), exit_code=exc.exit_code)
+    details = cloak_details(result, loaded, extra_seconds=saving)
+    code = EXIT_OK if report.protected else EXIT_NOT_PROTECTED
+    return Outcome(str(source), output=written, exit_code=code, report=report, details=details)
+
+
+def cloak_details(
+    result: cloaking.CloakResult, loaded: LoadedImage, *, extra_seconds: float
+) -> dict[str, Any]:
+    """What a cloak report says besides the verification: the recipe, the models, the time taken
+    (the cloak plus ``extra_seconds`` of encoding), the steps each face took, decoding notes."""
+    settings = result.settings
+    return {
         "mode": settings.mode,
         "eps": settings.eps,
         "steps": settings.steps,
         "ssim_min": settings.ssim_min,
+        "coarse": settings.coarse,
         "models": list(result.models),
-        "cloak_seconds": round(result.seconds + saving, 3),
+        "cloak_seconds": round(result.seconds + extra_seconds, 3),
         "steps_run": {f"face {f.number}": f.steps for f in result.faces},
         "notes": list(loaded.notes),
     }
-    code = EXIT_OK if report.protected else EXIT_NOT_PROTECTED
-    return _Outcome(str(source), output=written, exit_code=code, report=report, details=details)
 
 
-def _exit_code(outcomes: list[_Outcome]) -> int:
+def _exit_code(outcomes: list[Outcome]) -> int:
     codes = {o.exit_code for o in outcomes}
     for code in (EXIT_MODEL, EXIT_INPUT, EXIT_FAILED, EXIT_NOT_PROTECTED):
         if code in codes:
@@ -324,7 +347,7 @@ def _exit_code(outcomes: list[_Outcome]) -> int:
     return EXIT_OK
 
 
-def _print_outcomes(outcomes: list[_Outcome]) -> None:
+def _print_outcomes(outcomes: list[Outcome]) -> None:
     out = Console()
     for outcome in outcomes:
         if outcome.error is not None:
@@ -379,7 +402,7 @@ def compare(
     device, _ = _global(ctx)
     with clean_errors():
         a, b = load_image(first), load_image(second)
-        recognizers = cloaking.load_recognizers(_split_models(models), device=device)
+        recognizers = cloaking.load_recognizers(split_models(models), device=device)
         detector = None if no_align else cloaking.load_detector(device=device)
         sims = compare_faces(a, b, recognizers=recognizers, detector=detector, no_align=no_align)
     matches = sum(s.match for s in sims)

@@ -114,6 +114,10 @@ def run_eval(
     ssim_min: Annotated[
         float | None, typer.Option("--ssim-min", help="SSIM floor, overriding every mode's (0: none).")
     ] = None,
+    coarse: Annotated[
+        float | None,
+        typer.Option(help="Perturbation grid step in crop pixels, overriding every mode's (1: per pixel)."),
+    ] = None,
     models: Annotated[
         str | None,
         typer.Option(
@@ -202,7 +206,8 @@ def run_eval(
             raise InputError("--threshold is the threshold of --evaluator; give --evaluator too")
         mode_names = _split(modes, "--modes") if modes is not None else [mode]
         settings = {
-            name: cloaking.settings_for(name, eps=eps, steps=steps, ssim_min=ssim_min) for name in mode_names
+            name: cloaking.settings_for(name, eps=eps, steps=steps, ssim_min=ssim_min, coarse=coarse)
+            for name in mode_names
         }
         if plots is not None:
             from uncnn_rt.runtime import plots as plotting

@@ -106,11 +106,11 @@ def serve(
     import uvicorn
 
     from uncnn_rt.cli import server
-    from uncnn_rt.cli.cloak_cmd import _split_models
+    from uncnn_rt.cli.cloak_cmd import split_models
 
     chosen_device = device or getattr(ctx.obj, "device", "auto")
     with clean_errors():
-        names = _split_models(models)
+        names = split_models(models)
         config = server.ServeConfig(
             device=chosen_device,
             models=None if names is None else tuple(names),

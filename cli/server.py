@@ -42,7 +42,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from uncnn_rt import __version__
-from uncnn_rt.cli.cloak_cmd import CLASSIFIER, _Outcome, _split_models
+from uncnn_rt.cli.cloak_cmd import CLASSIFIER, Outcome, cloak_details, split_models
 from uncnn_rt.runtime import cloak as cloaking
 from uncnn_rt.runtime import zoo
 from uncnn_rt.runtime.errors import (
@@ -522,7 +522,7 @@ class CloakOptions:
             face=None if face is None else face - 1,
             largest=fields.flag("largest"),
             no_align=fields.flag("no_align"),
-            models=_split_models(fields.text("models")),
+            models=split_models(fields.text("models")),
             seed=fields.integer("seed") or 0,
             format=fields.text("format"),
             keep_location=fields.flag("keep_location"),
@@ -564,17 +564,8 @@ def cloak_work(
     encoding = time.perf_counter() - start
     report = verify(loaded, data, result, recognizers=recognizers, detector=detector)
     filename = default_output_path(upload.filename, fmt).name
-    details = {
-        "mode": result.settings.mode,
-        "eps": result.settings.eps,
-        "steps": result.settings.steps,
-        "ssim_min": result.settings.ssim_min,
-        "models": list(result.models),
-        "cloak_seconds": round(result.seconds + encoding, 3),
-        "steps_run": {f"face {f.number}": f.steps for f in result.faces},
-        "notes": list(loaded.notes),
-    }
-    summary = _Outcome(upload.filename, report=report, details=details).to_dict()
+    details = cloak_details(result, loaded, extra_seconds=encoding)
+    summary = Outcome(upload.filename, report=report, details=details).to_dict()
     summary["output"] = filename  # verify saw an in-memory file; the client gets this name
     return Cloaked(data, MEDIA_TYPES[fmt], filename, summary)
 
@@ -583,7 +574,7 @@ def compare_work(
     job: Job, first: Upload, second: Upload, fields: Fields, models: Models, config: ServeConfig
 ) -> dict[str, Any]:
     no_align = fields.flag("no_align")
-    recognizers = models.recognizers_for(_split_models(fields.text("models")))
+    recognizers = models.recognizers_for(split_models(fields.text("models")))
     a = load_image(first.data, name=first.form_field, max_pixels=config.max_pixels)
     b = load_image(second.data, name=second.form_field, max_pixels=config.max_pixels)
     job.check()

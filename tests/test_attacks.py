@@ -104,7 +104,8 @@ def _attack_cases(draw: st.DrawFn) -> tuple[GradientAttack, FloatArray, FloatArr
     ssim_floor = draw(st.none() | st.floats(0.5, 0.99))
     kind = draw(st.sampled_from(["fgsm", "bim", "pgd", "mifgsm", "l2pgd"]))
     steps = draw(st.integers(1, 3))
-    common = {"eps": eps, "l2": l2, "ssim_floor": ssim_floor}
+    coarse = draw(st.sampled_from([1.0, 1.0, 2.5, 4.0]))
+    common = {"eps": eps, "l2": l2, "ssim_floor": ssim_floor, "coarse": coarse}
     attack: GradientAttack
     if kind == "fgsm":
         attack = FGSM(**common)
@@ -115,7 +116,9 @@ def _attack_cases(draw: st.DrawFn) -> tuple[GradientAttack, FloatArray, FloatArr
     elif kind == "mifgsm":
         attack = MIFGSM(steps=steps, **common)
     else:
-        attack = L2PGD(eps=eps, l2=l2 if l2 is not None else 50.0, steps=steps, ssim_floor=ssim_floor)
+        attack = L2PGD(
+            eps=eps, l2=l2 if l2 is not None else 50.0, steps=steps, ssim_floor=ssim_floor, coarse=coarse
+        )
     return attack, images.astype(np.float32), mask, quantize
 
 
@@ -242,6 +245,24 @@ def test_same_seed_gives_identical_results(face: AttackSession) -> None:
     np.testing.assert_array_equal(first.history["linear_face"], second.history["linear_face"])
     other = attack(x, victims, seed=43)
     assert not np.array_equal(first.images, other.images)
+
+
+def test_coarse_steps_are_upsampled_signs_of_the_pooled_gradient(face: AttackSession) -> None:
+    x = _images(2, 16, seed=5) * 0.5 + 64  # well inside the range, so no pixel clips
+    other = face.features(_images(2, 16, seed=6))
+    grad = face.run(x, other).grad
+    basis = Resize((4, 4), (16, 16))
+    coarse = FGSM(eps=4.0, coarse=4.0)(x, [Victim(face, other)])
+    expected = -4.0 * basis.forward(np.sign(basis.adjoint(grad)))
+    np.testing.assert_allclose(coarse.perturbation, expected, atol=1e-4)
+    fine = FGSM(eps=4.0)(x, [Victim(face, other)])
+
+    def variation(d: FloatArray) -> float:
+        return float(np.abs(np.diff(d, axis=1)).mean() + np.abs(np.diff(d, axis=2)).mean())
+
+    assert variation(coarse.perturbation) < 0.5 * variation(fine.perturbation)
+    with pytest.raises(InputError, match="coarse"):
+        FGSM(eps=4.0, coarse=0.5)
 
 
 def test_ssim_floor_holds_inside_the_loop(face: AttackSession) -> None:
