@@ -16,7 +16,8 @@ from uncnn_rt.cli.errors import EXIT_USAGE, clean_errors
 SERVE_HELP = "\n\n".join(
     [
         "Run the cloaking service: an HTTP API and a page to drop a photo on.",
-        "Open http://HOST:PORT/ in a browser: pick or drop a photo, choose the mode, watch the progress, "
+        "Open the server's address (HOST:PORT, path /) in a browser: pick or drop a photo, choose the "
+        "mode, watch the progress, "
         "compare before and after with each recognizer's similarity and the PROTECTED verdict, and "
         "download the result. The API is described at /docs (and /openapi.json): POST /v1/cloak, "
         "/v1/compare and /v1/classify take multipart uploads; GET /v1/models and /healthz.",
