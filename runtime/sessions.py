@@ -409,8 +409,7 @@ class AttackSession:
         n = images.shape[0]
         if fixed is None or fixed == n:
             return [
-                np.asarray(o, np.float32)
-                for o in session.run(list(names), self._feeds(images, references))
+                np.asarray(o, np.float32) for o in session.run(list(names), self._feeds(images, references))
             ]
         pieces: list[list[Float32Array]] = []
         for start in range(0, n, fixed):

@@ -40,6 +40,7 @@ from uncnn_rt.runtime.attacks import (
     SimilarityBelow,
     TargetReached,
     TranslationInvariance,
+    Upsample,
     Victim,
     resize_matrix,
 )
@@ -375,6 +376,18 @@ def test_resize_adjoint_passes_the_dot_product_test(source: tuple[int, int], tar
     lhs = np.vdot(resize.forward(x).astype(np.float64), y)
     rhs = np.vdot(x.astype(np.float64), resize.adjoint(y))
     assert lhs == pytest.approx(rhs, rel=1e-5)
+
+
+@pytest.mark.parametrize(("source", "target"), [((4, 4), (16, 16)), ((5, 7), (23, 41)), ((9, 9), (9, 9))])
+def test_upsample_is_the_resize_from_two_taps(source: tuple[int, int], target: tuple[int, int]) -> None:
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, *source, 3)).astype(np.float32)
+    g = rng.normal(size=(2, *target, 3)).astype(np.float32)
+    fast, dense = Upsample(source, target), Resize(source, target)
+    np.testing.assert_allclose(fast.forward(x), dense.forward(x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fast.adjoint(g), dense.adjoint(g), rtol=1e-4, atol=1e-4)
+    with pytest.raises(InputError, match="at least as large"):
+        Upsample(target, source) if target != source else Upsample((9, 9), (8, 8))
 
 
 def test_di_resize_and_pad_adjoint_passes_the_dot_product_test() -> None:

@@ -36,7 +36,7 @@ from .criteria import (
     default_criterion,
 )
 from .ensemble import Ensemble, Gradient, Victim
-from .linear import LinearMap, Resize, ResizePad, resize_matrix
+from .linear import LinearMap, Resize, ResizePad, Upsample, resize_matrix
 from .pgd import BIM, FGSM, IFGSM, L2PGD, MIFGSM, PGD, LinfPGD
 
 __all__ = [
@@ -70,6 +70,7 @@ __all__ = [
     "TargetReached",
     "Transform",
     "TranslationInvariance",
+    "Upsample",
     "Victim",
     "default_criterion",
     "resize_matrix",

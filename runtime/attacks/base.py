@@ -32,7 +32,7 @@ from ..errors import InputError
 from .boosters import EOT, InputDiversity, TranslationInvariance
 from .criteria import Criterion, ModelState, default_criterion
 from .ensemble import Ensemble, Victim, unit_mean_magnitude
-from .linear import LinearMap, Resize
+from .linear import LinearMap, Upsample
 
 Float32Array = NDArray[np.float32]
 BoolArray = NDArray[np.bool_]
@@ -437,12 +437,12 @@ def _quantize(delta: Float32Array, integer_bound: Float32Array, l2: float | None
     return np.asarray(q, dtype=np.float32)
 
 
-def _coarse_basis(factor: float, size: tuple[int, int]) -> Resize | None:
+def _coarse_basis(factor: float, size: tuple[int, int]) -> Upsample | None:
     """Bilinear upsampling from a grid ``factor`` times coarser onto ``size``, or None for ``factor`` 1."""
     if factor <= 1.0:
         return None
     grid = (max(1, round(size[0] / factor)), max(1, round(size[1] / factor)))
-    return Resize(grid, size)
+    return Upsample(grid, size)
 
 
 def _mapped_size(input_map: LinearMap, x0: Float32Array) -> tuple[int, int]:

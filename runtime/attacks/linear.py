@@ -75,6 +75,77 @@ class Resize(LinearMap):
         return _apply_rows_cols(grad, self._rows.T, self._cols.T)
 
 
+class Upsample(LinearMap):
+    """Bilinear upsampling of ``[N, h, w, C]`` to ``[N, H, W, C]`` (``H >= h``, ``W >= w``): the same map as
+    :class:`Resize`, computed from the two taps each output pixel has instead of dense matrices.
+
+    An upsampling row of :func:`resize_matrix` has at most two non-zero weights, so forward is two
+    gathers per axis and the adjoint two sorted segment sums (``np.add.reduceat``) per axis: O(H W C)
+    work where the dense products cost O(H W C (h + w)). The perturbation basis of
+    :class:`~.base.GradientAttack` (``coarse``) applies it twice per step on whole face regions.
+    """
+
+    def __init__(self, source: tuple[int, int], target: tuple[int, int]) -> None:
+        if target[0] < source[0] or target[1] < source[1]:
+            raise InputError(
+                f"Upsample needs a target at least as large as the source, got {source} -> {target}"
+            )
+        self.source, self.target = source, target
+        self._rows = _two_taps(resize_matrix(source[0], target[0]))
+        self._cols = _two_taps(resize_matrix(source[1], target[1]))
+
+    def forward(self, images: Float32Array) -> Float32Array:
+        _check_hw(images, self.source, "upsample input")
+        return _taps_forward(_taps_forward(images, self._rows, axis=1), self._cols, axis=2)
+
+    def adjoint(self, grad: Float32Array) -> Float32Array:
+        _check_hw(grad, self.target, "upsample adjoint input")
+        rows, cols = self.source
+        return _taps_adjoint(_taps_adjoint(grad, self._cols, cols, axis=2), self._rows, rows, axis=1)
+
+
+_Taps = tuple[NDArray[np.intp], NDArray[np.intp], Float32Array, Float32Array]
+
+
+def _two_taps(matrix: Float32Array) -> _Taps:
+    """Per output index, its two input taps ``(i0, i1)`` (non-decreasing) and weights ``(w0, w1)``."""
+    nonzero = matrix > 0
+    if int(nonzero.sum(axis=1).max(initial=0)) > 2:
+        raise InputError("Upsample: a resize row has more than two taps (that is a downscale)")
+    first = np.argmax(nonzero, axis=1)
+    last = matrix.shape[1] - 1 - np.argmax(nonzero[:, ::-1], axis=1)
+    rows = np.arange(matrix.shape[0])
+    w0 = matrix[rows, first].astype(np.float32)
+    w1 = np.where(last != first, matrix[rows, last], 0.0).astype(np.float32)
+    return first.astype(np.intp), last.astype(np.intp), w0, w1
+
+
+def _along(weights: Float32Array, axis: int) -> Float32Array:
+    shape = [1, 1, 1, 1]
+    shape[axis] = weights.shape[0]
+    return weights.reshape(shape)
+
+
+def _taps_forward(images: Float32Array, taps: _Taps, axis: int) -> Float32Array:
+    i0, i1, w0, w1 = taps
+    near = np.take(images, i0, axis=axis) * _along(w0, axis)
+    return np.asarray(near + np.take(images, i1, axis=axis) * _along(w1, axis), dtype=np.float32)
+
+
+def _taps_adjoint(grad: Float32Array, taps: _Taps, size: int, axis: int) -> Float32Array:
+    i0, i1, w0, w1 = taps
+    shape = list(grad.shape)
+    shape[axis] = size
+    out = np.zeros(shape, np.float32)
+    for index, weight in ((i0, w0), (i1, w1)):
+        starts = np.flatnonzero(np.r_[True, index[1:] != index[:-1]])  # runs of equal, sorted taps
+        sums = np.add.reduceat(grad * _along(weight, axis), starts, axis=axis)
+        where: list[slice | NDArray[np.intp]] = [slice(None)] * 4
+        where[axis] = index[starts]
+        out[tuple(where)] += sums
+    return out
+
+
 class ResizePad(LinearMap):
     """Shrink ``[N, H, W, C]`` to ``inner`` and paste it at ``offset`` into an ``H x W`` canvas of ``fill``.
 
