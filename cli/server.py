@@ -485,6 +485,7 @@ CLOAK_OPTIONS: Final = {
     "eps": ("number", "L-inf budget in grey levels 0..255, overriding the mode"),
     "steps": ("integer", "most attack steps per face, overriding the mode"),
     "ssim_min": ("number", "SSIM floor per face region, overriding the mode (0: none)"),
+    "coarse": ("number", "perturbation grid step in crop pixels, overriding the mode's (1: per pixel)"),
     "face": ("integer", "cloak only face N (1 = leftmost)"),
     "largest": ("boolean", "cloak only the largest face"),
     "no_align": ("boolean", "no face detection: the image's centred square is the face"),
@@ -518,6 +519,7 @@ class CloakOptions:
                 eps=fields.number("eps"),
                 steps=fields.integer("steps"),
                 ssim_min=fields.number("ssim_min"),
+                coarse=fields.number("coarse"),
             ),
             face=None if face is None else face - 1,
             largest=fields.flag("largest"),
@@ -796,7 +798,7 @@ def create_app(config: ServeConfig | None = None, *, models: Models | None = Non
                 for e in zoo.load_manifest()
             ],
             "modes": {
-                name: {"eps": m.eps, "steps": m.steps, "ssim_min": m.ssim_min}
+                name: {"eps": m.eps, "steps": m.steps, "ssim_min": m.ssim_min, "coarse": m.coarse}
                 for name, m in cloaking.MODES.items()
             },
             "default_mode": cloaking.DEFAULT_MODE,

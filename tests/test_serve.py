@@ -232,6 +232,7 @@ BAD_CLOAKS = [
     ("bad steps", upload(encode(FACE)), {"steps": "many"}, 422, "'steps' must be an integer, got 'many'"),
     ("bad flag", upload(encode(FACE)), {"no_align": "perhaps"}, 422, "'no_align' must be true or false"),
     ("bad eps", upload(encode(FACE)), {"eps": "300"}, 422, "eps must be in 0..255"),
+    ("bad coarse", upload(encode(FACE)), {"coarse": "0.5"}, 422, "coarse must be in 1..64"),
     ("unknown field", upload(encode(FACE)), {"colour": "red"}, 422, "unknown field.* colour"),
     ("bad format", upload(encode(FACE)), {**CHEAP, "format": "gif"}, 422, "cannot write format 'gif'"),
     ("unknown model", upload(encode(FACE)), {**CHEAP, "models": "nope"}, 422, "unknown recognizer.* nope"),
