@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated, Any
@@ -383,12 +384,7 @@ def _print_mode(
     out: Console, report: ev.EvalReport, mode: ev.ModeReport, names: list[str], described: dict[str, str]
 ) -> None:
     out.rule(f"mode {mode.mode}: {mode.settings.get('description', '')}")
-    quality = Table(title="Cloak cost and image quality (saved photo vs original)", title_justify="left")
-    for column in ("attack", "photos", "SSIM mean", "SSIM min", "PSNR", "L-inf max", "s/photo", "steps"):
-        quality.add_column(column, justify="left" if column == "attack" else "right")
-    for q in mode.quality:
-        quality.add_row(*_quality_row(q))
-    out.print(quality)
+    out.print(_quality_table("Cloak cost and image quality (saved photo vs original)", mode.quality))
 
     table = Table(
         title="Protection: share of photos recognized when clean that no longer are", title_justify="left"
@@ -449,6 +445,16 @@ def _short(condition: str, described: dict[str, str]) -> str:
     return "saved" if condition == ev.AS_SAVED else condition
 
 
+def _quality_table(title: str, rows: Sequence[ev.AttackQuality]) -> Table:
+    """One row per attack: photos, SSIM, PSNR, L-inf, seconds per photo and steps."""
+    table = Table(title=title, title_justify="left")
+    for column in ("attack", "photos", "SSIM mean", "SSIM min", "PSNR", "L-inf max", "s/photo", "steps"):
+        table.add_column(column, justify="left" if column == "attack" else "right")
+    for q in rows:
+        table.add_row(*_quality_row(q))
+    return table
+
+
 def _quality_row(q: ev.AttackQuality) -> list[str]:
     return [
         q.attack,
@@ -465,15 +471,8 @@ def _quality_row(q: ev.AttackQuality) -> list[str]:
 def _print_group(out: Console, group: ev.GroupReport, names: list[str], described: dict[str, str]) -> None:
     for warning in group.warnings:
         out.print(f"[yellow]warning:[/] {warning}")
-    quality = Table(
-        title=f"Group photos: {group.photos} photos, {group.faces} faces; cost and quality",
-        title_justify="left",
-    )
-    for column in ("attack", "photos", "SSIM mean", "SSIM min", "PSNR", "L-inf max", "s/photo", "steps"):
-        quality.add_column(column, justify="left" if column == "attack" else "right")
-    for q in group.quality:
-        quality.add_row(*_quality_row(q))
-    out.print(quality)
+    title = f"Group photos: {group.photos} photos, {group.faces} faces; cost and quality"
+    out.print(_quality_table(title, group.quality))
     table = Table(
         title="Group photos, self-protection: faces whose cloaked embedding falls below the threshold "
         "against their own clean embedding",
