@@ -76,7 +76,7 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from .errors import InputError, ModelError
-from .sessions import resolve_device
+from .sessions import resolve_device, stop_spinning
 
 Float32Array = NDArray[np.float32]
 Float64Array = NDArray[np.float64]
@@ -479,12 +479,11 @@ class FaceDetector:
         self.max_faces = max_faces
         self.min_face = float(min_face)
         placement = resolve_device(device)
-        options = ort.SessionOptions()
-        if intra_op_threads is not None:
-            options.intra_op_num_threads = intra_op_threads
         # Runs are short (about 7 ms of CPU each at S = 256): threads that spin between them only take
         # cores from other work, and halve the speed on a busy machine.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options = stop_spinning(ort.SessionOptions())
+        if intra_op_threads is not None:
+            options.intra_op_num_threads = intra_op_threads
         try:
             self._session = ort.InferenceSession(
                 str(self.path),

@@ -71,7 +71,7 @@ from .cloak import (
 from .contract import META_KIND, META_THRESHOLD
 from .errors import InputError, ModelError
 from .imageio import LoadedImage, encode_image, load_image, output_format
-from .sessions import AttackSession, open_session, resolve_device
+from .sessions import AttackSession, open_session, resolve_device, stop_spinning
 from .verify import best_match
 from .warp import Warp, invert_affine
 
@@ -365,6 +365,7 @@ class OnnxEmbedder:
         try:
             self._session = ort.InferenceSession(
                 str(self.path),
+                sess_options=stop_spinning(ort.SessionOptions()),
                 providers=list(placement.providers),
                 provider_options=placement.provider_options(),
             )

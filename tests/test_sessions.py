@@ -239,6 +239,15 @@ def test_open_session_reuses_one_session_per_file_and_device(tmp_path: Path) -> 
     clear_session_cache()
 
 
+def test_sessions_do_not_spin_unless_asked(linear_face_graph: LinearGraph) -> None:
+    """Idle onnxruntime threads spin by default and take the cores from the attack's numpy work."""
+    quiet = AttackSession(linear_face_graph.path, device="cpu")
+    assert quiet._options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    spinning = AttackSession(linear_face_graph.path, device="cpu", spin=True)
+    with pytest.raises(RuntimeError):  # not set: onnxruntime's default (spin)
+        spinning._options.get_session_config_entry("session.intra_op.allow_spinning")
+
+
 def test_concurrent_runs_on_one_session_match_serial_runs(linear_face_graph: LinearGraph) -> None:
     session = AttackSession(linear_face_graph.path, device="cpu", io_binding=True)
     batches = [_images(2, 16, seed=s) for s in range(16)]
