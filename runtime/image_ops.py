@@ -43,12 +43,33 @@ def gaussian_kernel1d(sigma: float, radius: int | None = None) -> Float64Array:
     return np.asarray(k / k.sum(), dtype=np.float64)
 
 
-def _filter_valid(x: Float64Array, kernel: Float64Array) -> Float64Array:
-    """Separable correlation of ``[N, H, W, C]`` with ``kernel`` on both spatial axes, 'valid' region only."""
+def filter_valid(x: NDArray[np.floating], kernel: Float64Array) -> NDArray[np.floating]:
+    """Separable correlation of ``[N, H, W, C]`` with a symmetric ``kernel`` on both spatial axes, 'valid'
+    region only, in ``x``'s float dtype.
+
+    Each pass folds the mirrored taps (``k_i (a_i + a_{-i})``) and accumulates in place, so it makes
+    two temporaries instead of one per tap: about twice as fast as the plain sum of shifted products.
+    """
     taps = kernel.shape[0]
-    h, w = x.shape[1] - taps + 1, x.shape[2] - taps + 1
-    rows = sum(kernel[i] * x[:, i : i + h] for i in range(taps))
-    return np.asarray(sum(kernel[i] * rows[:, :, i : i + w] for i in range(taps)), dtype=np.float64)
+    if taps % 2 != 1 or not np.allclose(kernel, kernel[::-1]):
+        raise InputError(f"filter_valid needs a symmetric kernel of odd length, got {kernel.shape[0]} taps")
+    k = kernel.astype(x.dtype)
+    r = taps // 2
+    out = x
+    for axis in (1, 2):
+        n = out.shape[axis] - taps + 1
+
+        def tap(i: int, a: NDArray[np.floating] = out, axis: int = axis, n: int = n) -> NDArray[np.floating]:
+            return a[:, i : i + n] if axis == 1 else a[:, :, i : i + n]
+
+        acc = tap(r) * k[r]
+        tmp = np.empty_like(acc)
+        for i in range(r):
+            np.add(tap(i), tap(taps - 1 - i), out=tmp)
+            tmp *= k[i]
+            acc += tmp
+        out = acc
+    return out
 
 
 def ssim(reference: NDArray[np.generic], distorted: NDArray[np.generic]) -> Float64Array:
@@ -72,10 +93,10 @@ def ssim(reference: NDArray[np.generic], distorted: NDArray[np.generic]) -> Floa
             f"SSIM needs images of at least {kernel.shape[0]}x{kernel.shape[0]}, got {x.shape[1:3]}"
         )
     c1, c2 = (SSIM_K1 * DATA_RANGE) ** 2, (SSIM_K2 * DATA_RANGE) ** 2
-    mx, my = _filter_valid(x, kernel), _filter_valid(y, kernel)
-    vx = _filter_valid(x * x, kernel) - mx * mx
-    vy = _filter_valid(y * y, kernel) - my * my
-    cxy = _filter_valid(x * y, kernel) - mx * my
+    mx, my = filter_valid(x, kernel), filter_valid(y, kernel)
+    vx = filter_valid(x * x, kernel) - mx * mx
+    vy = filter_valid(y * y, kernel) - my * my
+    cxy = filter_valid(x * y, kernel) - mx * my
     index = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
     return np.asarray(index.mean(axis=(1, 2, 3)), dtype=np.float64)
 

@@ -450,6 +450,36 @@ def test_ssim_and_psnr_match_scikit_image() -> None:
     assert image_ops.ssim(x, x)[0] == pytest.approx(1.0)
 
 
+def test_filter_valid_is_the_plain_correlation() -> None:
+    rng = np.random.default_rng(4)
+    x = rng.uniform(0, 255, (2, 30, 25, 3))
+    k = image_ops.gaussian_kernel1d(image_ops.SSIM_SIGMA)
+    h, w = 30 - k.size + 1, 25 - k.size + 1
+    rows = sum(k[i] * x[:, i : i + h] for i in range(k.size))
+    plain = sum(k[i] * rows[:, :, i : i + w] for i in range(k.size))
+    np.testing.assert_allclose(image_ops.filter_valid(x, k), plain, rtol=1e-12, atol=1e-10)
+    np.testing.assert_allclose(image_ops.filter_valid(x.astype(np.float32), k), plain, atol=1e-3)
+    with pytest.raises(InputError, match="symmetric"):
+        image_ops.filter_valid(x, np.array([0.2, 0.8]))
+
+
+@pytest.mark.parametrize("side", [64, 400])  # 400: split into row bands on the SSIM threads
+def test_fast_ssim_of_the_floor_matches_float64_ssim(side: int) -> None:
+    from uncnn_rt.runtime.attacks.base import _SsimTo
+
+    x = np.asarray(Image.fromarray(data.astronaut()).resize((side, side)), np.float32)[None].repeat(2, 0)
+    x[1] = x[1, ::-1]
+    ssim = _SsimTo(x)
+    rng = np.random.default_rng(5)
+    for eps in (1, 8, 40):
+        s = np.clip(x + np.rint(rng.uniform(-eps, eps, x.shape)), 0, 255).astype(np.float32) - x
+        both = np.arange(2)
+        expected = image_ops.ssim(x, x + s)
+        np.testing.assert_allclose(ssim.fast(s, both), expected, atol=1e-7)
+        np.testing.assert_allclose(ssim.exact(s, both), expected, atol=1e-12)
+        np.testing.assert_allclose(ssim.fast(s[1:], both[1:]), expected[1:], atol=1e-7)
+
+
 def test_result_uint8_is_the_stored_image(face: AttackSession) -> None:
     x = _images(2, 16, seed=17)
     result: AttackResult = PGD(eps=8, steps=3)(x, [_own(face, x)], quantize=True)

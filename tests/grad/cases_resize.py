@@ -38,17 +38,25 @@ def resize(draw) -> Case:
     # onnx's reference in * scale: give them sizes; so too when no dim changes (onnxruntime then copies
     # the input, onnx's reference still resamples)
     coordinates = attrs["coordinate_transformation_mode"]
-    use_sizes = (draw(st.booleans()) or coordinates == "align_corners"
-                 or (coordinates == "pytorch_half_pixel" and 1 in sizes[list(axes)]) or tuple(sizes) == shape)
+    use_sizes = (
+        draw(st.booleans())
+        or coordinates == "align_corners"
+        or (coordinates == "pytorch_half_pixel" and 1 in sizes[list(axes)])
+        or tuple(sizes) == shape
+    )
 
     def build(dt):
         # scales stay float32 whatever the data type (one_node would cast them)
         inputs = ["x", "", "", "sizes"] if use_sizes else ["x", "", "scales"]
-        init = [numpy_helper.from_array(sizes, "sizes") if use_sizes
-                else numpy_helper.from_array(np.array(factors, dtype=np.float32), "scales")]
+        init = [
+            numpy_helper.from_array(sizes, "sizes")
+            if use_sizes
+            else numpy_helper.from_array(np.array(factors, dtype=np.float32), "scales")
+        ]
         return model_of([helper.make_node("Resize", inputs, ["y0"], **attrs)], dt, shape, ["y0"], init)
 
     # the rule uses onnxruntime's float32 weights (1/3 is 0.33333334): allow their rounding
     return Case(build, shape, atol=1e-5)
+
 
 CASES = {"Resize": [resize]}

@@ -47,8 +47,12 @@ PARAMS = [pytest.param(op, fn, id=f"{op}-{fn.__name__}") for op in sorted(CASES)
 
 
 @pytest.mark.parametrize(("op_type", "case_fn"), PARAMS)
-@settings(max_examples=6, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=6,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(data=st.data())
 def test_rule_matches_finite_differences(op_type: str, case_fn, data: st.DataObject) -> None:
     case: Case = case_fn(data.draw)
