@@ -99,6 +99,17 @@ def min_max(op: str):
     return case
 
 
+def min_max_const_first(op: str):
+    def case(draw) -> Case:
+        shape = draw(shapes)
+        other = _broadcast_partner(draw, shape)
+        c = np.random.default_rng(2).uniform(-1.0, 1.0, other)
+        return Case(lambda dt: one_node(op, dt, shape, inputs=[c, "x"]), shape)
+
+    case.__name__ = f"{op.lower()}_constant_first"
+    return case
+
+
 def sum_case(draw) -> Case:
     shape = draw(shapes)
     other = _broadcast_partner(draw, shape)
@@ -141,6 +152,6 @@ CASES = {
     "LeakyRelu": [leaky_case],
     "PRelu": [prelu_case],
     "Clip": [clip_case],
-    "Min": [min_max("Min"), binary_both("Min")],
-    "Max": [min_max("Max"), binary_both("Max")],
+    "Min": [min_max("Min"), min_max_const_first("Min"), binary_both("Min")],
+    "Max": [min_max("Max"), min_max_const_first("Max"), binary_both("Max")],
 }

@@ -344,3 +344,29 @@ def test_reduce_max_splits_ties_evenly() -> None:
         grad = differentiate(_model(nodes, dtype, [3, 4], ["objective"]), wrt="x", objective="objective")
         np.testing.assert_array_equal(evaluator(grad).run(["grad"], {"x": x.astype(dtype)})[0], expected)
         np.testing.assert_array_equal(_ort_grad(grad, x.astype(dtype)), expected)
+
+
+@pytest.mark.parametrize(
+    ("op_type", "x_first", "expected"),
+    [
+        ("Max", True, lambda x: x >= 0),
+        ("Max", False, lambda x: x > 0),
+        ("Min", True, lambda x: x <= 0),
+        ("Min", False, lambda x: x < 0),
+    ],
+)
+def test_min_max_against_a_constant_send_ties_to_the_first_input(op_type, x_first, expected) -> None:
+    """The one-input fast path of the Min/Max rule keeps the general rule's tie-breaking."""
+    zero = numpy_helper.from_array(np.zeros((1, 3), np.float32), "c")
+    inputs = ["x", "c"] if x_first else ["c", "x"]
+    nodes = [
+        helper.make_node(op_type, inputs, ["y"]),
+        helper.make_node("ReduceSum", ["y"], ["objective"], keepdims=0),
+    ]
+    grad_model = differentiate(
+        _model(nodes, np.float32, (2, 3), ["objective"], [zero]), wrt="x", objective="objective"
+    )
+    assert not any(n.op_type == "Where" for n in grad_model.graph.node)
+    x = np.array([[-1.0, 0.0, 2.0], [0.0, 3.0, -0.5]], np.float32)
+    sess = ort.InferenceSession(grad_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(sess.run(["grad"], {"x": x})[0], expected(x).astype(np.float32))

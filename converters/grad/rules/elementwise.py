@@ -247,6 +247,21 @@ def min_max(ctx: GradContext, node: onnx.NodeProto, dys: Grads) -> Grads:
     # y = max(a, b, ...): the gradient flows to the input equal to y (ties: to the first one)
     y = node.output[0]
     dy = _dy(dys)
+    wanted = [ctx.needs_grad(name) for name in node.input]
+    if len(node.input) == 2 and sum(wanted) == 1:
+        # One differentiable input against a constant (Relu6 is Min(Max(x, 0), 6)): a comparison mask,
+        # the ties still going to the first input. 3 ops instead of 6, and Mul by a cast mask is several
+        # times faster than Where in onnxruntime.
+        first = wanted[0]
+        x, c = node.input if first else node.input[::-1]
+        if node.op_type == "Max":
+            mask = ctx.emit("GreaterOrEqual" if first else "Greater", [x, c])
+        else:
+            mask = ctx.emit("LessOrEqual" if first else "Less", [x, c])
+        grad = ctx.unbroadcast(
+            ctx.emit("Mul", [dy, ctx.emit("Cast", [mask], to=ctx.elem_type(y))]), like=y, to=x, node=node
+        )
+        return [grad, None] if first else [None, grad]
     zero = ctx.const(0.0, like=y)
     taken: str | None = None
     grads: Grads = []
