@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper, shape_inference, version_con
 from onnx.reference import ReferenceEvaluator
 
 from uncnn_rt.converters.grad import rules as _rules  # noqa: F401  (registers every rule)
+from uncnn_rt.converters.grad.fuse import fuse_activations
 from uncnn_rt.converters.grad.registry import (
     FLOAT_TYPES,
     NON_DIFFERENTIABLE,
@@ -149,6 +150,7 @@ def differentiate(
     ones of the objective's shape, so per-sample objectives give per-sample gradients.
     """
     model = fold_constants(to_opset(model))
+    model, _ = fuse_activations(model, _infer(model)[0])
     graph = model.graph
     if wrt not in {i.name for i in graph.input}:
         raise ModelError(f"{wrt!r} is not a graph input (inputs: {[i.name for i in graph.input]})")
