@@ -41,6 +41,10 @@ from uncnn_rt.runtime import contract, zoo
 from uncnn_rt.runtime.sessions import AttackSession
 
 EPS, ALPHA = 8.0, 1.0
+# onnxruntime's idle threads spin here as torch's OpenMP threads do: the steps are back to back, and a
+# side that yields its cores between steps while the other spins would pay for the other's spinning.
+# (The attack runtime turns spinning off: there numpy work runs between steps.)
+SPIN = True
 
 
 def median_ms(steps: dict[str, Callable[[], None]], repeats: int, warmup: int = 3) -> dict[str, float]:
@@ -70,7 +74,7 @@ def bench_model(path: Path, batch: int, threads: int, repeats: int) -> dict[str,
     import onnx2torch  # type: ignore[import-untyped]
     import torch
 
-    session = AttackSession(path, device="cpu", intra_op_threads=threads, inter_op_threads=1)
+    session = AttackSession(path, device="cpu", intra_op_threads=threads, inter_op_threads=1, spin=SPIN)
     size = session.info.canonical_size
     if session.info.batch_size not in (None, batch):
         raise SystemExit(f"{path}: fixed batch {session.info.batch_size}, cannot time batch {batch}")
