@@ -540,3 +540,23 @@ def test_untargeted_pgd_breaks_each_shipped_face_recognizer(index: int) -> None:
     assert entry.threshold is not None
     similarity = float((session.features(result.to_uint8()) * clean).sum())
     assert similarity < entry.threshold, f"{entry.name}: similarity {similarity:.3f} >= {entry.threshold}"
+
+
+def test_ssim_threads_work_in_a_forked_child() -> None:
+    """The SSIM floor's thread pool, once used, must not hang a child made by fork (augment workers)."""
+    import multiprocessing
+
+    from uncnn_rt.runtime.attacks.base import _SsimTo
+
+    x = np.asarray(Image.fromarray(data.astronaut()).resize((400, 400)), np.float32)[None]
+    s = np.ones_like(x)
+    expected = _SsimTo(x).fast(s, np.arange(1))  # starts the pool in this process
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        got = pool.apply_async(_fast_ssim_of, (x, s)).get(timeout=60)
+    np.testing.assert_array_equal(got, expected)
+
+
+def _fast_ssim_of(x: NDArray[np.float32], s: NDArray[np.float32]) -> NDArray[np.float64]:
+    from uncnn_rt.runtime.attacks.base import _SsimTo
+
+    return _SsimTo(x).fast(s, np.arange(1))

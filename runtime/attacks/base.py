@@ -19,10 +19,10 @@ default step size, as in foolbox's ``gradient_descent_base``.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 import os
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -499,10 +499,27 @@ def _row_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-@functools.cache
+_POOL: list[ThreadPoolExecutor] = []
+_POOL_LOCK = threading.Lock()
+
+
 def _row_pool() -> ThreadPoolExecutor:
-    """Threads shared by every attack's SSIM evaluations (created on first use)."""
-    return ThreadPoolExecutor(max_workers=_row_workers(), thread_name_prefix="uncnn-ssim")
+    """Threads shared by every attack's SSIM evaluations, created on first use."""
+    with _POOL_LOCK:
+        if not _POOL:
+            _POOL.append(ThreadPoolExecutor(max_workers=_row_workers(), thread_name_prefix="uncnn-ssim"))
+        return _POOL[0]
+
+
+def _forget_pool() -> None:
+    """In a child made by ``fork``: the inherited pool has no threads behind it (and its lock may have
+    been held by a thread that did not come along), so the child starts afresh."""
+    global _POOL_LOCK
+    _POOL_LOCK = threading.Lock()
+    _POOL.clear()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _next_share(
