@@ -9,7 +9,9 @@ Cloaks every fifth dev chip (``--chips`` of them, one per identity first) with t
 cloaked and the clean chip, with how many chips fall under its threshold. The held-out similarity is a
 finer signal than the protection rate on few chips: it moves long before a chip crosses the threshold.
 Each RECIPE is JSON: ``mode`` (low, mid, high; default mid), ``targeted`` (move towards the dev chip of
-another identity that is farthest from this one in the ensemble's view), and any CloakSettings field.
+another identity that is farthest from this one in the ensemble's view), ``extra`` (also attack the
+``--extra`` attack graphs, e.g. intermediate-layer victims, except those built from HELD: their names
+start with HELD's), and any CloakSettings field.
 Use ``uncnn-rt eval`` (or ``bench/eval_dev.py run``) for the figures that go into the README.
 """
 
@@ -35,6 +37,7 @@ from uncnn_rt.runtime.cloak import (
     load_recognizers,
 )
 from uncnn_rt.runtime.imageio import load_image
+from uncnn_rt.runtime.sessions import open_session
 
 DEV = Path(__file__).resolve().parents[1].parent / "shared" / "faces" / "dev" / "identities"
 
@@ -47,6 +50,7 @@ def main() -> None:
     parser.add_argument("recipes", nargs="+", help="JSON objects: mode, targeted, CloakSettings fields")
     parser.add_argument("--chips", type=int, default=8)
     parser.add_argument("--dev", type=Path, default=DEV)
+    parser.add_argument("--extra", type=Path, nargs="*", default=[], help="more attack graphs")
     args = parser.parse_args()
 
     names = default_recognizer_names()
@@ -55,6 +59,8 @@ def main() -> None:
     sessions = {r.name: r for r in load_recognizers(names, device="cpu")}
     ensemble = [sessions[n] for n in names if n != args.held]
     held = sessions[args.held]
+    extras = [open_session(path, device="cpu") for path in args.extra]
+    extras = [e for e in extras if not e.name.startswith(args.held)]
     everything = sorted(args.dev.glob("*/*.png"))
     chips = everything[::5][: args.chips]
     others = everything[2::5]
@@ -67,6 +73,7 @@ def main() -> None:
     for text in args.recipes:
         fields = json.loads(text)
         mode, targeted = fields.pop("mode", "mid"), fields.pop("targeted", False)
+        victims = ensemble + extras if fields.pop("extra", False) else ensemble
         settings = replace(
             MODES[mode], **{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
         )
@@ -82,7 +89,7 @@ def main() -> None:
                 ]
                 target = min(candidates, key=lambda e: sum(float(e[n] @ mine[n]) for n in mine))
             result = cloak_image(
-                loaded, recognizers=ensemble, mode=settings, no_align=True, seed=0, target=target
+                loaded, recognizers=victims, mode=settings, no_align=True, seed=0, target=target
             )
             ssim, _ = image_quality(loaded.rgb, result.image)
             clean = embedding(loaded.rgb, [held])[held.name]
@@ -92,7 +99,7 @@ def main() -> None:
         threshold = held.info.threshold or 0.0
         print(
             f"held={held.name} {text}: {seconds:.1f} s/chip, SSIM {np.mean([r[0] for r in rows]):.3f}, "
-            f"white-box past threshold {sum(r[1] for r in rows)}/{len(ensemble) * len(chips)}, "
+            f"white-box past threshold {sum(r[1] for r in rows)}/{len(victims) * len(chips)}, "
             f"held-out similarity {np.mean([r[2] for r in rows]):.3f} (threshold {threshold:.3f}), "
             f"held-out protected {sum(r[2] < threshold for r in rows)}/{len(chips)}",
             flush=True,
