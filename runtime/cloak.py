@@ -37,9 +37,10 @@ Every mode stops a face early once every white-box recognizer is past its thresh
 ``stop_margin`` (checked every ``check_every`` steps on the exact uint8 pixels), and spends each step
 on one recognizer, drawn in proportion to how far it is from its threshold (a stochastic ensemble:
 the momentum sums them). Measured on this project's 2-core CPU with the four default recognizers
-(see ``bench/cloak_latency.py``): a step costs about 0.1-0.25 s. ``mid`` protects large faces (a 1080p
-portrait) against most of the ensemble; small faces (under about 120 px, as in group photos) need
-``high``.
+(see ``bench/cloak_latency.py``): a step of ``mid`` on a 1080p portrait costs about 0.08 s, and the
+whole cloak 2.4-2.8 s. Against the white-box recognizers ``mid`` protects 74% of the dev chips (P1 of
+``uncnn-rt eval``) and leaves 87-96% of the group photos' faces under each one's threshold
+(``bench/RESULTS.md``, run 11); ``high`` protects 95% of the chips.
 """
 
 from __future__ import annotations
