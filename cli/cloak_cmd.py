@@ -184,8 +184,8 @@ def cloak(
     coarse: Annotated[
         float | None,
         typer.Option(
-            help="Grid step of the perturbation in canonical-crop pixels, overriding the mode's 4 "
-            "(1: per pixel; larger: smoother, cheaper in SSIM, weaker per grey level)."
+            help="Grid step of the perturbation in canonical-crop pixels, replacing the mode's grids of 4 "
+            "and 8 by this one (1: per pixel; larger: smoother, cheaper in SSIM, weaker per grey level)."
         ),
     ] = None,
     face: Annotated[
@@ -332,6 +332,8 @@ def cloak_details(
         "steps": settings.steps,
         "ssim_min": settings.ssim_min,
         "coarse": settings.coarse,
+        "scales": list(settings.scales),
+        "schedule": settings.schedule,
         "models": list(result.models),
         "cloak_seconds": round(result.seconds + extra_seconds, 3),
         "steps_run": {f"face {f.number}": f.steps for f in result.faces},

@@ -798,7 +798,14 @@ def create_app(config: ServeConfig | None = None, *, models: Models | None = Non
                 for e in zoo.load_manifest()
             ],
             "modes": {
-                name: {"eps": m.eps, "steps": m.steps, "ssim_min": m.ssim_min, "coarse": m.coarse}
+                name: {
+                    "eps": m.eps,
+                    "steps": m.steps,
+                    "ssim_min": m.ssim_min,
+                    "coarse": m.coarse,
+                    "scales": list(m.scales),
+                    "schedule": m.schedule,
+                }
                 for name, m in cloaking.MODES.items()
             },
             "default_mode": cloaking.DEFAULT_MODE,

@@ -106,7 +106,10 @@ def _attack_cases(draw: st.DrawFn) -> tuple[GradientAttack, FloatArray, FloatArr
     kind = draw(st.sampled_from(["fgsm", "bim", "pgd", "mifgsm", "l2pgd"]))
     steps = draw(st.integers(1, 3))
     coarse = draw(st.sampled_from([1.0, 1.0, 2.5, 4.0]))
+    scales = draw(st.sampled_from([(), (), (2.0,), (1.0, 8.0)]))
+    schedule = draw(st.sampled_from(["constant", "cosine"]))
     common = {"eps": eps, "l2": l2, "ssim_floor": ssim_floor, "coarse": coarse}
+    common.update(scales=scales, schedule=schedule)
     attack: GradientAttack
     if kind == "fgsm":
         attack = FGSM(**common)
@@ -264,6 +267,22 @@ def test_coarse_steps_are_upsampled_signs_of_the_pooled_gradient(face: AttackSes
     assert variation(coarse.perturbation) < 0.5 * variation(fine.perturbation)
     with pytest.raises(InputError, match="coarse"):
         FGSM(eps=4.0, coarse=0.5)
+
+
+def test_multi_scale_steps_average_the_grids_and_cosine_steps_shrink(face: AttackSession) -> None:
+    x = _images(2, 16, seed=5) * 0.5 + 64  # well inside the range, so no pixel clips
+    other = face.features(_images(2, 16, seed=6))
+    victims = [Victim(face, other)]
+    fine, coarse = FGSM(eps=4.0)(x, victims), FGSM(eps=4.0, coarse=4.0)(x, victims)
+    both = FGSM(eps=4.0, scales=(4.0,))(x, victims)
+    np.testing.assert_allclose(both.perturbation, (fine.perturbation + coarse.perturbation) / 2, atol=1e-4)
+    # A cosine schedule's first step is the full step, the second of two half of it ((1 + cos(pi/2)) / 2).
+    one = BIM(eps=50.0, steps=1, step_size=2.0, schedule="cosine")(x, victims, seed=0)
+    two = BIM(eps=50.0, steps=2, step_size=2.0, schedule="cosine")(x, victims, seed=0)
+    assert np.abs(one.perturbation).max() == pytest.approx(2.0, abs=1e-4)
+    np.testing.assert_allclose(np.abs(two.perturbation - one.perturbation), 1.0, atol=1e-4)
+    with pytest.raises(InputError, match="schedule"):
+        FGSM(eps=4.0, schedule="linear")
 
 
 def test_ssim_floor_holds_inside_the_loop(face: AttackSession) -> None:

@@ -87,9 +87,9 @@ def loaded_photo(gray: bool = False) -> LoadedImage:
 
 ONE_FACE = similarity(3.0, 8.0, 60.0, 30.0)  # a 72-px face, slightly rotated
 # The linear fixture models weigh every crop pixel independently (white-noise weights), which a smooth
-# perturbation on the modes' coarse grid cannot follow, so the strong cloak steps per pixel.
+# perturbation on the modes' coarse grids cannot follow, so the strong cloak steps per pixel.
 STRONG: dict[str, object] = {
-    "mode": replace(cloak.MODES["mid"], coarse=1.0),
+    "mode": replace(cloak.MODES["mid"], coarse=1.0, scales=(), schedule="constant", step_size=2.5),
     "eps": 32,
     "steps": 20,
     "ssim_min": 0,
@@ -173,6 +173,7 @@ def test_settings_for_applies_overrides_and_rejects_bad_values() -> None:
     assert custom.mode == "mid (custom)"
     assert custom.refine_steps == 3  # a refinement round never takes more steps than the user allowed
     assert cloak.settings_for("mid", coarse=1).coarse == 1.0
+    assert cloak.settings_for("mid", coarse=1).scales == ()  # one grid: per pixel means per pixel
     for bad in ({"eps": -1}, {"eps": 300}, {"steps": 0}, {"ssim_min": 1.5}, {"coarse": 0.5}):
         with pytest.raises(InputError):
             cloak.settings_for("mid", **bad)  # type: ignore[arg-type]

@@ -132,6 +132,11 @@ class GradientAttack(ABC):
             over about ``coarse`` pixels. Smooth changes move local means rather than local contrast
             and structure, so they cost far less SSIM per grey level (Guo et al., "Low Frequency
             Adversarial Perturbation", UAI 2019, also find they transfer better). 1: per pixel.
+        scales: more grid steps (factors of ``coarse``'s kind) whose steps are averaged with ``coarse``'s:
+            ``step = mean_g B_g direction(B_g^T mask v)`` over the grids ``(coarse, *scales)``, a
+            multi-scale basis. Empty: ``coarse`` alone.
+        schedule: ``constant`` step size, or ``cosine``: ``alpha_t = alpha (1 + cos(pi t / steps)) / 2``
+            (large steps first, small ones at the end).
     """
 
     eps: float = 8.0
@@ -149,6 +154,8 @@ class GradientAttack(ABC):
     focus_margin: float | None = None
     victims_per_step: int | None = None
     coarse: float = 1.0
+    scales: tuple[float, ...] = ()
+    schedule: str = "constant"
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -166,8 +173,12 @@ class GradientAttack(ABC):
             raise InputError(f"{name}: ssim_floor must be in [-1, 1], got {self.ssim_floor}")
         if self.victims_per_step is not None and self.victims_per_step < 1:
             raise InputError(f"{name}: victims_per_step must be >= 1, got {self.victims_per_step}")
-        if not 1.0 <= self.coarse < math.inf:
-            raise InputError(f"{name}: coarse must be a finite factor >= 1, got {self.coarse}")
+        if not all(1.0 <= c < math.inf for c in (self.coarse, *self.scales)):
+            raise InputError(
+                f"{name}: coarse and scales must be finite factors >= 1, got {self.coarse}, {self.scales}"
+            )
+        if self.schedule not in ("constant", "cosine"):
+            raise InputError(f"{name}: schedule must be 'constant' or 'cosine', got {self.schedule!r}")
         if self.check_every < 1 or self.ssim_every < 1:
             raise InputError(
                 f"{name}: check_every and ssim_every must be >= 1, got {self.check_every}, {self.ssim_every}"
@@ -262,7 +273,7 @@ class GradientAttack(ABC):
         shares: dict[str, Float32Array] | None = None
         checks = stop_when is not None or self.focus_margin is not None
         alpha = np.float32(self.alpha)
-        basis = _coarse_basis(self.coarse, (h, w))
+        bases = [_coarse_basis(c, (h, w)) for c in (self.coarse, *self.scales)]
         for done in range(self.steps):
             adv = budget.image(delta)
             drawn = shares
@@ -289,10 +300,16 @@ class GradientAttack(ABC):
             if luminance_only:
                 grad = np.ascontiguousarray(np.broadcast_to(grad.mean(axis=3, keepdims=True), x0.shape))
             velocity = np.float32(self.momentum) * velocity + unit_mean_magnitude(grad)
-            if basis is None:
-                step = alpha * weights * self.direction(weights * velocity)
-            else:
-                step = alpha * weights * basis.forward(self.direction(basis.adjoint(weights * velocity)))
+            rate = alpha
+            if self.schedule == "cosine":
+                rate = np.float32(alpha * (1 + math.cos(math.pi * done / self.steps)) / 2)
+            directions = [
+                self.direction(weights * velocity)
+                if basis is None
+                else basis.forward(self.direction(basis.adjoint(weights * velocity)))
+                for basis in bases
+            ]
+            step = rate * weights * (directions[0] if len(directions) == 1 else np.mean(directions, axis=0))
             hold_ssim = (done + 1) % self.ssim_every == 0
             delta = budget.constrain(
                 np.where(active[:, None, None, None], delta + step, delta), ssim=hold_ssim
