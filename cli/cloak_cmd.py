@@ -334,6 +334,7 @@ def cloak_details(
         "coarse": settings.coarse,
         "scales": list(settings.scales),
         "schedule": settings.schedule,
+        "schedule_floor": settings.schedule_floor,
         "models": list(result.models),
         "cloak_seconds": round(result.seconds + extra_seconds, 3),
         "steps_run": {f"face {f.number}": f.steps for f in result.faces},

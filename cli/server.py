@@ -805,6 +805,7 @@ def create_app(config: ServeConfig | None = None, *, models: Models | None = Non
                     "coarse": m.coarse,
                     "scales": list(m.scales),
                     "schedule": m.schedule,
+                    "schedule_floor": m.schedule_floor,
                 }
                 for name, m in cloaking.MODES.items()
             },

@@ -281,8 +281,14 @@ def test_multi_scale_steps_average_the_grids_and_cosine_steps_shrink(face: Attac
     two = BIM(eps=50.0, steps=2, step_size=2.0, schedule="cosine")(x, victims, seed=0)
     assert np.abs(one.perturbation).max() == pytest.approx(2.0, abs=1e-4)
     np.testing.assert_allclose(np.abs(two.perturbation - one.perturbation), 1.0, atol=1e-4)
+    # A floor of 1 keeps the whole step: the same as a constant schedule.
+    floored = BIM(eps=50.0, steps=3, step_size=2.0, schedule="cosine", schedule_floor=1.0)(x, victims, seed=0)
+    constant = BIM(eps=50.0, steps=3, step_size=2.0)(x, victims, seed=0)
+    np.testing.assert_array_equal(floored.images, constant.images)
     with pytest.raises(InputError, match="schedule"):
         FGSM(eps=4.0, schedule="linear")
+    with pytest.raises(InputError, match="schedule_floor"):
+        FGSM(eps=4.0, schedule="cosine", schedule_floor=1.5)
 
 
 def test_ssim_floor_holds_inside_the_loop(face: AttackSession) -> None:

@@ -135,8 +135,9 @@ class GradientAttack(ABC):
         scales: more grid steps (factors of ``coarse``'s kind) whose steps are averaged with ``coarse``'s:
             ``step = mean_g B_g direction(B_g^T mask v)`` over the grids ``(coarse, *scales)``, a
             multi-scale basis. Empty: ``coarse`` alone.
-        schedule: ``constant`` step size, or ``cosine``: ``alpha_t = alpha (1 + cos(pi t / steps)) / 2``
-            (large steps first, small ones at the end).
+        schedule: ``constant`` step size, or ``cosine``: ``alpha_t = alpha (f + (1 - f) (1 + cos(pi t /
+            steps)) / 2)`` with ``f`` = ``schedule_floor`` (large steps first, smaller ones at the end).
+        schedule_floor: the share of ``alpha`` the cosine schedule ends at (0: it ends at 0).
     """
 
     eps: float = 8.0
@@ -156,6 +157,7 @@ class GradientAttack(ABC):
     coarse: float = 1.0
     scales: tuple[float, ...] = ()
     schedule: str = "constant"
+    schedule_floor: float = 0.0
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -179,6 +181,8 @@ class GradientAttack(ABC):
             )
         if self.schedule not in ("constant", "cosine"):
             raise InputError(f"{name}: schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if not 0.0 <= self.schedule_floor <= 1.0:
+            raise InputError(f"{name}: schedule_floor must be in [0, 1], got {self.schedule_floor}")
         if self.check_every < 1 or self.ssim_every < 1:
             raise InputError(
                 f"{name}: check_every and ssim_every must be >= 1, got {self.check_every}, {self.ssim_every}"
@@ -302,7 +306,8 @@ class GradientAttack(ABC):
             velocity = np.float32(self.momentum) * velocity + unit_mean_magnitude(grad)
             rate = alpha
             if self.schedule == "cosine":
-                rate = np.float32(alpha * (1 + math.cos(math.pi * done / self.steps)) / 2)
+                f = self.schedule_floor
+                rate = np.float32(alpha * (f + (1 - f) * (1 + math.cos(math.pi * done / self.steps)) / 2))
             directions = [
                 self.direction(weights * velocity)
                 if basis is None
