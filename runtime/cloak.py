@@ -167,6 +167,13 @@ class CloakSettings:
 # perturbation costs less SSIM per grey level and moves recognizers left out of the ensemble further
 # (bench/RESULTS.md, "coarse grid"), so each mode affords a larger L-inf budget at the same SSIM floor.
 COARSE: Final = 4.0
+# Every mode also averages each step with one on a grid 8 crop pixels coarse, and shrinks its step along a
+# cosine from the mode's first step to 30% of it. With a larger first step this took mid's leave-one-out
+# P1 from 28.9% to 42.1% at the same SSIM 0.90 (bench/RESULTS.md, run 13); ending at 30% rather than 0
+# gave the small faces of group photos back their white-box protection (run 14).
+SCALES: Final = (8.0,)
+SCHEDULE: Final = "cosine"
+SCHEDULE_FLOOR: Final = 0.3
 
 MODES: Final[dict[str, CloakSettings]] = {
     "low": CloakSettings(
@@ -177,14 +184,10 @@ MODES: Final[dict[str, CloakSettings]] = {
         step_size=3.0,
         texture_floor=0.5,
         coarse=COARSE,
-        scales=(8.0,),
-        schedule="cosine",
-        schedule_floor=0.3,
+        scales=SCALES,
+        schedule=SCHEDULE,
+        schedule_floor=SCHEDULE_FLOOR,
     ),
-    # Every mode: a cosine step schedule from a larger first step and a second grid 8 crop pixels coarse
-    # took mid's leave-one-out P1 from 28.9% to 42.1% at the same SSIM 0.90 (bench/RESULTS.md, run 13);
-    # ending the schedule at 30% of the first step rather than 0 kept that and gave the small faces of
-    # group photos back their white-box protection (run 14).
     "mid": CloakSettings(
         "mid",
         eps=16.0,
@@ -193,9 +196,9 @@ MODES: Final[dict[str, CloakSettings]] = {
         step_size=4.0,
         stop_margin=0.08,
         coarse=COARSE,
-        scales=(8.0,),
-        schedule="cosine",
-        schedule_floor=0.3,
+        scales=SCALES,
+        schedule=SCHEDULE,
+        schedule_floor=SCHEDULE_FLOOR,
     ),
     "high": CloakSettings(
         "high",
@@ -206,9 +209,9 @@ MODES: Final[dict[str, CloakSettings]] = {
         stop_margin=0.1,
         refine_rounds=3,
         coarse=COARSE,
-        scales=(8.0,),
-        schedule="cosine",
-        schedule_floor=0.3,
+        scales=SCALES,
+        schedule=SCHEDULE,
+        schedule_floor=SCHEDULE_FLOOR,
     ),
 }
 DEFAULT_MODE: Final = "mid"
