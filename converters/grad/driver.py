@@ -175,10 +175,12 @@ def differentiate(
 
     ctx = GradContext(graph, shapes, types, constants, requires)
     pending: dict[str, list[str]] = {objective: [ctx.filled_like(objective, 1.0)]}
+    gradient_of: dict[str, str] = {}  # gradient tensor -> the forward tensor it is the gradient of
     for node in on_path:  # already in reverse topological order
         dys = _gather(ctx, node, pending)
         if dys is None:
             continue
+        gradient_of.update((dy, out) for dy, out in zip(dys, node.output, strict=False) if dy)
         rule = RULES.get(node.op_type)
         if rule is None:
             raise UnsupportedOpError(node)
@@ -192,15 +194,43 @@ def differentiate(
                 pending.setdefault(name, []).append(dx)
 
     grad = _accumulate(ctx, pending.pop(wrt))
+    gradient_of[grad] = wrt
+    forward = shape_inference.infer_shapes(model, data_prop=True).graph
     graph.node.extend(ctx.nodes)
     graph.node.append(helper.make_node("Identity", [grad], [grad_name], name="grad/output"))
     graph.initializer.extend(ctx.initializers)
+    _annotate(model, gradient_of, forward)
     wrt_vi = next(i for i in graph.input if i.name == wrt)
     out = onnx.ValueInfoProto()
     out.CopyFrom(wrt_vi)
     out.name = grad_name
     graph.output.append(out)
     return model
+
+
+def _annotate(model: onnx.ModelProto, gradient_of: dict[str, str], forward: onnx.GraphProto) -> None:
+    """Declare each gradient's shape: that of its forward tensor (``forward``: the inferred forward
+    graph), symbolic batch dimension included.
+
+    Shape inference cannot see through the seed's ``Expand``/``ConstantOfShape`` of a runtime shape, so
+    without this every gradient has an anonymous batch dimension, and onnxruntime's NCHWc pass, which
+    must prove the two operands of a Mul the same shape, reorders around each one. Strict shape
+    inference afterwards rejects any declaration that contradicts what the ops imply.
+    """
+    infos = {vi.name: vi for vi in [*forward.input, *forward.value_info, *forward.output]}
+    declared = {vi.name for vi in [*model.graph.value_info, *model.graph.input, *model.graph.output]}
+    for grad, primal in gradient_of.items():
+        if grad in declared or grad in infos or primal not in infos:
+            continue  # a forward tensor passed through as a gradient keeps its own declaration
+        vi = onnx.ValueInfoProto()
+        vi.CopyFrom(infos[primal])
+        vi.name = grad
+        model.graph.value_info.append(vi)
+        declared.add(grad)
+    try:
+        shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    except Exception as exc:
+        raise ModelError(f"a gradient's declared shape contradicts shape inference: {exc}") from exc
 
 
 def _accumulate(ctx: GradContext, parts: list[str]) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -370,3 +372,101 @@ def test_min_max_against_a_constant_send_ties_to_the_first_input(op_type, x_firs
     x = np.array([[-1.0, 0.0, 2.0], [0.0, 3.0, -0.5]], np.float32)
     sess = ort.InferenceSession(grad_model.SerializeToString(), providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(sess.run(["grad"], {"x": x})[0], expected(x).astype(np.float32))
+
+
+# --- layout: masks and declared gradient shapes ---------------------------------------------------
+
+
+def _conv_activation_stack(activation: str, channels: int = 16, layers: int = 3) -> onnx.ModelProto:
+    """objective[n] = sum(Conv->activation, ``layers`` times, * r) on x [N, channels, 8, 8] (dynamic N)."""
+    rng = np.random.default_rng(0)
+    nodes, inits, current = [], [], "x"
+    for i in range(layers):
+        w = (rng.standard_normal((channels, channels, 3, 3)) * 0.2).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("Conv", [current, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1]))
+        if activation == "Relu6":
+            inits += [numpy_helper.from_array(np.array(v, np.float32), f"b{i}{v}") for v in (0, 6)]
+            nodes.append(helper.make_node("Clip", [f"c{i}", f"b{i}0", f"b{i}6"], [f"a{i}"]))
+        elif activation == "PRelu":
+            slope = rng.uniform(0.05, 0.5, (channels, 1, 1)).astype(np.float32)
+            inits.append(numpy_helper.from_array(slope, f"s{i}"))
+            nodes.append(helper.make_node("PRelu", [f"c{i}", f"s{i}"], [f"a{i}"]))
+        else:
+            nodes.append(helper.make_node(activation, [f"c{i}"], [f"a{i}"]))
+        current = f"a{i}"
+    inits.append(numpy_helper.from_array(rng.standard_normal((1, channels, 8, 8)).astype(np.float32), "r"))
+    nodes += [
+        helper.make_node("Mul", [current, "r"], ["yr"]),
+        helper.make_node("ReduceSum", ["yr", "axes"], ["objective"], keepdims=0),
+    ]
+    inits.append(numpy_helper.from_array(np.array([1, 2, 3], np.int64), "axes"))
+    return _model(nodes, np.float32, ["N", channels, 8, 8], ["objective"], inits)
+
+
+@pytest.mark.parametrize("activation", ["Relu", "Relu6"])
+def test_activation_masks_stay_in_onnxruntimes_blocked_layout(activation: str) -> None:
+    # A comparison + Cast mask, a ConvTranspose, or a gradient whose batch dimension shape inference
+    # cannot prove equal to the forward one, each make onnxruntime's NCHWc pass reorder around every
+    # layer (two reorders or more each: 12+ here). With step masks, stride-1 convolutions differentiated
+    # as Convs, and declared gradient shapes, only the ends are reordered: the input, the forward
+    # output, the last layer's masks against the objective's plain-layout gradient, and dx. (On a CPU
+    # where the pass does not run there are none.)
+    layers = 6
+    model = differentiate(_conv_activation_stack(activation, layers=layers), wrt="x", objective="objective")
+    assert not any(n.op_type in ("Greater", "Less", "Cast") for n in _emitted(model))
+    emitted = {o for n in _emitted(model) for o in n.output}
+    declared = [
+        [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+        for vi in model.graph.value_info
+        if vi.name in emitted
+    ]
+    maps = [dims for dims in declared if len(dims) == 4]
+    assert len(maps) >= layers, "the gradient reaching each activation has a declared shape"
+    assert all(dims == ["N", 16, 8, 8] for dims in maps), maps
+    assert ["N"] in declared  # the seed: ones shaped like the per-sample objective
+    options = ort.SessionOptions()
+    with tempfile.TemporaryDirectory() as tmp:
+        options.optimized_model_filepath = f"{tmp}/optimized.onnx"
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        with_layout = onnx.load(options.optimized_model_filepath)
+    reorders = [n for n in with_layout.graph.node if n.op_type in ("ReorderInput", "ReorderOutput")]
+    assert len(reorders) <= 6 < 2 * layers, [n.op_type for n in with_layout.graph.node]
+
+
+@pytest.mark.parametrize("activation", ["Relu", "Relu6", "PRelu"])
+def test_step_masks_match_the_comparison_at_the_edges(activation: str) -> None:
+    # x sits exactly on, and one float32 ulp either side of, each kink; the gradient must be exactly
+    # what the comparison mask gives: weight * [0 < x (< 6)] (PRelu: slope below 0).
+    channels = 16
+    values = np.array(
+        [0.0, -0.0, 1e-30, -1e-30, 6.0, np.nextafter(np.float32(6), np.float32(0)),
+         np.nextafter(np.float32(6), np.float32(7)), 1e30, -1e30, 3.0, -3.0, 1e-19], np.float32,
+    )  # fmt: skip
+    x = np.resize(values, (2, channels, 8, 8)).astype(np.float32)
+    rng = np.random.default_rng(1)
+    slope = rng.uniform(0.05, 0.5, (channels, 1, 1)).astype(np.float32)
+    r = rng.standard_normal((1, channels, 8, 8)).astype(np.float32)
+    if activation == "Relu6":
+        bounds = [numpy_helper.from_array(np.array(v, np.float32), f"b{v}") for v in (0, 6)]
+        node = helper.make_node("Clip", ["x", "b0", "b6"], ["a"])
+        local = ((x > 0) & (x < 6)).astype(np.float32)
+        inits = bounds
+    elif activation == "PRelu":
+        node = helper.make_node("PRelu", ["x", "s"], ["a"])
+        local = np.where(x > 0, np.float32(1), slope).astype(np.float32)
+        inits = [numpy_helper.from_array(slope, "s")]
+    else:
+        node = helper.make_node("Relu", ["x"], ["a"])
+        local = (x > 0).astype(np.float32)
+        inits = []
+    nodes = [
+        node,
+        helper.make_node("Mul", ["a", "r"], ["ar"]),
+        helper.make_node("ReduceSum", ["ar", "axes"], ["objective"], keepdims=0),
+    ]
+    inits += [numpy_helper.from_array(r, "r"), numpy_helper.from_array(np.array([1, 2, 3], np.int64), "axes")]
+    model = differentiate(
+        _model(nodes, np.float32, ["N", channels, 8, 8], ["objective"], inits), wrt="x", objective="objective"
+    )
+    np.testing.assert_array_equal(_ort_grad(model, x), r * local)

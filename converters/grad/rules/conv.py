@@ -130,10 +130,36 @@ def conv(ctx: GradContext, node: onnx.NodeProto, dys: Grads) -> Grads:
         dx = depthwise_gradient(ctx, dys[0], weight, x_dims, y_dims, strides, dilations, begin, group, like=w)
         if dx is not None:
             return [dx]
+    if group == 1 and set(strides) == {1} and weight is not None and len(kernel) == 2:
+        # dense, stride 1: a Conv with the flipped, transposed weight, which onnxruntime runs in its
+        # blocked NCHWc layout (its ConvTranspose is an im2col GEMM in plain NCHW, with reorders around)
+        dx = dense_gradient(ctx, dys[0], w, x_dims, y_dims, kernel, dilations, begin)
+        if dx is not None:
+            return [dx]
     geometry = transpose_geometry(x_dims, y_dims, kernel, strides, dilations, begin)
     dx = ctx.emit("ConvTranspose", [dys[0], w], group=group, kernel_shape=list(kernel), strides=strides,
                   dilations=dilations, **geometry)
     return [dx]
+
+
+def dense_gradient(ctx: GradContext, dy: str, w: str, x_dims: Sequence[int], y_dims: Sequence[int],
+                   kernel: Sequence[int], dilations: Sequence[int], begin: Sequence[int]) -> str | None:
+    """dx of a dense stride-1 conv: dx[j] = sum_i W[i] dy[j + p_b - i d] = Conv(dy, W')[j] with W' the
+    weight with its two channel axes swapped and its spatial axes flipped, begin pad dk - 1 - p_b and end
+    pad whatever makes the output x long. W' is a Transpose and a reversing Slice of the initializer
+    (folded once by onnxruntime), so the file holds the weight once. None when a pad goes negative."""
+    rank = len(kernel)
+    spans = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
+    new_begin = [span - 1 - b for span, b in zip(spans, begin, strict=True)]
+    new_end = [x - y - nb + span - 1 for x, y, nb, span in zip(x_dims, y_dims, new_begin, spans, strict=True)]
+    if min(new_begin) < 0 or min(new_end) < 0:
+        return None
+    swapped = ctx.emit("Transpose", [w], perm=[1, 0, *range(2, 2 + rank)])
+    axes = list(range(2, 2 + rank))
+    flipped = ctx.emit("Slice", [swapped, ctx.ints([-1] * rank), ctx.ints([-(2**62)] * rank),
+                                 ctx.ints(axes), ctx.ints([-1] * rank)])
+    return ctx.emit("Conv", [dy, flipped], kernel_shape=list(kernel), dilations=list(dilations),
+                    pads=[*new_begin, *new_end])
 
 
 def depthwise_gradient(ctx: GradContext, dy: str, weight: np.ndarray, x_dims: Sequence[int],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import onnx
 
 from uncnn_rt.converters.grad.registry import GradContext, UnsupportedOpError, attributes, grad_rule
@@ -157,11 +158,8 @@ def tanh(ctx: GradContext, node: onnx.NodeProto, dys: Grads) -> Grads:
 
 @grad_rule("Relu")
 def relu(ctx: GradContext, node: onnx.NodeProto, dys: Grads) -> Grads:
-    # y = max(x, 0): dy/dx = [x > 0] = [y > 0]. Reading y, not x, keeps onnxruntime's Conv+Relu fusion,
-    # and Mul by a cast mask runs several times faster there than Where.
-    y = node.output[0]
-    mask = ctx.emit("Cast", [ctx.emit("Greater", [y, ctx.const(0.0, like=y)])], to=ctx.elem_type(y))
-    return [ctx.emit("Mul", [_dy(dys), mask])]
+    # y = max(x, 0): dy/dx = [x > 0] = [y > 0]. Reading y, not x, keeps onnxruntime's Conv+Relu fusion.
+    return [ctx.emit("Mul", [_dy(dys), ctx.step(node.output[0], 0.0, above=True)])]
 
 
 @grad_rule("LeakyRelu")
@@ -214,10 +212,30 @@ def prelu(ctx: GradContext, node: onnx.NodeProto, dys: Grads) -> Grads:
     if ctx.needs_grad(slope):
         raise UnsupportedOpError(node, "the slope depends on the input; only constant slopes are supported")
     # local = slope + [x > 0] (1 - slope), with 1 - slope folded at build time (Mul beats Where in ORT)
-    mask = ctx.emit("Cast", [ctx.emit("Greater", [x, ctx.const(0.0, like=x)])], to=ctx.elem_type(x))
-    one_minus = ctx.const(1.0 - ctx.require_value(slope, node, "slope"), like=x)
-    local = ctx.emit("Add", [ctx.emit("Mul", [mask, one_minus]), slope])
+    mask = ctx.step(x, 0.0, above=True)
+    slopes = ctx.require_value(slope, node, "slope")
+    per_channel = _channel_vector(ctx, x, slopes)
+    if per_channel is not None and ctx.blocked(x):
+        # the same affine map as a depthwise 1x1 Conv, which stays in onnxruntime's NCHWc layout
+        weight = ctx.const((1.0 - per_channel).reshape(-1, 1, 1, 1), like=x, hint="prelu_w")
+        bias = ctx.const(per_channel, like=x, hint="prelu_b")
+        local = ctx.emit("Conv", [mask, weight, bias], group=per_channel.size, kernel_shape=[1, 1])
+    else:
+        one_minus = ctx.const(1.0 - slopes, like=x)
+        local = ctx.emit("Add", [ctx.emit("Mul", [mask, one_minus]), slope])
     return [ctx.emit("Mul", [_dy(dys), local]), None]
+
+
+def _channel_vector(ctx: GradContext, x: str, values: np.ndarray) -> np.ndarray | None:
+    """``values`` as one number per channel of the 4-D ``x`` when it broadcasts along channels only."""
+    shape = ctx.shape(x)
+    if len(shape) != 4 or shape[1] is None or values.ndim > 4:
+        return None
+    channels = int(shape[1])
+    full = (1,) * (4 - values.ndim) + values.shape
+    if full[0] != 1 or full[2:] != (1, 1) or full[1] not in (1, channels):
+        return None
+    return np.broadcast_to(values.reshape(-1), (channels,)).copy()
 
 
 @grad_rule("Clip")
@@ -230,16 +248,25 @@ def clip(ctx: GradContext, node: onnx.NodeProto, dys: Grads) -> Grads:
             raise UnsupportedOpError(
                 node, "clip bounds depend on the input; only constant bounds are supported"
             )
-    mask = None
-    if len(bounds) > 0 and bounds[0]:
-        mask = ctx.emit("Greater", [x, bounds[0]])
-    if len(bounds) > 1 and bounds[1]:
-        below = ctx.emit("Less", [x, bounds[1]])
-        mask = below if mask is None else ctx.emit("And", [mask, below])
-    if mask is None:
+    # Read y, not x: for lo < hi, y > lo iff x > lo and y < hi iff x < hi, and x then feeds only the Clip,
+    # which onnxruntime fuses into the Conv before it (and lo >= hi makes y = hi, both masks 0).
+    y = node.output[0]
+    masks = []
+    for name, above in zip(bounds, (True, False), strict=False):
+        if not name:
+            continue
+        value = ctx.value(name)
+        if value is not None and value.size == 1:
+            masks.append(ctx.step(y, float(value), above=above))
+        else:
+            compare = ctx.emit("Greater" if above else "Less", [y, name])
+            masks.append(ctx.emit("Cast", [compare], to=ctx.elem_type(x)))
+    if not masks:
         return [_dy(dys)]
-    # Mul by a cast mask: several times faster than Where in onnxruntime.
-    return [ctx.emit("Mul", [_dy(dys), ctx.emit("Cast", [mask], to=ctx.elem_type(x))]), None, None]
+    dx = _dy(dys)
+    for mask in masks:
+        dx = ctx.emit("Mul", [dx, mask])
+    return [dx, None, None]
 
 
 @grad_rule("Min", "Max")
