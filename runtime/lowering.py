@@ -1,0 +1,112 @@
+"""Exact rewrites of an attack graph for onnxruntime's CPU provider, applied as a session loads it.
+
+onnxruntime's CPU provider runs convolutions in a blocked channel layout (NCHWc) and converts a tensor
+back to plain NCHW in front of every op that cannot read that layout, and forward again behind it.
+``PRelu`` is such an op, and MobileFaceNet-style recognizers put one after nearly every convolution:
+in a batch-8 attack step of ``fr_feature`` the PRelus and their reorders took about a fifth of the time.
+
+The attack graph on disk keeps its ``PRelu`` (a portable file, and what other runtimes fuse best); the
+CPU session gets an equivalent made only of layout-aware ops::
+
+    PRelu(x, a) = Relu(x) + Conv(Relu(Conv(x, -1)), -a)       (1x1 depthwise Convs, no bias)
+
+which is exact, op for op: for ``x > 0`` it is ``x + (-a) * 0 = x``; for ``x < 0`` it is
+``0 + (-a) * (-x) = a x`` (a negation is exact, so the one rounded product is PRelu's own). onnxruntime
+folds the second Relu into its Conv and the Add into the last Conv's accumulator. The graph's other
+convolutions may then run in the blocked layout where they ran in NCHW before, with another summation
+order: features and gradients agree with the file's to float32 rounding (``tests/test_lowering.py``;
+on the shipped ``fr_feature`` they came out bit-identical).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import onnx
+
+_PREFIX = "cpu_lowering/"
+
+
+def lower_for_cpu(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """``model`` with each per-channel ``PRelu`` on a float32 ``[N, C, H, W]`` map rewritten (in place)
+    as above, and how many were rewritten. Slopes must be initializers; other PRelus stay."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    if not any(node.op_type == "PRelu" for node in graph.node):
+        return model, 0
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # an invalid graph: leave it as it is, for onnxruntime to name what is wrong
+        return model, 0
+    maps = {
+        vi.name: vi.type.tensor_type
+        for vi in [*inferred.input, *inferred.value_info]
+        if vi.type.tensor_type.elem_type == TensorProto.FLOAT and len(vi.type.tensor_type.shape.dim) == 4
+    }
+    initializers = {init.name: init for init in graph.initializer}
+    nodes: list[onnx.NodeProto] = []
+    added: list[onnx.TensorProto] = []
+    lowered = 0
+    for node in graph.node:
+        slope = _channel_slopes(node, maps, initializers)
+        if slope is None:
+            nodes.append(node)
+            continue
+        lowered += 1
+        x, y, channels = node.input[0], node.output[0], slope.size
+        name = f"{_PREFIX}{lowered}/"
+        added += [
+            numpy_helper.from_array(np.full((channels, 1, 1, 1), -1.0, np.float32), name + "minus_one"),
+            numpy_helper.from_array((-slope).reshape(channels, 1, 1, 1), name + "minus_slope"),
+        ]
+        nodes += [
+            helper.make_node("Relu", [x], [name + "positive"], name=name + "positive"),
+            _depthwise([x, name + "minus_one"], name + "negated", channels),
+            helper.make_node("Relu", [name + "negated"], [name + "negative"], name=name + "negative"),
+            _depthwise([name + "negative", name + "minus_slope"], name + "scaled", channels),
+            helper.make_node("Add", [name + "positive", name + "scaled"], [y], name=name + "sum"),
+        ]
+    if lowered:
+        del graph.node[:]
+        graph.node.extend(nodes)
+        used = {name for node in nodes for name in node.input}
+        kept = [init for init in graph.initializer if init.name in used]  # the PRelus' own slopes go
+        del graph.initializer[:]
+        graph.initializer.extend([*kept, *added])
+    return model, lowered
+
+
+def _depthwise(inputs: list[str], output: str, channels: int) -> onnx.NodeProto:
+    """A bias-free 1x1 depthwise Conv (one weight per channel)."""
+    from onnx import helper
+
+    return helper.make_node("Conv", inputs, [output], name=output, group=channels, kernel_shape=[1, 1])
+
+
+def _channel_slopes(
+    node: onnx.NodeProto, maps: dict[str, onnx.TypeProto.Tensor], initializers: dict[str, onnx.TensorProto]
+) -> np.ndarray | None:
+    """The per-channel float32 slopes of a PRelu on a 4-D float32 map, or None when it does not qualify."""
+    from onnx import numpy_helper
+
+    if node.op_type != "PRelu" or node.domain not in ("", "ai.onnx") or node.input[1] not in initializers:
+        return None
+    tensor = maps.get(node.input[0])
+    if tensor is None:
+        return None
+    channel_dim = tensor.shape.dim[1]
+    if not channel_dim.HasField("dim_value"):
+        return None
+    channels = int(channel_dim.dim_value)
+    slope = numpy_helper.to_array(initializers[node.input[1]])
+    if slope.dtype != np.float32 or slope.ndim > 4:
+        return None
+    full = (1,) * (4 - slope.ndim) + slope.shape
+    if full[0] != 1 or full[2:] != (1, 1) or full[1] not in (1, channels):
+        return None
+    return np.broadcast_to(slope.reshape(-1), (channels,)).astype(np.float32)
