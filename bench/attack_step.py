@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx.utils
+from onnx import numpy_helper
 
 from uncnn_rt.runtime import contract, zoo
 from uncnn_rt.runtime.sessions import AttackSession
@@ -62,12 +63,23 @@ def median_ms(steps: dict[str, Callable[[], None]], repeats: int, warmup: int = 
 
 
 def forward_model(path: Path) -> onnx.ModelProto:
-    """The attack graph's forward part: image, reference -> objective (the gradient nodes cut away)."""
+    """The attack graph's forward part: image, reference -> objective (the gradient nodes cut away).
+
+    PRelu slopes shaped ``[1, C, 1, 1]`` are reshaped to ``[C, 1, 1]`` (the same values, broadcast the
+    same way): onnx2torch runs ``torch.nn.functional.prelu`` only for the latter and otherwise a masked
+    copy several times slower, which would flatter onnxruntime.
+    """
     model = onnx.load(str(path))
     extractor = onnx.utils.Extractor(model)
-    return extractor.extract_model(
+    forward = extractor.extract_model(
         [contract.INPUT_IMAGE, contract.INPUT_REFERENCE], [contract.OUTPUT_OBJECTIVE]
     )
+    slopes = {n.input[1] for n in forward.graph.node if n.op_type == "PRelu"}
+    for init in forward.graph.initializer:
+        if init.name in slopes and len(init.dims) == 4 and init.dims[0] == 1:
+            value = numpy_helper.to_array(init)
+            init.CopyFrom(numpy_helper.from_array(value.reshape(value.shape[1:]), init.name))
+    return forward
 
 
 def bench_model(path: Path, batch: int, threads: int, repeats: int) -> dict[str, float]:
@@ -96,6 +108,9 @@ def bench_model(path: Path, batch: int, threads: int, repeats: int) -> dict[str,
 
     torch.set_num_threads(threads)
     module = onnx2torch.convert(forward_model(path)).eval()
+    # Gradients w.r.t. the image only, as the attack graph computes: without this, backward() would
+    # also compute (and accumulate) a gradient for every weight, work the attack has no use for.
+    module.requires_grad_(False)
     tx0, tref = torch.from_numpy(x0), torch.from_numpy(reference)
     torch_delta = torch.zeros_like(tx0)
 
