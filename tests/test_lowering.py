@@ -86,7 +86,9 @@ def _prelu_cnn() -> onnx.ModelProto:
     nodes = [
         helper.make_node("Conv", ["input", "w1"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
         helper.make_node("PRelu", ["c1", "a1"], ["p1"]),
-        helper.make_node("Conv", ["p1", "w2"], ["c2"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=CHANNELS),
+        helper.make_node(
+            "Conv", ["p1", "w2"], ["c2"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=CHANNELS
+        ),
         helper.make_node("PRelu", ["c2", "a2"], ["p2"]),
         helper.make_node("GlobalAveragePool", ["p2"], ["pool"]),
         helper.make_node("Flatten", ["pool"], ["flat"], axis=1),

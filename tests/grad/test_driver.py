@@ -378,7 +378,7 @@ def test_min_max_against_a_constant_send_ties_to_the_first_input(op_type, x_firs
 
 
 def _conv_activation_stack(activation: str, channels: int = 16, layers: int = 3) -> onnx.ModelProto:
-    """objective[n] = sum(Conv->activation, ``layers`` times, * r) on x [N, channels, 8, 8] (dynamic N)."""
+    """objective[n] = sum(Conv(Conv->activation, ``layers`` times) * r), x [N, channels, 8, 8], N dynamic."""
     rng = np.random.default_rng(0)
     nodes, inits, current = [], [], "x"
     for i in range(layers):
@@ -395,9 +395,16 @@ def _conv_activation_stack(activation: str, channels: int = 16, layers: int = 3)
         else:
             nodes.append(helper.make_node(activation, [f"c{i}"], [f"a{i}"]))
         current = f"a{i}"
+    # a last Conv, so that every activation sits between two (the case GradContext.blocked looks for)
+    inits.append(
+        numpy_helper.from_array(
+            (rng.standard_normal((channels, channels, 1, 1)) * 0.2).astype(np.float32), "wl"
+        )
+    )
     inits.append(numpy_helper.from_array(rng.standard_normal((1, channels, 8, 8)).astype(np.float32), "r"))
     nodes += [
-        helper.make_node("Mul", [current, "r"], ["yr"]),
+        helper.make_node("Conv", [current, "wl"], ["last"]),
+        helper.make_node("Mul", ["last", "r"], ["yr"]),
         helper.make_node("ReduceSum", ["yr", "axes"], ["objective"], keepdims=0),
     ]
     inits.append(numpy_helper.from_array(np.array([1, 2, 3], np.int64), "axes"))
@@ -437,7 +444,8 @@ def test_activation_masks_stay_in_onnxruntimes_blocked_layout(activation: str) -
 @pytest.mark.parametrize("activation", ["Relu", "Relu6", "PRelu"])
 def test_step_masks_match_the_comparison_at_the_edges(activation: str) -> None:
     # x sits exactly on, and one float32 ulp either side of, each kink; the gradient must be exactly
-    # what the comparison mask gives: weight * [0 < x (< 6)] (PRelu: slope below 0).
+    # what the comparison mask gives: weight * [0 < x (< 6)] (PRelu: slope below 0). Identity depthwise
+    # Convs around the activation (exact: one product by 1 per value) make it take the Conv step.
     channels = 16
     values = np.array(
         [0.0, -0.0, 1e-30, -1e-30, 6.0, np.nextafter(np.float32(6), np.float32(0)),
@@ -449,24 +457,47 @@ def test_step_masks_match_the_comparison_at_the_edges(activation: str) -> None:
     r = rng.standard_normal((1, channels, 8, 8)).astype(np.float32)
     if activation == "Relu6":
         bounds = [numpy_helper.from_array(np.array(v, np.float32), f"b{v}") for v in (0, 6)]
-        node = helper.make_node("Clip", ["x", "b0", "b6"], ["a"])
+        node = helper.make_node("Clip", ["c", "b0", "b6"], ["a"])
         local = ((x > 0) & (x < 6)).astype(np.float32)
         inits = bounds
     elif activation == "PRelu":
-        node = helper.make_node("PRelu", ["x", "s"], ["a"])
+        node = helper.make_node("PRelu", ["c", "s"], ["a"])
         local = np.where(x > 0, np.float32(1), slope).astype(np.float32)
         inits = [numpy_helper.from_array(slope, "s")]
     else:
-        node = helper.make_node("Relu", ["x"], ["a"])
+        node = helper.make_node("Relu", ["c"], ["a"])
         local = (x > 0).astype(np.float32)
         inits = []
+    depthwise = {"group": channels, "kernel_shape": [1, 1]}
     nodes = [
+        helper.make_node("Conv", ["x", "one"], ["c"], **depthwise),
         node,
-        helper.make_node("Mul", ["a", "r"], ["ar"]),
+        helper.make_node("Conv", ["a", "one"], ["ca"], **depthwise),
+        helper.make_node("Mul", ["ca", "r"], ["ar"]),
         helper.make_node("ReduceSum", ["ar", "axes"], ["objective"], keepdims=0),
     ]
     inits += [numpy_helper.from_array(r, "r"), numpy_helper.from_array(np.array([1, 2, 3], np.int64), "axes")]
+    inits.append(numpy_helper.from_array(np.ones((channels, 1, 1, 1), np.float32), "one"))
     model = differentiate(
         _model(nodes, np.float32, ["N", channels, 8, 8], ["objective"], inits), wrt="x", objective="objective"
     )
+    assert not any(n.op_type in ("Greater", "Less") for n in _emitted(model)), "took the Conv step"
     np.testing.assert_array_equal(_ort_grad(model, x), r * local)
+
+
+def test_activations_outside_convolution_chains_keep_the_comparison() -> None:
+    # Relu on a graph input, read by a broadcast Mul: the maps are reordered around it anyway, so
+    # GradContext.blocked is False and the mask stays a comparison, cheaper than a Conv there.
+    r = np.random.default_rng(0).standard_normal((1, 16, 1, 1)).astype(np.float32)
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"]),
+        helper.make_node("Mul", ["a", "r"], ["ar"]),
+        helper.make_node("ReduceSum", ["ar", "axes"], ["objective"], keepdims=0),
+    ]
+    inits = [numpy_helper.from_array(r, "r"), numpy_helper.from_array(np.array([1, 2, 3], np.int64), "axes")]
+    model = differentiate(
+        _model(nodes, np.float32, ["N", 16, 4, 4], ["objective"], inits), wrt="x", objective="objective"
+    )
+    assert [n.op_type for n in _emitted(model) if n.op_type in ("Greater", "Conv")] == ["Greater"]
+    x = np.random.default_rng(1).standard_normal((2, 16, 4, 4)).astype(np.float32)
+    np.testing.assert_array_equal(_ort_grad(model, x), np.broadcast_to(r, x.shape) * (x > 0))

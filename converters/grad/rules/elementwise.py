@@ -159,7 +159,8 @@ def tanh(ctx: GradContext, node: onnx.NodeProto, dys: Grads) -> Grads:
 @grad_rule("Relu")
 def relu(ctx: GradContext, node: onnx.NodeProto, dys: Grads) -> Grads:
     # y = max(x, 0): dy/dx = [x > 0] = [y > 0]. Reading y, not x, keeps onnxruntime's Conv+Relu fusion.
-    return [ctx.emit("Mul", [_dy(dys), ctx.step(node.output[0], 0.0, above=True)])]
+    mask = ctx.step(node.output[0], 0.0, above=True, blocked=ctx.blocked(node))
+    return [ctx.emit("Mul", [_dy(dys), mask])]
 
 
 @grad_rule("LeakyRelu")
@@ -212,10 +213,11 @@ def prelu(ctx: GradContext, node: onnx.NodeProto, dys: Grads) -> Grads:
     if ctx.needs_grad(slope):
         raise UnsupportedOpError(node, "the slope depends on the input; only constant slopes are supported")
     # local = slope + [x > 0] (1 - slope), with 1 - slope folded at build time (Mul beats Where in ORT)
-    mask = ctx.step(x, 0.0, above=True)
+    blocked = ctx.blocked(node)
+    mask = ctx.step(x, 0.0, above=True, blocked=blocked)
     slopes = ctx.require_value(slope, node, "slope")
     per_channel = _channel_vector(ctx, x, slopes)
-    if per_channel is not None and ctx.blocked(x):
+    if per_channel is not None and blocked:
         # the same affine map as a depthwise 1x1 Conv, which stays in onnxruntime's NCHWc layout
         weight = ctx.const((1.0 - per_channel).reshape(-1, 1, 1, 1), like=x, hint="prelu_w")
         bias = ctx.const(per_channel, like=x, hint="prelu_b")
@@ -251,13 +253,14 @@ def clip(ctx: GradContext, node: onnx.NodeProto, dys: Grads) -> Grads:
     # Read y, not x: for lo < hi, y > lo iff x > lo and y < hi iff x < hi, and x then feeds only the Clip,
     # which onnxruntime fuses into the Conv before it (and lo >= hi makes y = hi, both masks 0).
     y = node.output[0]
+    blocked = ctx.blocked(node)
     masks = []
     for name, above in zip(bounds, (True, False), strict=False):
         if not name:
             continue
         value = ctx.value(name)
         if value is not None and value.size == 1:
-            masks.append(ctx.step(y, float(value), above=above))
+            masks.append(ctx.step(y, float(value), above=above, blocked=blocked))
         else:
             compare = ctx.emit("Greater" if above else "Less", [y, name])
             masks.append(ctx.emit("Cast", [compare], to=ctx.elem_type(x)))
