@@ -11,6 +11,7 @@ Per-attack device buffers live in a :class:`Stepper`, which one attack owns for 
 from __future__ import annotations
 
 import json
+import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -315,19 +316,14 @@ class AttackSession:
         if not self.path.is_file():
             raise ModelError(f"{self.path}: attack graph not found")
         self.lowered = 0
-        source: str | bytes = str(self.path)
         self._lower = self.placement.primary == CPU_PROVIDER and optimization != "disable"
+        self._options = options
+        source: Path | onnx.ModelProto = self.path
         if self._lower:
             lowered, self.lowered = lower_for_cpu(self._load())
-            if self.lowered:
-                source = lowered.SerializeToString()
+            source = lowered if self.lowered else self.path
         try:
-            self._session = ort.InferenceSession(
-                source,
-                sess_options=options,
-                providers=list(self.placement.providers),
-                provider_options=self.placement.provider_options(),
-            )
+            self._session = self._open(source)
         except Exception as exc:  # onnxruntime raises bare RuntimeError subclasses for any load failure
             raise ModelError(f"{self.path}: onnxruntime cannot load it ({exc})") from exc
         granted = self._session.get_providers()
@@ -344,7 +340,6 @@ class AttackSession:
         batch = _check_io(self.path, self._session, size, dim)
         self.info = read_info(self.path, metadata, batch)
         self.io_binding = self.placement.memory != "cpu" if io_binding is None else io_binding
-        self._options = options
         self._forward_session: ort.InferenceSession | None = None
         self._forward_lock = threading.Lock()
 
@@ -415,13 +410,26 @@ class AttackSession:
                 model = prune_to_outputs(self._load(), (OUTPUT_FEATURES, OUTPUT_OBJECTIVE))
                 if self._lower:
                     model, _ = lower_for_cpu(model)
-                self._forward_session = ort.InferenceSession(
-                    model.SerializeToString(),
-                    sess_options=self._options,
-                    providers=list(self.placement.providers),
-                    provider_options=self.placement.provider_options(),
-                )
+                self._forward_session = self._open(model)
             return self._forward_session
+
+    def _open(self, model: Path | onnx.ModelProto) -> ort.InferenceSession:
+        """An onnxruntime session over a file, or over a rewritten graph written to a temporary file:
+        onnxruntime's Python session keeps a graph given as bytes alive as long as itself (a second
+        copy of every weight, 5-13 MB per shipped model), and one read from a file it does not."""
+        if isinstance(model, Path):
+            return ort.InferenceSession(
+                str(model),
+                sess_options=self._options,
+                providers=list(self.placement.providers),
+                provider_options=self.placement.provider_options(),
+            )
+        import onnx
+
+        with tempfile.TemporaryDirectory(prefix="uncnn-rt-") as tmp:
+            path = Path(tmp) / self.path.name
+            onnx.save(model, str(path))
+            return self._open(path)
 
     def _run_chunked(
         self,
