@@ -1,6 +1,7 @@
 """Activation patterns that converters spell out in several elementwise ops, fused back into one.
 
-tf2onnx writes a TF.js PReLU as ``Relu(x) + k (x - |x|)`` and a ReLU6 as ``Max(Min(Relu(x), 6), 0)``. Each
+tf2onnx writes a TF.js PReLU as ``Relu(x) + k (x - |x|)`` or ``Max(x, 0) + k Min(x, 0)``, and a ReLU6 as
+``Max(Min(Relu(x), 6), 0)``. Each
 op of such a chain costs a pass over the feature map forward, another backward (plus the sum where the
 gradient paths of ``x`` meet), and onnxruntime's layout reorders around every op it cannot fuse into
 the convolution. One ``PRelu`` / ``Clip`` computes the same values, and its gradient rule is a single
@@ -34,7 +35,7 @@ def fuse_activations(
     graph = model.graph
     constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     fused: Counter[str] = Counter()
-    for name, rewrite in (("PRelu", _prelu), ("Clip", _relu6)):
+    for name, rewrite in (("PRelu", _prelu), ("PRelu", _prelu_min_max), ("Clip", _relu6)):
         while True:
             consumers = _consumers(graph)
             producer = {o: n for n in graph.node for o in n.output}
@@ -115,6 +116,53 @@ def _prelu(
                 "PRelu", [x, slope_name], [node.output[0]], name=f"{node.name}/fused_prelu"
             )
             return [relu, absolute, sub, mul, node], fused, {slope_name: slope}
+    return None
+
+
+def _prelu_min_max(
+    node: onnx.NodeProto,
+    producer: dict[str, onnx.NodeProto],
+    consumers: Counter[str],
+    constants: dict[str, np.ndarray],
+    shapes: dict[str, Shape],
+) -> Match | None:
+    """``Add(Max(x, 0), Mul(Min(x, 0), k))`` (any operand orders) -> ``PRelu(x, k)``, TF.js's other
+    spelling. Bit for bit the same values: for ``x > 0`` it is ``x + k 0 = x``, for ``x < 0`` ``0 + k x``.
+    """
+    if node.op_type != "Add" or len(node.input) != 2:
+        return None
+    for max_out, mul_out in (node.input, node.input[::-1]):
+        top, mul = producer.get(max_out), producer.get(mul_out)
+        if top is None or mul is None or top.op_type != "Max" or mul.op_type != "Mul":
+            continue
+        x = _other_than_zero(top, constants)
+        for min_out, k in (mul.input, mul.input[::-1]):
+            bottom = producer.get(min_out)
+            if x is None or k not in constants or bottom is None or bottom.op_type != "Min":
+                continue
+            if _other_than_zero(bottom, constants) != x:
+                continue
+            if not all(_only(t, consumers) for t in (max_out, mul_out, min_out)):
+                continue
+            slope = constants[k]
+            if slope.dtype.kind != "f" or not _broadcasts_one_way(slope.shape, shapes.get(x)):
+                continue
+            slope_name = f"{node.output[0]}/fused_prelu_slope"
+            fused = helper.make_node(
+                "PRelu", [x, slope_name], [node.output[0]], name=f"{node.name}/fused_prelu"
+            )
+            return [top, bottom, mul, node], fused, {slope_name: slope}
+    return None
+
+
+def _other_than_zero(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> str | None:
+    """For a two-input Min/Max against a scalar-shaped constant 0, the other input's name."""
+    if len(node.input) != 2:
+        return None
+    for x, zero in (node.input, node.input[::-1]):
+        value = constants.get(zero)
+        if value is not None and value.dtype.kind == "f" and value.size == 1 and not value.any():
+            return x if x not in constants else None
     return None
 
 

@@ -34,6 +34,23 @@ def _prelu_chain(dtype, *, swap_add: bool = False, swap_mul: bool = False, slope
     return model_of(nodes, dtype, SHAPE, outputs, [numpy_helper.from_array(k.astype(dtype), "k")])
 
 
+def _prelu_min_max_chain(dtype, *, swap: bool = False, slope_shape=(1, 4, 1, 1), zero: float = 0.0):
+    """TF.js's other PReLU spelling: Max(x, 0) + Mul(Min(x, 0), k), operands in either order."""
+    k = np.linspace(-0.3, 0.2, int(np.prod(slope_shape))).reshape(slope_shape)
+    nodes = [
+        helper.make_node("Max", ["zero", "x"] if swap else ["x", "zero"], ["p"]),
+        helper.make_node("Min", ["x", "zero"] if swap else ["zero", "x"], ["n"]),
+        helper.make_node("Mul", ["k", "n"] if swap else ["n", "k"], ["m"]),
+        helper.make_node("Add", ["m", "p"] if swap else ["p", "m"], ["y0"]),
+        helper.make_node("Tanh", ["y0"], ["y1"]),
+    ]
+    inits = [
+        numpy_helper.from_array(k.astype(dtype), "k"),
+        numpy_helper.from_array(np.full((1, 1, 1, 1), zero, dtype), "zero"),
+    ]
+    return model_of(nodes, dtype, SHAPE, ["y1"], inits)
+
+
 def _relu6_chain(dtype, *, lo: float | None = 0.0, hi: float = 0.6):
     nodes = [
         helper.make_node("Relu", ["x"], ["r"]),
@@ -72,6 +89,22 @@ def test_prelu_chain_becomes_one_prelu(swap_add: bool, swap_mul: bool, slope_sha
     _same_values(model, fused, np.random.default_rng(0).normal(size=SHAPE))
 
 
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("slope_shape", [(1, 4, 1, 1), (4, 1, 1), (1,)])
+def test_min_max_prelu_becomes_one_prelu_with_the_same_bits(swap: bool, slope_shape) -> None:
+    model = _prelu_min_max_chain(np.float32, swap=swap, slope_shape=slope_shape)
+    fused, counts = _fused(model)
+    assert counts["PRelu"] == 1 and _ops(fused) == ["PRelu", "Tanh"]
+    x = np.random.default_rng(0).normal(size=SHAPE).astype(np.float32)
+    x.reshape(-1)[:4] = [0.0, -0.0, 1e-30, -1e-30]
+
+    def run(m: onnx.ModelProto) -> np.ndarray:
+        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return sess.run(None, {"x": x})[0]
+
+    np.testing.assert_array_equal(run(model), run(fused))
+
+
 def test_relu6_chain_becomes_one_clip() -> None:
     for model in (
         _relu6_chain(np.float64),
@@ -84,12 +117,16 @@ def test_relu6_chain_becomes_one_clip() -> None:
 
 
 def test_chains_that_differ_are_left_alone() -> None:
-    for model in (_prelu_chain(np.float64, leak=True), _relu6_chain(np.float64, lo=0.1)):
+    for model in (
+        _prelu_chain(np.float64, leak=True),
+        _relu6_chain(np.float64, lo=0.1),
+        _prelu_min_max_chain(np.float64, zero=0.1),
+    ):
         fused, counts = _fused(model)
         assert not counts and _ops(fused) == _ops(fold_constants(model))
 
 
-@pytest.mark.parametrize("build", [_prelu_chain, _relu6_chain])
+@pytest.mark.parametrize("build", [_prelu_chain, _prelu_min_max_chain, _relu6_chain])
 def test_fused_gradient_matches_finite_differences_of_the_source(build) -> None:
     """The attack graph's gradient (built on the fused graph) is the source model's derivative."""
     x = np.random.default_rng(2).normal(size=SHAPE)
