@@ -248,6 +248,11 @@ def test_sessions_do_not_spin_unless_asked(linear_face_graph: LinearGraph) -> No
         spinning._options.get_session_config_entry("session.intra_op.allow_spinning")
 
 
+def test_sessions_do_not_keep_memory_patterns(linear_face_graph: LinearGraph) -> None:
+    # a pre-planned block per input shape: about 100 MB of a 1080p cloak's peak
+    assert AttackSession(linear_face_graph.path, device="cpu")._options.enable_mem_pattern is False
+
+
 def test_concurrent_runs_on_one_session_match_serial_runs(linear_face_graph: LinearGraph) -> None:
     session = AttackSession(linear_face_graph.path, device="cpu", io_binding=True)
     batches = [_images(2, 16, seed=s) for s in range(16)]
