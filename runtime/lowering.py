@@ -104,9 +104,16 @@ def _channel_slopes(
         return None
     channels = int(channel_dim.dim_value)
     slope = numpy_helper.to_array(initializers[node.input[1]])
-    if slope.dtype != np.float32 or slope.ndim > 4:
+    return per_channel_values(slope, channels) if slope.dtype == np.float32 else None
+
+
+def per_channel_values(values: np.ndarray, channels: int) -> np.ndarray | None:
+    """``values`` as one number per channel when they broadcast against an ``[N, C, H, W]`` map with
+    ``C = channels`` along the channel axis only (shapes ``[C, 1, 1]``, ``[1, C, 1, 1]``, a scalar...),
+    else None. Also used by the gradient builder's PRelu rule."""
+    if values.ndim > 4:
         return None
-    full = (1,) * (4 - slope.ndim) + slope.shape
+    full = (1,) * (4 - values.ndim) + values.shape
     if full[0] != 1 or full[2:] != (1, 1) or full[1] not in (1, channels):
         return None
-    return np.broadcast_to(slope.reshape(-1), (channels,)).astype(np.float32)
+    return np.broadcast_to(values.reshape(-1), (channels,)).copy()

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import onnx
 
 from uncnn_rt.converters.grad.registry import GradContext, UnsupportedOpError, attributes, grad_rule
+from uncnn_rt.runtime.lowering import per_channel_values
 
 Grads = list[str | None]
 
@@ -216,7 +216,8 @@ def prelu(ctx: GradContext, node: onnx.NodeProto, dys: Grads) -> Grads:
     blocked = ctx.blocked(node)
     mask = ctx.step(x, 0.0, above=True, blocked=blocked)
     slopes = ctx.require_value(slope, node, "slope")
-    per_channel = _channel_vector(ctx, x, slopes)
+    shape = ctx.shape(x)
+    per_channel = per_channel_values(slopes, shape[1]) if len(shape) == 4 and shape[1] else None
     if per_channel is not None and blocked:
         # the same affine map as a depthwise 1x1 Conv, which stays in onnxruntime's NCHWc layout
         weight = ctx.const((1.0 - per_channel).reshape(-1, 1, 1, 1), like=x, hint="prelu_w")
@@ -226,18 +227,6 @@ def prelu(ctx: GradContext, node: onnx.NodeProto, dys: Grads) -> Grads:
         one_minus = ctx.const(1.0 - slopes, like=x)
         local = ctx.emit("Add", [ctx.emit("Mul", [mask, one_minus]), slope])
     return [ctx.emit("Mul", [_dy(dys), local]), None]
-
-
-def _channel_vector(ctx: GradContext, x: str, values: np.ndarray) -> np.ndarray | None:
-    """``values`` as one number per channel of the 4-D ``x`` when it broadcasts along channels only."""
-    shape = ctx.shape(x)
-    if len(shape) != 4 or shape[1] is None or values.ndim > 4:
-        return None
-    channels = int(shape[1])
-    full = (1,) * (4 - values.ndim) + values.shape
-    if full[0] != 1 or full[2:] != (1, 1) or full[1] not in (1, channels):
-        return None
-    return np.broadcast_to(values.reshape(-1), (channels,)).copy()
 
 
 @grad_rule("Clip")
@@ -253,23 +242,20 @@ def clip(ctx: GradContext, node: onnx.NodeProto, dys: Grads) -> Grads:
     # Read y, not x: for lo < hi, y > lo iff x > lo and y < hi iff x < hi, and x then feeds only the Clip,
     # which onnxruntime fuses into the Conv before it (and lo >= hi makes y = hi, both masks 0).
     y = node.output[0]
-    blocked = ctx.blocked(node)
-    masks = []
-    for name, above in zip(bounds, (True, False), strict=False):
-        if not name:
-            continue
-        value = ctx.value(name)
-        if value is not None and value.size == 1:
-            masks.append(ctx.step(y, float(value), above=above, blocked=blocked))
-        else:
-            compare = ctx.emit("Greater" if above else "Less", [y, name])
-            masks.append(ctx.emit("Cast", [compare], to=ctx.elem_type(x)))
-    if not masks:
+    present = [(name, above) for name, above in zip(bounds, (True, False), strict=False) if name]
+    if not present:
         return [_dy(dys)]
-    dx = _dy(dys)
-    for mask in masks:
-        dx = ctx.emit("Mul", [dx, mask])
-    return [dx, None, None]
+    values = [ctx.value(name) for name, _ in present]
+    if ctx.blocked(node) and all(v is not None and v.size == 1 for v in values):
+        dx = _dy(dys)  # one blocked step mask per bound, each applied by a (layout-aware) Mul
+        for (_, above), value in zip(present, values, strict=True):
+            assert value is not None
+            dx = ctx.emit("Mul", [dx, ctx.step(y, float(value), above=above, blocked=True)])
+        return [dx, None, None]
+    compares = [ctx.emit("Greater" if above else "Less", [y, name]) for name, above in present]
+    inside = compares[0] if len(compares) == 1 else ctx.emit("And", compares)
+    # Mul by a cast mask: several times faster than Where in onnxruntime.
+    return [ctx.emit("Mul", [_dy(dys), ctx.emit("Cast", [inside], to=ctx.elem_type(x))]), None, None]
 
 
 @grad_rule("Min", "Max")
