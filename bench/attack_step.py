@@ -6,7 +6,7 @@ onnx2torch, so preprocessing and head are identical; the table shows the relativ
 two gradients to prove it. One step is: forward + gradient of the objective, then
 ``delta <- clip(delta - alpha * sign(g))`` and the pixel-range clip, at batch sizes 1 and 8, on the CPU
 with the same thread count on both sides. Each figure is the median of ``--repeats`` timed steps after
-warm-up, the two sides interleaved step by step so that both see the same machine load, in one run.
+warm-up, the two sides alternating in blocks of 5 so that both see the same machine load, in one run.
 
 Setup (once). onnx2torch needs a torchvision that matches torch, which the project venv lacks, so the
 bench has its own venv (the torch wheels come from the local wheel mirror)::
@@ -48,17 +48,26 @@ EPS, ALPHA = 8.0, 1.0
 SPIN = True
 
 
-def median_ms(steps: dict[str, Callable[[], None]], repeats: int, warmup: int = 3) -> dict[str, float]:
-    """Median wall time per call of each step, interleaved so that both sides see the same machine load."""
+def median_ms(
+    steps: dict[str, Callable[[], None]], repeats: int, warmup: int = 3, block: int = 5
+) -> dict[str, float]:
+    """Median wall time per call of each step over ``repeats`` timed calls.
+
+    The sides alternate in blocks of ``block`` timed calls, so that both see the same machine load
+    over the run; each block starts with one untimed call, which absorbs the other side's threads
+    still spinning down and its evicted caches (alternating call by call, each side paid for those).
+    """
     for step in steps.values():
         for _ in range(warmup):
             step()
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
+    while any(len(t) < repeats for t in times.values()):
         for name, step in steps.items():
-            start = time.perf_counter()
             step()
-            times[name].append(time.perf_counter() - start)
+            for _ in range(min(block, repeats - len(times[name]))):
+                start = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - start)
     return {name: 1000.0 * statistics.median(t) for name, t in times.items()}
 
 
