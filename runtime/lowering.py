@@ -116,4 +116,4 @@ def per_channel_values(values: np.ndarray, channels: int) -> np.ndarray | None:
     full = (1,) * (4 - values.ndim) + values.shape
     if full[0] != 1 or full[2:] != (1, 1) or full[1] not in (1, channels):
         return None
-    return np.broadcast_to(values.reshape(-1), (channels,)).copy()
+    return np.array(np.broadcast_to(values.reshape(-1), (channels,)))  # a writable copy
