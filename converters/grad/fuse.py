@@ -109,13 +109,8 @@ def _prelu(
             if not all(_only(t, consumers) for t in (relu_out, mul_out, sub_out, absolute.output[0])):
                 continue
             slope = (2.0 * constants[k]).astype(constants[k].dtype)
-            if not _broadcasts_one_way(slope.shape, shapes.get(x)):
-                continue
-            slope_name = f"{node.output[0]}/fused_prelu_slope"
-            fused = helper.make_node(
-                "PRelu", [x, slope_name], [node.output[0]], name=f"{node.name}/fused_prelu"
-            )
-            return [relu, absolute, sub, mul, node], fused, {slope_name: slope}
+            if _broadcasts_one_way(slope.shape, shapes.get(x)):
+                return _fused_prelu(node, x, slope, [relu, absolute, sub, mul, node])
     return None
 
 
@@ -145,14 +140,16 @@ def _prelu_min_max(
             if not all(_only(t, consumers) for t in (max_out, mul_out, min_out)):
                 continue
             slope = constants[k]
-            if slope.dtype.kind != "f" or not _broadcasts_one_way(slope.shape, shapes.get(x)):
-                continue
-            slope_name = f"{node.output[0]}/fused_prelu_slope"
-            fused = helper.make_node(
-                "PRelu", [x, slope_name], [node.output[0]], name=f"{node.name}/fused_prelu"
-            )
-            return [top, bottom, mul, node], fused, {slope_name: slope}
+            if slope.dtype.kind == "f" and _broadcasts_one_way(slope.shape, shapes.get(x)):
+                return _fused_prelu(node, x, slope, [top, bottom, mul, node])
     return None
+
+
+def _fused_prelu(node: onnx.NodeProto, x: str, slope: np.ndarray, removed: list[onnx.NodeProto]) -> Match:
+    """The match replacing ``removed`` (ending in ``node``) by ``PRelu(x, slope)`` under ``node``'s output."""
+    slope_name = f"{node.output[0]}/fused_prelu_slope"
+    fused = helper.make_node("PRelu", [x, slope_name], [node.output[0]], name=f"{node.name}/fused_prelu")
+    return removed, fused, {slope_name: slope}
 
 
 def _other_than_zero(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> str | None:
