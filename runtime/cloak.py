@@ -52,7 +52,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -175,44 +175,18 @@ SCALES: Final = (8.0,)
 SCHEDULE: Final = "cosine"
 SCHEDULE_FLOOR: Final = 0.3
 
+
+def _mode(name: str, **specific: Any) -> CloakSettings:
+    """A mode on the shared basis (grids, cosine schedule and its floor) with its own budget and floor."""
+    return CloakSettings(
+        name, coarse=COARSE, scales=SCALES, schedule=SCHEDULE, schedule_floor=SCHEDULE_FLOOR, **specific
+    )
+
+
 MODES: Final[dict[str, CloakSettings]] = {
-    "low": CloakSettings(
-        "low",
-        eps=12.0,
-        steps=16,
-        ssim_min=0.95,
-        step_size=3.0,
-        texture_floor=0.5,
-        coarse=COARSE,
-        scales=SCALES,
-        schedule=SCHEDULE,
-        schedule_floor=SCHEDULE_FLOOR,
-    ),
-    "mid": CloakSettings(
-        "mid",
-        eps=16.0,
-        steps=24,
-        ssim_min=0.90,
-        step_size=4.0,
-        stop_margin=0.08,
-        coarse=COARSE,
-        scales=SCALES,
-        schedule=SCHEDULE,
-        schedule_floor=SCHEDULE_FLOOR,
-    ),
-    "high": CloakSettings(
-        "high",
-        eps=24.0,
-        steps=40,
-        ssim_min=0.85,
-        step_size=5.0,
-        stop_margin=0.1,
-        refine_rounds=3,
-        coarse=COARSE,
-        scales=SCALES,
-        schedule=SCHEDULE,
-        schedule_floor=SCHEDULE_FLOOR,
-    ),
+    "low": _mode("low", eps=12.0, steps=16, ssim_min=0.95, step_size=3.0, texture_floor=0.5),
+    "mid": _mode("mid", eps=16.0, steps=24, ssim_min=0.90, step_size=4.0, stop_margin=0.08),
+    "high": _mode("high", eps=24.0, steps=40, ssim_min=0.85, step_size=5.0, stop_margin=0.1, refine_rounds=3),
 }
 DEFAULT_MODE: Final = "mid"
 
