@@ -6,6 +6,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from .errors import OutputPathError
+
 
 def _read_umask() -> int:
     # Reading the umask means setting it; done once, at import, before any thread writes files.
@@ -32,3 +34,22 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_writable_folder(folder: Path) -> None:
+    """Raise :class:`OutputPathError` unless a file can be created in ``folder``, before any work is done.
+
+    It tries what :func:`atomic_write_bytes` will do (a temporary file, removed at once) rather than
+    reading permission bits, which say nothing of read-only mounts, ACLs or root.
+    """
+    where = folder if str(folder) else Path(".")
+    if not where.exists():
+        raise OutputPathError(f"{where}: no such folder for the output")
+    if not where.is_dir():
+        raise OutputPathError(f"{where}: not a folder, cannot hold the output")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=where, prefix=".uncnn-rt-check.", suffix=".tmp")
+    except OSError as exc:
+        raise OutputPathError(f"{where}: cannot write the output there ({exc.strerror or exc})") from exc
+    os.close(fd)
+    Path(tmp).unlink(missing_ok=True)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import stat
 import struct
 import warnings
@@ -55,7 +56,7 @@ from uncnn_rt.runtime.errors import (
     UnreadableFileError,
     UnsupportedImageError,
 )
-from uncnn_rt.runtime.fileio import atomic_write_bytes
+from uncnn_rt.runtime.fileio import atomic_write_bytes, check_writable_folder
 
 Uint8Array = NDArray[np.uint8]
 
@@ -64,6 +65,9 @@ DEFAULT_MAX_PIXELS: Final = 100_000_000
 Pillow's own hard limit (``2 * Image.MAX_IMAGE_PIXELS``, about 179 MP) still applies above it."""
 DEFAULT_MAX_BYTES: Final = 256 * 1024 * 1024
 DEFAULT_JPEG_QUALITY: Final = 95
+"""JPEG quality of a cloak whose source quality is unknown (a PNG saved as JPEG, say)."""
+JPEG_QUALITY_RANGE: Final = (75, 95)
+"""The source's estimated JPEG quality is kept within this range (:func:`jpeg_output_quality`)."""
 DEFAULT_WEBP_QUALITY: Final = 95
 
 EXIF_ORIENTATION: Final = 0x0112
@@ -123,6 +127,8 @@ class LoadedImage:
     dpi: tuple[float, float] | None
     notes: tuple[str, ...]
     """Conversions made on the way in, in words, for the user."""
+    jpeg_quality: int | None = None
+    """The libjpeg quality (1..100) a JPEG source's quantisation tables match best, or None."""
 
     @property
     def height(self) -> int:
@@ -164,20 +170,11 @@ def load_image(
     with warnings.catch_warnings():
         # The explicit max_pixels check below replaces Pillow's warning; its hard error still applies.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        image = _open(data, label)
-        width, height = image.size
-        if width * height > max_pixels:
-            raise ImageTooLargeError(
-                f"{label}: {width}x{height} is {width * height / 1e6:.1f} megapixels, over the limit of "
-                f"{max_pixels / 1e6:.1f} megapixels (checked before decoding, against decompression bombs)"
-            )
-        if width < 1 or height < 1:
-            raise DecodeError(f"{label}: image header declares an empty {width}x{height} image")
-        source_format = _source_format(image, label)
+        image, source_format = _open_header(data, label, max_pixels)
         try:
             image.load()
         except Image.DecompressionBombError as exc:
-            raise ImageTooLargeError(f"{label}: image too large to decode safely ({exc})") from exc
+            raise _bomb_error(label, exc, max_pixels) from exc
         except _PIXEL_DECODE_ERRORS as exc:
             raise DecodeError(f"{label}: truncated or corrupt image data ({exc})") from exc
 
@@ -213,6 +210,61 @@ def load_image(
         progressive=bool(image.info.get("progressive") or image.info.get("progression")),
         dpi=dpi,
         notes=tuple(notes),
+        jpeg_quality=estimate_jpeg_quality(image) if source_format == "JPEG" else None,
+    )
+
+
+def probe_image(
+    source: str | os.PathLike[str] | bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    name: str | None = None,
+) -> tuple[str, tuple[int, int]]:
+    """``(format, (width, height))`` from the header alone, with every check :func:`load_image` makes
+    before decoding (file, bytes, known format, pixel limit, single frame); no pixel is decoded.
+
+    A command calls it on every input before loading any model, so that a bad input fails at once.
+    Truncated pixel data is found only by :func:`load_image`.
+    """
+    data, label, _ = _read(source, max_bytes=max_bytes, name=name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image, source_format = _open_header(data, label, max_pixels)
+    return source_format, image.size
+
+
+def _open_header(data: bytes, label: str, max_pixels: int) -> tuple[Image.Image, str]:
+    """The opened image (header parsed, no pixel decoded) and its source format, checked for size."""
+    image = _open(data, label, max_pixels)
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"{label}: {width}x{height} is {width * height / 1e6:.1f} megapixels, "
+            + _over_the_pixel_limit(max_pixels)
+        )
+    if width < 1 or height < 1:
+        raise DecodeError(f"{label}: image header declares an empty {width}x{height} image")
+    return image, _source_format(image, label)
+
+
+def _over_the_pixel_limit(max_pixels: int) -> str:
+    return (
+        f"over the limit of {max_pixels / 1e6:.1f} megapixels "
+        "(checked before decoding, against decompression bombs)"
+    )
+
+
+_BOMB_PIXELS: Final = re.compile(r"\((\d+) pixels\)")
+
+
+def _bomb_error(label: str, exc: Image.DecompressionBombError, max_pixels: int) -> ImageTooLargeError:
+    """Pillow's own hard limit (about 179 MP) fires in ``Image.open``, before our check could: say it in
+    our words, with the pixel count its message gives (Pillow does not tell the width and height)."""
+    found = _BOMB_PIXELS.search(str(exc))
+    declared = "far more megapixels" if found is None else f"{int(found.group(1)) / 1e6:.1f} megapixels"
+    return ImageTooLargeError(
+        f"{label}: the header declares {declared}, " + _over_the_pixel_limit(max_pixels)
     )
 
 
@@ -250,12 +302,12 @@ def _read(
     return data, label, path
 
 
-def _open(data: bytes, label: str) -> Image.Image:
+def _open(data: bytes, label: str, max_pixels: int) -> Image.Image:
     """Parse the header only; no pixel is decoded yet."""
     try:
         return Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"{label}: image too large to decode safely ({exc})") from exc
+        raise _bomb_error(label, exc, max_pixels) from exc
     except UnidentifiedImageError as exc:
         raise NotAnImageError(f"{label}: not an image (no known image format recognised)") from exc
     except _PIXEL_DECODE_ERRORS as exc:
@@ -272,7 +324,7 @@ def _source_format(image: Image.Image, label: str) -> str:
         raise DecodeError(f"{label}: truncated or corrupt image data ({exc})") from exc
     if frames > 1:
         raise UnsupportedImageError(
-            f"{label}: animated or multi-page {fmt} ({frames} frames); only single images can be cloaked"
+            f"{label}: animated or multi-page {fmt} ({frames} frames); only single images are supported"
         )
     return fmt
 
@@ -401,6 +453,48 @@ def _png_bit_depth(data: bytes) -> int | None:
     return None
 
 
+# The example tables of the JPEG standard (Annex K), in natural order; libjpeg scales them by quality.
+_LUMA_TABLE: Final = (
+    16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55,
+    14, 13, 16, 24, 40, 57, 69, 56, 14, 17, 22, 29, 51, 87, 80, 62,
+    18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+    49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99,
+)  # fmt: skip
+_CHROMA_TABLE: Final = (
+    17, 18, 24, 47, 99, 99, 99, 99, 18, 21, 26, 66, 99, 99, 99, 99,
+    24, 26, 56, 99, 99, 99, 99, 99, 47, 66, 99, 99, 99, 99, 99, 99,
+    *([99] * 32),
+)  # fmt: skip
+
+
+def _libjpeg_tables(quality: int) -> NDArray[np.int64]:
+    """libjpeg's ``jpeg_set_quality``: the standard tables scaled, as ``[2, 64]``."""
+    scale = 5000 // quality if quality < 50 else 200 - 2 * quality
+    base = np.array([_LUMA_TABLE, _CHROMA_TABLE], dtype=np.int64)
+    return np.clip((base * scale + 50) // 100, 1, 255)
+
+
+_LIBJPEG_TABLES: Final = np.stack([_libjpeg_tables(q) for q in range(1, 101)])  # [100, 2, 64]
+
+
+def estimate_jpeg_quality(image: Image.Image) -> int | None:
+    """The libjpeg quality whose scaled standard tables are nearest a JPEG's own quantisation tables.
+
+    Exact for files written by libjpeg, Pillow, OpenCV and most phones' encoders at a quality setting;
+    for other tables (some cameras and editors), the quality of the nearest standard table, or None when
+    the file carries no tables.
+    """
+    tables = getattr(image, "quantization", None) or {}
+    if 0 not in tables or len(tables[0]) != 64:
+        return None
+    ours = [np.asarray(tables[0], dtype=np.int64)]
+    if 1 in tables and len(tables[1]) == 64:
+        ours.append(np.asarray(tables[1], dtype=np.int64))
+    found = np.stack(ours)
+    errors = np.abs(_LIBJPEG_TABLES[:, : len(ours)] - found[None]).sum(axis=(1, 2))
+    return int(np.argmin(errors)) + 1
+
+
 def _webp_is_lossless(data: bytes) -> bool:
     """Whether the first image chunk of a RIFF/WebP file is ``VP8L`` (lossless) rather than ``VP8 ``."""
     pos = 12
@@ -432,21 +526,73 @@ def normalise_format(fmt: str) -> str:
 def output_format(
     like: LoadedImage, path: str | os.PathLike[str] | None = None, fmt: str | None = None
 ) -> str:
-    """The format an output gets: ``fmt`` if given, else the output suffix's, else the input's.
+    """The format an output gets: ``fmt`` if given, else the output suffix's (:func:`path_format`), else
+    (no ``path``) the input's.
 
     Input formats that cannot hold a cloak (GIF's 256 colours, ...) or that are not writable fall
-    back to PNG. A suffix that names another format than ``fmt`` is an error.
+    back to PNG. A suffix that names another format than ``fmt``, or none that can be written when
+    ``fmt`` is None, is an error.
     """
-    by_suffix = _SUFFIX_FORMAT.get(Path(path).suffix.lower()) if path is not None else None
+    chosen = path_format(path, fmt) if path is not None else (None if fmt is None else normalise_format(fmt))
+    if chosen is not None:
+        return chosen
+    source = _FORMAT_ALIASES.get(like.format, like.format)
+    return source if source in WRITABLE_FORMATS else "PNG"
+
+
+def path_format(path: str | os.PathLike[str], fmt: str | None = None) -> str:
+    """The format an output path gets, from ``fmt`` or else from its suffix (no input needed).
+
+    Raises :class:`OutputPathError` for a suffix that names another format than ``fmt``, and for a
+    suffix that names no writable format (``.xyz``, ``.gif``, none at all) when ``fmt`` is None: such a
+    file would hold an image its name does not announce.
+    """
+    suffix = Path(path).suffix
+    by_suffix = _SUFFIX_FORMAT.get(suffix.lower())
     if fmt is not None:
         chosen = normalise_format(fmt)
         if by_suffix is not None and by_suffix != chosen:
             raise OutputPathError(f"{path}: the suffix says {by_suffix} but format {chosen} was asked")
         return chosen
-    if by_suffix is not None:
-        return by_suffix
-    source = _FORMAT_ALIASES.get(like.format, like.format)
-    return source if source in WRITABLE_FORMATS else "PNG"
+    if by_suffix is None:
+        what = f"the suffix {suffix!r} names no image format it can write" if suffix else "it has no suffix"
+        raise OutputPathError(
+            f"{path}: {what}; end the name in {', '.join(_FORMAT_SUFFIX.values())} or give the format"
+        )
+    return by_suffix
+
+
+def check_output_path(
+    path: str | os.PathLike[str],
+    *,
+    input_path: str | os.PathLike[str] | None = None,
+    fmt: str | None = None,
+) -> str:
+    """Everything :func:`save_image` would refuse about ``path``, checked before any work is done.
+
+    Returns the format ``path`` will be written in (:func:`path_format`). Raises
+    :class:`OutputPathError` when the path is a directory, is (or links to) ``input_path``, names no
+    writable format, or lies in a folder that is missing or cannot be written.
+    """
+    out = Path(path)
+    if out.is_dir():
+        raise OutputPathError(f"{out}: is a directory, expected an output file path")
+    chosen = path_format(out, fmt)
+    if input_path is not None and _same_file(out, Path(input_path)):
+        raise OutputPathError(
+            f"{out}: refusing to overwrite the input {input_path}; choose another output path"
+        )
+    check_writable_folder(out.parent)
+    return chosen
+
+
+def _same_file(out: Path, source: Path) -> bool:
+    if out.resolve() == source.resolve():
+        return True
+    try:
+        return out.exists() and os.path.samefile(out, source)
+    except OSError:
+        return False
 
 
 def default_output_path(input_path: str | os.PathLike[str], fmt: str | None = None) -> Path:
@@ -472,8 +618,9 @@ def encode_image(
 ) -> bytes:
     """Encode ``array [H, W, 3]`` (uint8, or float 0..255, rounded) like ``like``, as ``fmt``.
 
-    - JPEG: quality 95 by default with 4:4:4 chroma. The cloak is a low-amplitude, high-frequency
-      pattern; 4:2:0 subsampling averages chroma over 2x2 blocks and lower qualities quantise
+    - JPEG: by default the JPEG source's own quality, kept within 75..95 (:func:`jpeg_output_quality`;
+      95 for other sources), with 4:4:4 chroma. The cloak is a low-amplitude, high-frequency
+      pattern; 4:2:0 subsampling averages chroma over 2x2 blocks and low qualities quantise
       exactly the DCT coefficients it lives in, so both would erase much of it.
     - PNG, TIFF, BMP: lossless.
     - WebP: lossless when the source was lossless (PNG, lossless WebP) and no ``quality`` is given;
@@ -507,7 +654,7 @@ def encode_image(
         params["dpi"] = like.dpi
     if name == "JPEG":
         params |= {
-            "quality": _quality(quality, DEFAULT_JPEG_QUALITY, 1, 100),
+            "quality": _quality(quality, jpeg_output_quality(like), 1, 100),
             "subsampling": 0,
             "progressive": like.progressive,
             "optimize": True,
@@ -520,6 +667,20 @@ def encode_image(
     buffer = io.BytesIO()
     image.save(buffer, format=name, **params)
     return buffer.getvalue()
+
+
+def jpeg_output_quality(like: LoadedImage) -> int:
+    """The JPEG quality a cloak of ``like`` is saved at: the source's own (as estimated from its tables)
+    within :data:`JPEG_QUALITY_RANGE`, else :data:`DEFAULT_JPEG_QUALITY`.
+
+    Saving a q80 photo at q95 makes the cloak half as large again as its input without keeping anything the
+    input had. Below 75 the encoder would quantise away much of the cloak (its attack is made robust to
+    JPEG 70..95), above 95 the file grows fast for nothing visible.
+    """
+    if like.jpeg_quality is None:
+        return DEFAULT_JPEG_QUALITY
+    low, high = JPEG_QUALITY_RANGE
+    return min(max(like.jpeg_quality, low), high)
 
 
 def save_image(
