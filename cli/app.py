@@ -55,6 +55,27 @@ def main_callback(
     ctx.obj = GlobalOptions(device=device, quiet=quiet)
 
 
+def _hide_flag_metavars() -> None:
+    """Typer's rich help prints a type after every option, ``<bool>`` after flags too (``--json <bool>``),
+    which reads as if the flag took a value. A flag takes none: show nothing there, as click does."""
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "_hides_flags", False):
+        return  # a Typer without the types column, or already done
+
+    def display_type_rich(self: TyperOption, ctx: object) -> str | None:
+        if self.is_flag and self.metavar is None:
+            return None
+        return shown(self, ctx)  # type: ignore[no-any-return]
+
+    display_type_rich._hides_flags = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_hide_flag_metavars()
+
+
 def _add_command_groups() -> None:
     # One module per command group, each with its own Typer app.
     from uncnn_rt.cli import augment_cmd, cloak_cmd, convert_cmd, demo_cmd, eval_cmd, models_cmd, serve_cmd

@@ -25,10 +25,14 @@ from uncnn_rt.runtime import cloak as cloaking
 from uncnn_rt.runtime import zoo
 from uncnn_rt.runtime.errors import InputError, ModelError, OutputPathError, UncnnError
 from uncnn_rt.runtime.imageio import (
+    DEFAULT_MAX_PIXELS,
     LoadedImage,
+    check_output_path,
     default_output_path,
     load_image,
     normalise_format,
+    path_format,
+    probe_image,
     save_image,
 )
 from uncnn_rt.runtime.sessions import open_session
@@ -43,11 +47,22 @@ EXIT_NOT_PROTECTED = 4
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 CLASSIFIER = "efficientnet_lite0"
 
-_MODE_LINES = "\n\n".join(
-    f"  {name}: eps {m.eps:g}, at most {m.steps} steps, SSIM >= {m.ssim_min:g}"
-    for name, m in cloaking.MODES.items()
-    if m.ssim_min is not None
-)
+
+def _mode_line(name: str, m: cloaking.CloakSettings) -> str:
+    ssim = "none" if m.ssim_min is None else f"{m.ssim_min:g}"
+    rounds = f"{m.refine_rounds} refinement round{'s' if m.refine_rounds != 1 else ''}"
+    return (
+        f"  {name}: eps {m.eps:g}, {m.steps} steps + {rounds} of at most {m.refine_steps} "
+        f"(at most {max_steps(m)} per face), SSIM >= {ssim}"
+    )
+
+
+def max_steps(settings: cloaking.CloakSettings) -> int:
+    """The most attack steps one face can take: the first pass and every refinement round."""
+    return settings.steps + settings.refine_rounds * settings.refine_steps
+
+
+_MODE_LINES = "\n\n".join(_mode_line(name, m) for name, m in cloaking.MODES.items())
 
 CLOAK_HELP = (
     "Cloak the faces in photos so that face recognizers no longer match them.\n\n"
@@ -55,8 +70,11 @@ CLOAK_HELP = (
     "written beside each input as NAME.cloaked.EXT (or under -o), never over the input; then the written "
     "file is re-opened, its faces are found again and every face is checked with every recognizer.\n\n"
     "Modes (eps in grey levels 0..255; the SSIM floor holds on each face region and on the whole photo; "
-    "faces under about 120 pixels need high):\n\n"
+    "faces under about 120 pixels need high). A refinement round re-detects the cloaked faces, as the "
+    "verification will, and continues the attack on those that fall short:\n\n"
     f"{_MODE_LINES}\n\n"
+    f"Images over {DEFAULT_MAX_PIXELS / 1e6:g} megapixels, as declared in their header, are refused before "
+    "any pixel is decoded (decompression bombs).\n\n"
     "Exit codes: 0 every face cloaked and verified PROTECTED by every model; 4 cloaked, but some face is "
     "NOT PROTECTED by some model; 2 an input error (unreadable, corrupt or oversized image, no face "
     "found, bad option); 3 a model is missing or broken; 1 anything else. With several inputs the others "
@@ -74,6 +92,8 @@ class Outcome:
     exit_code: int = EXIT_OK
     report: VerifyReport | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    hint: str | None = None
+    """For a NOT PROTECTED verdict: which faces and models failed, and what would protect them."""
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -87,6 +107,8 @@ class Outcome:
         data["status"] = "protected" if self.report.protected else "not_protected"
         data |= self.details
         data |= self.report.to_dict()
+        if self.hint is not None:
+            data["hint"] = self.hint
         return data
 
 
@@ -142,31 +164,123 @@ def _candidate(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not _is_cloaked_output(path)
 
 
-def output_path(source: Path, output: Path | None, fmt: str | None, *, many: bool) -> Path:
-    """Where the cloak of ``source`` goes: beside it, into the ``output`` folder, or at ``output``."""
+def wants_folder(output: str) -> bool:
+    """``-o name/`` (or an existing folder) asks for a folder, even for one input."""
+    return output.endswith(("/", "\\")) or Path(output).is_dir()
+
+
+def output_path(source: Path, output: str | None, fmt: str | None, *, many: bool) -> Path:
+    """Where the cloak of ``source`` goes: beside it, into the ``output`` folder, or at ``output``.
+
+    A folder named with a trailing slash is created (with its parents), as is a missing parent of an
+    output file; ``-o`` must be a folder with several inputs.
+    """
     default = default_output_path(source, fmt)
     if output is None:
         return default
-    if many or output.is_dir() or str(output).endswith(("/", "\\")):
-        if output.exists() and not output.is_dir():
+    target = Path(output)
+    if many or wants_folder(output):
+        if target.exists() and not target.is_dir():
             raise OutputPathError(f"{output}: with several inputs, -o must be a directory")
-        output.mkdir(parents=True, exist_ok=True)
-        return output / default.name
-    return output
+        _make_folder(target)
+        return target / default.name
+    _make_folder(target.parent)
+    return target
+
+
+def _make_folder(folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise OutputPathError(f"{folder}: not a folder, cannot hold the output")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputPathError(f"{folder}: cannot create the output folder ({exc.strerror or exc})") from exc
+
+
+def plan_outputs(
+    files: list[Path], output: str | None, fmt: str | None, *, many: bool
+) -> tuple[dict[Path, Path], list[Outcome], list[str]]:
+    """Each input's output path, checked before any model is loaded or any step taken.
+
+    Returns the plan, the inputs refused (as outcomes: an unreadable or oversized header, an output that
+    would be the input or cannot be written) and notes to print (a name whose suffix ``--format`` overrides).
+    """
+    planned: dict[Path, Path] = {}
+    refused: list[Outcome] = []
+    notes: list[str] = []
+    for source in files:
+        try:
+            probe_image(source)
+            destination = output_path(source, output, fmt, many=many)
+            check_output_path(destination, input_path=source, fmt=fmt)
+        except ModelError:
+            raise
+        except UncnnError as exc:
+            refused.append(Outcome(str(source), error=str(exc), exit_code=exc.exit_code))
+            continue
+        planned[source] = destination
+    if output is not None and fmt is not None and not many and not wants_folder(output) and planned:
+        suffix = Path(output).suffix
+        if not _suffix_matches(output, fmt):
+            why = f"its suffix {suffix!r} names no image format" if suffix else "its name has no suffix"
+            notes.append(f"{output}: written as {fmt}, as --format asks ({why})")
+    targets = list(planned.values())
+    clashes = [p for p in targets if targets.count(p) > 1]
+    if clashes:
+        raise OutputPathError(f"several inputs would be written to {clashes[0]}; use separate runs")
+    return planned, refused, notes
+
+
+def _suffix_matches(path: str, fmt: str) -> bool:
+    try:
+        return path_format(path) == fmt
+    except OutputPathError:
+        return False
+
+
+@dataclass
+class _Models:
+    """The recognizers, detector and target of a run, loaded when the first photo has been decoded."""
+
+    names: list[str] | None
+    device: str
+    need_detector: bool
+    target_photo: LoadedImage | None
+    recognizers: list[Any] = field(default_factory=list)
+    detector: cloaking.Detector | None = None
+    target: dict[str, Any] | None = None
+    loaded: bool = False
+
+    def load(self) -> None:
+        if self.loaded:
+            return
+        self.recognizers = cloaking.load_recognizers(self.names, device=self.device)
+        if self.need_detector:
+            self.detector = cloaking.load_detector(device=self.device)
+        if self.target_photo is not None:
+            self.target = cloaking.target_embeddings(self.target_photo, self.recognizers, self.detector)
+        self.loaded = True
 
 
 def cloak(
     ctx: typer.Context,
     paths: Annotated[list[str], typer.Argument(metavar="PATH", help="Image files, directories or globs.")],
     output: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
-            "-o", "--output", help="Output file, or a directory (required to be one with several inputs)."
+            "-o",
+            "--output",
+            metavar="PATH",
+            help="Output file, or a folder: one that exists, or any name ending in / (created). With "
+            "several inputs it must be a folder.",
         ),
     ] = None,
     fmt: Annotated[
         str | None,
-        typer.Option("--format", help="Output format: jpg, png or webp \\[default: the input's]."),
+        typer.Option(
+            "--format",
+            help="Output format: jpg, png, webp, tif or bmp \\[default: the input's, or -o's suffix].",
+        ),
     ] = None,
     mode: Annotated[
         str, typer.Option(help="Strength: low, mid or high (see above).")
@@ -175,7 +289,11 @@ def cloak(
         float | None, typer.Option(help="L-inf budget in grey levels (0..255), overriding the mode.")
     ] = None,
     steps: Annotated[
-        int | None, typer.Option(help="Most attack steps per face, overriding the mode.")
+        int | None,
+        typer.Option(
+            help="Attack steps per face in the first pass, overriding the mode (each refinement round "
+            "then takes at most as many)."
+        ),
     ] = None,
     ssim_min: Annotated[
         float | None,
@@ -216,34 +334,30 @@ def cloak(
 ) -> None:
     device, quiet = _global(ctx)
     outcomes: list[Outcome] = []
-    recognizers: list[Any] = []
-    detector: cloaking.Detector | None = None
-    target: dict[str, Any] | None = None
+    # Everything that can be checked without a model is checked first: options, every input's header,
+    # every output path. Models load only once a photo has been decoded, so a run that can only fail
+    # fails at once instead of after the models (seconds) or after a whole cloak (up to a minute).
     with clean_errors():
         if face is not None and face < 1:
             raise InputError(f"--face counts from 1, got {face}")
         settings = cloaking.settings_for(mode, eps=eps, steps=steps, ssim_min=ssim_min, coarse=coarse)
         out_format = None if fmt is None else normalise_format(fmt)
+        names = split_models(models)
         files, missing = expand_inputs(paths)
         outcomes += missing
         many = len(files) + len(missing) > 1
-        planned = {}
-        for source in files:
-            planned[source] = output_path(source, output, out_format, many=many)
-        clashes = [p for p in planned.values() if list(planned.values()).count(p) > 1]
-        if clashes:
-            raise OutputPathError(f"several inputs would be written to {clashes[0]}; use separate runs")
-        if files:
-            recognizers = cloaking.load_recognizers(split_models(models), device=device)
-            if not no_align or target_identity is not None:
-                detector = cloaking.load_detector(device=device)
-            if target_identity is not None:
-                target_photo = load_image(target_identity)
-                target = cloaking.target_embeddings(target_photo, recognizers, detector)
+        planned, refused, notes = plan_outputs(files, output, out_format, many=many)
+        outcomes += refused
+        target_photo = None if target_identity is None else load_image(target_identity)
+    if not quiet and not as_json:
+        for note in notes:
+            typer.echo(f"note: {note}", err=True)
+    runs = _Models(names, device, not no_align or target_identity is not None, target_photo)
+    todo = [f for f in files if f in planned]
     console = Console(stderr=True)
-    with clean_errors(), progress_bar(console, hidden=quiet or not files) as progress:
-        task = progress.add_task("cloaking", total=len(files), detail="")
-        for source in files:
+    with clean_errors(), progress_bar(console, hidden=quiet or not todo) as progress:
+        task = progress.add_task("cloaking", total=len(todo), detail="")
+        for source in todo:
             outcome = _cloak_one(
                 source,
                 planned[source],
@@ -251,23 +365,23 @@ def cloak(
                 face=None if face is None else face - 1,
                 largest=largest,
                 no_align=no_align,
-                target=target,
                 seed=seed,
                 out_format=out_format,
                 keep_location=keep_location,
-                recognizers=recognizers,
-                detector=detector,
+                runs=runs,
                 on_progress=lambda p, name=source.name: progress.update(
                     task, detail=f"{name}: face {p.face}/{p.faces}, step {p.step}/{p.steps}"
                 ),
             )
             outcomes.append(outcome)
             progress.advance(task)
+    order = {str(p): i for i, p in enumerate(files)}
+    outcomes.sort(key=lambda o: order.get(o.input, -1))
     code = _exit_code(outcomes)
     if as_json:
         typer.echo(json.dumps({"files": [o.to_dict() for o in outcomes], "exit_code": code}, indent=2))
     else:
-        _print_outcomes(outcomes)
+        _print_outcomes(outcomes, quiet=quiet)
     raise typer.Exit(code)
 
 
@@ -282,26 +396,25 @@ def _cloak_one(
     face: int | None,
     largest: bool,
     no_align: bool,
-    target: dict[str, Any] | None,
     seed: int,
     out_format: str | None,
     keep_location: bool,
-    recognizers: list[Any],
-    detector: cloaking.Detector | None,
+    runs: _Models,
     on_progress: cloaking.ProgressCallback,
 ) -> Outcome:
     """Cloak, save and verify one file; an input error becomes the outcome (nothing is written then)."""
     try:
         loaded = load_image(source)
+        runs.load()
         result = cloaking.cloak_image(
             loaded,
-            recognizers=recognizers,
-            detector=detector,
+            recognizers=runs.recognizers,
+            detector=runs.detector,
             mode=settings,
             face=face,
             largest=largest,
             no_align=no_align,
-            target=target,
+            target=runs.target,
             seed=seed,
             progress=on_progress,
         )
@@ -310,14 +423,17 @@ def _cloak_one(
             result.image, loaded, destination, format=out_format, strip_location=not keep_location
         )
         saving = time.perf_counter() - start
-        report = verify(loaded, written, result, recognizers=recognizers, detector=detector)
+        report = verify(loaded, written, result, recognizers=runs.recognizers, detector=runs.detector)
     except ModelError:
         raise
     except UncnnError as exc:
         return Outcome(str(source), error=str(exc), exit_code=exc.exit_code)
     details = cloak_details(result, loaded, extra_seconds=saving)
     code = EXIT_OK if report.protected else EXIT_NOT_PROTECTED
-    return Outcome(str(source), output=written, exit_code=code, report=report, details=details)
+    outcome = Outcome(str(source), output=written, exit_code=code, report=report, details=details)
+    if not report.protected:
+        outcome.hint = not_protected_hint(report, result.settings)
+    return outcome
 
 
 def cloak_details(
@@ -350,17 +466,31 @@ def _exit_code(outcomes: list[Outcome]) -> int:
     return EXIT_OK
 
 
-def _print_outcomes(outcomes: list[Outcome]) -> None:
+BEFORE_AFTER_NOTE = (
+    "before / after: each model's cosine similarity to the face's clean embedding{target}, of the original "
+    "photo (before) and of the saved cloak (after), both cropped where the detector finds the face in the "
+    "saved file. The cloak itself was made on the crop found in the original, so before is below 1 by the "
+    "small shift between the two crops alone, and shows how much of the drop that shift explains."
+)
+
+
+def _print_outcomes(outcomes: list[Outcome], *, quiet: bool = False) -> None:
     out = Console()
+    explained = False
     for outcome in outcomes:
         if outcome.error is not None:
             typer.echo(f"error: {outcome.error}", err=True)
             continue
         report = outcome.report
         assert report is not None
+        if not quiet:
+            for note in outcome.details.get("notes", ()):
+                typer.echo(f"note: {outcome.input}: {note}", err=True)
         verdict = "PROTECTED" if report.protected else "NOT PROTECTED"
+        # The title is printed as plain text rather than as the table's title, which rich would wrap to
+        # the table's width, breaking file names in the middle.
+        typer.echo(f"{outcome.input} -> {outcome.output}")
         table = Table(
-            title=f"{outcome.input} -> {outcome.output}",
             caption=(
                 f"{verdict} · SSIM {report.ssim:.4f} · PSNR {_db(report.psnr)} · "
                 f"{outcome.details['cloak_seconds']:.1f} s + verify {report.seconds:.1f} s · "
@@ -380,6 +510,43 @@ def _print_outcomes(outcomes: list[Outcome]) -> None:
                     label if i == 0 else "", m.name, f"{m.before:.3f}", f"{m.after:.3f}", threshold, status
                 )
         out.print(table)
+        if outcome.hint is not None:
+            out.print(outcome.hint, markup=False, highlight=False)
+        if not explained and not quiet:
+            target = " (targeted: to the target's embedding)" if report.targeted else ""
+            out.print(BEFORE_AFTER_NOTE.format(target=target), style="dim", markup=False, highlight=False)
+            explained = True
+
+
+def not_protected_hint(report: VerifyReport, settings: cloaking.CloakSettings) -> str:
+    """What a NOT PROTECTED verdict means and what to try: the faces and models that fell short, and the
+    next stronger mode (in :data:`~uncnn_rt.runtime.cloak.MODES` order) with its settings, or from the
+    strongest mode more steps and a larger budget.
+
+    One place on purpose: the cost in visibility of the suggestion belongs here too.
+    """
+    failed = []
+    for face in report.faces:
+        models = [m.name for m in face.models if not m.protected]
+        if models:
+            failed.append(f"face {face.number} ({', '.join(models)})")
+    faces = "; ".join(failed) or "no face"
+    names = list(cloaking.MODES)
+    base = settings.mode.split(" ")[0]
+    if base in names and names.index(base) + 1 < len(names):
+        stronger = cloaking.MODES[names[names.index(base) + 1]]
+        advice = (
+            f"try --mode {stronger.mode} ({stronger.describe()}), which changes the photo more "
+            f"than {settings.describe()}"
+        )
+    else:
+        more_steps = max(2 * settings.steps, settings.steps + 20)
+        advice = (
+            f"{settings.describe()} is the strongest mode; try more steps (--steps {more_steps}) or a larger "
+            f"budget (--eps {settings.eps + 8:g}, more visible), or cloak only the face that matters "
+            "(--face N)"
+        )
+    return f"NOT PROTECTED: {faces} still matched; {advice}."
 
 
 def _db(value: float) -> str:
@@ -432,7 +599,8 @@ def compare(
             )
         )
         return
-    table = Table(title=f"{first} vs {second}", caption=verdict)
+    typer.echo(f"{first} vs {second}")  # plain text: a table title would break file names mid-word
+    table = Table(caption=verdict)
     for column in ("model", "similarity", "threshold", ""):
         table.add_column(column, justify="right" if column in ("similarity", "threshold") else "left")
     for s in sims:

@@ -7,6 +7,7 @@ The recognizers are the hand-built linear attack graphs and the detector a fake 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import struct
 import zlib
@@ -20,10 +21,11 @@ from PIL import Image
 from test_cloak import ONE_FACE, FakeDetector, photo
 from typer.testing import CliRunner
 
-from uncnn_rt.cli import cloak_cmd
+from uncnn_rt.cli import cloak_cmd, progress
 from uncnn_rt.cli.app import app
 from uncnn_rt.runtime import zoo
 from uncnn_rt.runtime.sessions import AttackSession
+from uncnn_rt.runtime.verify import FaceCheck, ModelCheck, VerifyReport
 
 # Per pixel (--coarse 1): the linear fixture models weigh crop pixels independently (white-noise weights).
 STRONG = ["--eps", "32", "--steps", "20", "--ssim-min", "0", "--coarse", "1"]
@@ -146,7 +148,7 @@ BAD_INPUTS = {
     "truncated.jpg": (_truncated_jpeg, "truncated or corrupt"),
     "notes.jpg": (lambda: b"these are my notes, not a photo\n", "not an image"),
     "empty.jpg": (lambda: b"", "empty file"),
-    "huge.png": (lambda: _png_header_only(30000, 30000), "too large"),
+    "huge.png": (lambda: _png_header_only(30000, 30000), "megapixels, over the limit of 100.0 megapixels"),
     "wall.png": (_flat_png, "no face found in"),
 }
 
@@ -260,3 +262,159 @@ def test_classify_top_classes_and_missing_classifier(
     assert result.exit_code == 0, result.output
     top = json.loads(result.stdout)["top"]
     assert len(top) == 3 and top[0]["probability"] >= top[1]["probability"] >= top[2]["probability"]
+
+
+# ---- issue 19: the command line as people expect it ---------------------------------------------------
+
+
+@pytest.fixture
+def model_loads(patched: FakeDetector, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records each time the cloak command loads its recognizers."""
+    calls: list[str] = []
+    load = cloak_cmd.cloaking.load_recognizers
+
+    def counted(names: list[str] | None = None, *, device: str = "auto") -> list[AttackSession]:
+        calls.append("recognizers")
+        return load(names, device=device)
+
+    monkeypatch.setattr(cloak_cmd.cloaking, "load_recognizers", counted)
+    return calls
+
+
+def test_an_output_ending_in_a_slash_is_a_new_folder_even_for_one_input(
+    patched: FakeDetector, tmp_path: Path
+) -> None:
+    source = write(tmp_path / "me.png", photo(), "PNG")
+    folder = tmp_path / "some" / "newdir"
+    result = invoke("-q", "cloak", str(source), "-o", f"{folder}/", *STRONG)
+    assert result.exit_code == 0, result.output
+    assert folder.is_dir() and files_in(folder) == {"me.cloaked.png"}
+
+
+@pytest.mark.parametrize("name", ["x.xyz", "noext"])
+def test_an_output_name_without_an_image_suffix_is_refused_before_the_models_load(
+    model_loads: list[str], tmp_path: Path, name: str
+) -> None:
+    source = write(tmp_path / "me.png", photo(), "PNG")
+    result = invoke("cloak", str(source), "-o", str(tmp_path / name), *STRONG)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ") and "or give the format" in result.stderr
+    assert model_loads == [] and files_in(tmp_path) == {"me.png"}
+
+
+def test_format_decides_for_a_name_without_an_image_suffix_and_says_so(
+    patched: FakeDetector, tmp_path: Path
+) -> None:
+    source = write(tmp_path / "me.png", photo(), "PNG")
+    result = invoke("cloak", str(source), "-o", str(tmp_path / "x.xyz"), "--format", "jpg", *STRONG)
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "x.xyz") as im:
+        assert im.format == "JPEG"
+    assert "note: " in result.stderr and "written as JPEG, as --format asks" in result.stderr
+
+
+def test_an_output_that_is_the_input_or_unwritable_is_refused_before_the_models_load(
+    model_loads: list[str], tmp_path: Path
+) -> None:
+    source = write(tmp_path / "me.png", photo(), "PNG")
+    same = invoke("cloak", str(source), "-o", str(tmp_path / "." / "me.png"))
+    assert same.exit_code == 2 and "refusing to overwrite the input" in same.stderr
+    unwritable = invoke("cloak", str(source), "-o", str(source / "out.png"))
+    assert unwritable.exit_code == 2 and "not a folder" in unwritable.stderr, unwritable.stderr
+    assert model_loads == []
+    assert files_in(tmp_path) == {"me.png"}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUTS))
+def test_a_bad_input_fails_before_the_models_load(model_loads: list[str], tmp_path: Path, name: str) -> None:
+    make, _ = BAD_INPUTS[name]
+    (tmp_path / name).write_bytes(make())
+    result = invoke("cloak", str(tmp_path / name))
+    assert result.exit_code == 2, result.output
+    # A flat photo decodes fine; only the detector can tell it has no face.
+    assert model_loads == ([] if name != "wall.png" else ["recognizers"])
+
+
+def test_not_protected_names_the_faces_and_models_and_the_next_mode(
+    patched: FakeDetector, tmp_path: Path
+) -> None:
+    source = write(tmp_path / "me.png", photo(), "PNG")
+    weak = invoke("cloak", str(source), "--eps", "0", "-o", str(tmp_path / "w.png"))
+    assert weak.exit_code == cloak_cmd.EXIT_NOT_PROTECTED, weak.output
+    assert "NOT PROTECTED: face 1 (linear_face, linear_face_24) still matched" in weak.stdout
+    stronger = cloak_cmd.cloaking.MODES["high"]
+    assert f"--mode high ({stronger.describe()})" in " ".join(weak.stdout.split())
+    strongest = invoke("cloak", str(source), "--mode", "high", "--eps", "0", "--json")
+    assert strongest.exit_code == cloak_cmd.EXIT_NOT_PROTECTED
+    hint = json.loads(strongest.stdout)["files"][0]["hint"]
+    assert "strongest mode" in hint and "--steps" in hint and "--eps" in hint
+
+
+def test_the_hint_follows_the_order_of_the_modes() -> None:
+    report = VerifyReport(
+        path=None,
+        targeted=False,
+        faces=(FaceCheck(2, None, True, None, (ModelCheck("faceres", 0.5, 0.9, 0.7, False),)),),
+        ssim=0.95,
+        psnr=40.0,
+        seconds=0.1,
+    )
+    names = list(cloak_cmd.cloaking.MODES)
+    for weaker, stronger in itertools.pairwise(names):
+        hint = cloak_cmd.not_protected_hint(report, cloak_cmd.cloaking.MODES[weaker])
+        assert hint.startswith("NOT PROTECTED: face 2 (faceres) still matched")
+        assert f"--mode {stronger} " in hint
+
+
+def test_conversion_notes_are_printed_without_json(patched: FakeDetector, tmp_path: Path) -> None:
+    grey16 = (photo().mean(axis=2) * 257).astype(np.uint16)
+    source = tmp_path / "deep.png"
+    Image.fromarray(grey16).save(source)
+    result = invoke("cloak", str(source), *STRONG)
+    assert result.exit_code in (0, 4), result.output
+    assert f"note: {source}: 16-bit grayscale reduced to 8 bits" in result.stderr
+    assert "16-bit" not in invoke("-q", "cloak", str(source), *STRONG).stderr
+
+
+def test_the_table_says_what_before_and_after_compare(patched: FakeDetector, tmp_path: Path) -> None:
+    source = write(tmp_path / "me.png", photo(), "PNG")
+    result = invoke("cloak", str(source), *STRONG)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert "before / after:" in text and "before is below 1 by the small shift between the two crops" in text
+
+
+def test_a_run_on_a_pipe_has_no_blank_line_and_shows_progress_lines(
+    patched: FakeDetector, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = write(tmp_path / "me.png", photo(), "PNG")
+    quiet_run = invoke("cloak", str(source), *STRONG)
+    assert quiet_run.exit_code == 0 and quiet_run.stderr == ""  # quick: no progress line, no blank line
+    (tmp_path / "notes.jpg").write_bytes(b"not a photo")
+    bad = invoke("cloak", str(tmp_path / "notes.jpg"))
+    assert bad.stderr.startswith("error: ")
+    monkeypatch.setattr(progress, "LINE_INTERVAL", 0.0)
+    slow = invoke("cloak", str(source), *STRONG)
+    lines = slow.stderr.splitlines()
+    assert any(line.startswith("cloaking 0/1 [0:00:") and "me.png: face 1/1, step" in line for line in lines)
+    assert lines[-1].startswith("cloaking 1/1") and lines[-1].endswith("done")
+    assert invoke("-q", "cloak", str(source), *STRONG).stderr == ""
+
+
+def test_compare_prints_file_names_whole(patched: FakeDetector, tmp_path: Path) -> None:
+    long_name = tmp_path / ("a_rather_long_file_name_for_a_photo_of_someone" + ".png")
+    write(long_name, photo(), "PNG")
+    result = CliRunner().invoke(app, ["compare", str(long_name), str(long_name)], env={"COLUMNS": "60"})
+    assert result.exit_code == 0, result.output
+    assert long_name.name in result.stdout
+
+
+def test_cloak_help_shows_no_bool_metavar_all_formats_the_pixel_limit_and_the_real_step_count() -> None:
+    result = CliRunner().invoke(app, ["cloak", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert "<bool>" not in text
+    assert "jpg, png, webp, tif or bmp" in text
+    assert "100 megapixels" in text
+    mid = cloak_cmd.cloaking.MODES["mid"]
+    assert f"at most {mid.steps + mid.refine_rounds * mid.refine_steps} per face" in text

@@ -256,15 +256,14 @@ def _bomb_png(width: int, height: int) -> bytes:
     ("width", "height"),
     [(12000, 10000), (20000, 10000)],  # 120 MP: under Pillow's own hard limit (~179 MP); 200 MP: over it
 )
-def test_oversized_headers_get_the_same_message_on_both_sides_of_pillows_limit(width: int, height: int) -> None:
+def test_oversized_headers_get_one_message_on_both_sides_of_pillows_limit(width: int, height: int) -> None:
     with pytest.raises(ImageTooLargeError) as caught:
         imageio.load_image(_bomb_png(width, height), name="big.png")
     message = str(caught.value)
     megapixels = f"{width * height / 1e6:.1f} megapixels"
     assert message.startswith("big.png: ") and megapixels in message, message
-    assert message.endswith(
-        "megapixels, over the limit of 100.0 megapixels (checked before decoding, against decompression bombs)"
-    ), message
+    tail = "over the limit of 100.0 megapixels (checked before decoding, against decompression bombs)"
+    assert message.endswith(f"megapixels, {tail}"), message
     assert "could be decompression bomb DOS attack" not in message  # Pillow's own words stay out
     with pytest.raises(ImageTooLargeError) as probed:
         imageio.probe_image(_bomb_png(width, height), name="big.png")
