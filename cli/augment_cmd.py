@@ -220,7 +220,9 @@ def robustness(
     ] = None,
     plot: Annotated[
         Path | None,
-        typer.Option(metavar="PNG", help="Write the accuracy-vs-eps curve to PNG (needs the [plot] extra)."),
+        typer.Option(
+            metavar="PNG", help="Write the accuracy-vs-eps curve to PNG (needs the \\[plot] extra)."
+        ),
     ] = None,
 ) -> None:
     """Accuracy of a classifier under FGSM/PGD over a range of eps: a table, JSON and a PNG curve.

@@ -194,7 +194,7 @@ def run_eval(
         ),
     ] = None,
     plots: Annotated[
-        Path | None, typer.Option(metavar="DIR", help="Write PNG plots into DIR (needs the [plot] extra).")
+        Path | None, typer.Option(metavar="DIR", help="Write PNG plots into DIR (needs the \\[plot] extra).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the cloaks' random draws.")] = 0,
 ) -> None:
@@ -354,8 +354,9 @@ def print_report(report: ev.EvalReport, console: Console | None = None) -> None:
         out.print(f"[yellow]warning:[/] {warning}")
 
     table = Table(title="Evaluators on the clean photos", title_justify="left")
-    for column in ("evaluator", "role", "threshold", "recognized clean"):
-        table.add_column(column, justify="left" if column in ("evaluator", "role") else "right")
+    _name_column(table, "evaluator", [e.name for e in report.evaluators])
+    for column in ("role", "threshold", "recognized clean"):
+        table.add_column(column, justify="left" if column == "role" else "right")
     for c in names[1:]:
         table.add_column(f"control P1/P2\n{_short(c, described)}", justify="right")
     for e in report.evaluators:
@@ -383,13 +384,14 @@ def print_report(report: ev.EvalReport, console: Console | None = None) -> None:
 def _print_mode(
     out: Console, report: ev.EvalReport, mode: ev.ModeReport, names: list[str], described: dict[str, str]
 ) -> None:
-    out.rule(f"mode {mode.mode}: {mode.settings.get('description', '')}")
+    out.rule(f"mode {_mode_title(mode.mode, str(mode.settings.get('description', '')))}")
     out.print(_quality_table("Cloak cost and image quality (saved photo vs original)", mode.quality))
 
     table = Table(
         title="Protection: share of photos recognized when clean that no longer are", title_justify="left"
     )
-    for column in ("evaluator", "kind", "cloaked with", "eligible"):
+    _name_column(table, "evaluator", [_evaluator_label(s) for s in mode.scores])
+    for column in ("kind", "cloaked with", "eligible"):
         table.add_column(column, justify="right" if column == "eligible" else "left")
     for protocol in ev.PROTOCOLS:
         for c in names:
@@ -437,6 +439,22 @@ def _print_mode(
         _print_group(out, mode.group, names, described)
 
 
+def _mode_title(mode: str, description: str) -> str:
+    """``mid: eps 16, ...``: the description already starts with the mode's name, so it is not repeated."""
+    if not description:
+        return mode
+    return description if description.startswith(f"{mode}:") else f"{mode}: {description}"
+
+
+def _name_column(table: Table, header: str, names: Sequence[str]) -> None:
+    """A column of model names, never cut: two models that share a prefix must stay apart."""
+    table.add_column(header, no_wrap=True, min_width=max([len(header), *map(len, names)]))
+
+
+def _evaluator_label(score: ev.Score | ev.GroupScore) -> str:
+    return score.evaluator + (f" (= {score.duplicate_of})" if score.duplicate_of else "")
+
+
 def _counted(rate: ev.Rate) -> str:
     return f"{_pct(rate)} ({rate.hits}/{rate.total})"
 
@@ -478,7 +496,8 @@ def _print_group(out: Console, group: ev.GroupReport, names: list[str], describe
         "against their own clean embedding",
         title_justify="left",
     )
-    for column in ("evaluator", "kind", "cloaked with"):
+    _name_column(table, "evaluator", [_evaluator_label(s) for s in group.scores])
+    for column in ("kind", "cloaked with"):
         table.add_column(column)
     for c in names:
         table.add_column(f"protected\n{_short(c, described)}", justify="right")

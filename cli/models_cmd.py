@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -28,7 +31,7 @@ def _dev_summary(entry: zoo.ModelEntry) -> str:
 
 @app.command("list")
 def list_models() -> None:
-    """Show every shipped model with its kind, size, license and dev-set figures."""
+    """Show every shipped model with its kind, size, license, dev-set figures and source package."""
     with clean_errors():
         entries = zoo.load_manifest()
     if not entries:
@@ -36,26 +39,50 @@ def list_models() -> None:
             "no models are shipped in this installation (build them: python -m uncnn_rt.converters.zoo build)"
         )
         return
-    table = Table(title="uncnn-rt models")
+    console = Console()
+    table = _models_table(entries, with_source=True)
+    if _natural_width(table) <= console.width:
+        console.print(table)
+        return
+    # Too narrow for the source column, whose package names hold no space to wrap at (80 columns folded
+    # them over 5 lines): the sources follow the table, one line per package, whole.
+    console.print(_models_table(entries, with_source=False))
+    by_source: dict[str, list[str]] = {}
+    for e in entries:
+        by_source.setdefault(_source(e), []).append(e.name)
+    console.print("sources:", style="bold")
+    for source, names in by_source.items():
+        console.print(f"  {source}: {', '.join(names)}", markup=False, highlight=False)
+
+
+def _natural_width(table: Table) -> int:
+    """The width ``table`` takes when nothing is wrapped (rich's own measure is capped at the console's)."""
+    wide = Console(width=10_000, file=io.StringIO())
+    with wide.capture() as captured:
+        wide.print(table)
+    return max((len(line.rstrip()) for line in captured.get().splitlines()), default=0)
+
+
+def _source(entry: zoo.ModelEntry) -> str:
+    return f"{entry.source.get('package', '?')}@{entry.source.get('version', '?')}"
+
+
+def _models_table(entries: list[zoo.ModelEntry], *, with_source: bool) -> Table:
+    table = Table(title="uncnn-rt models", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     table.add_column("name", no_wrap=True)
-    for col in ("kind", "MB", "license"):
-        table.add_column(col)
-    table.add_column("source", overflow="fold")
-    table.add_column("default")
-    table.add_column("dev set")
+    table.add_column("kind", no_wrap=True)
+    table.add_column("MB", justify="right", no_wrap=True)
+    table.add_column("license", no_wrap=True)
+    table.add_column("default", no_wrap=True)
+    table.add_column("dev set", no_wrap=with_source)
+    if with_source:
+        table.add_column("source", no_wrap=True)
     for e in entries:
         size = e.path.stat().st_size / 1e6 if e.path.is_file() else float("nan")
-        source = f"{e.source.get('package', '?')}@{e.source.get('version', '?')}"
-        table.add_row(
-            e.name,
-            e.kind,
-            f"{size:.1f}",
-            e.license,
-            source,
-            "yes" if e.in_default_ensemble else "",
-            _dev_summary(e),
-        )
-    Console().print(table)
+        default = "yes" if e.in_default_ensemble else ""
+        row = [e.name, e.kind, f"{size:.1f}", e.license, default, _dev_summary(e)]
+        table.add_row(*row, *([_source(e)] if with_source else []))
+    return table
 
 
 @app.command("verify")

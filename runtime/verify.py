@@ -30,6 +30,7 @@ from .cloak import (
     CloakResult,
     Detector,
     FaceSite,
+    NoFaceError,
     box_iou,
     crop_size_for,
     embed,
@@ -251,7 +252,12 @@ def compare_faces(
     size = crop_size_for(recognizers)
     embeddings = []
     for photo in (first, second):
-        sites = find_faces(photo.rgb, detector, size=size, no_align=no_align, name=photo.name)
+        try:
+            sites = find_faces(photo.rgb, detector, size=size, no_align=no_align, name=photo.name)
+        except NoFaceError as exc:  # find_faces words its advice for the cloak
+            raise NoFaceError(
+                f"no face found in {photo.name}; use --no-align to compare the images' centred squares"
+            ) from exc
         embeddings.append(embed(photo.rgb, sites[select_faces(sites, largest=True)[0]], recognizers))
     out = []
     for r in recognizers:

@@ -244,6 +244,11 @@ def test_compare_reports_per_model_similarity(patched: FakeDetector, tmp_path: P
     flat.write_bytes(_flat_png())
     none = CliRunner().invoke(app, ["compare", str(a), str(flat)])
     assert none.exit_code == 2 and "no face found" in none.stderr
+    assert "cloak" not in none.stderr and "--no-align to compare" in none.stderr  # compare's own words
+    frames = [Image.fromarray(photo()), Image.fromarray(photo()[::-1])]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    animated = CliRunner().invoke(app, ["compare", str(a), str(tmp_path / "anim.gif")])
+    assert animated.exit_code == 2 and "cloak" not in animated.stderr, animated.stderr
 
 
 def test_classify_top_classes_and_missing_classifier(

@@ -473,3 +473,41 @@ def test_cli_on_dev_chips(tmp_path: Path) -> None:
     (mode,) = report["modes"]
     assert mode["quality"][0]["ssim_mean"] >= 0.97 - 1e-3  # the low mode's floor
     assert "Protection" in result.output and "expo_mobilefacenet" in result.output
+
+
+def test_tables_keep_model_names_whole_at_120_columns(tmp_path: Path) -> None:
+    """Two recognizers that share a prefix (mobileface, mobilefacenet) must not both read 'mobilefa…'."""
+    import io
+
+    from rich.console import Console
+
+    from uncnn_rt.cli import eval_cmd
+
+    embedders = [LinearEmbedder("mobileface"), LinearEmbedder("mobilefacenet")]
+    report = run(
+        write_dataset(tmp_path), noise_cloak, embedders=embedders, ensemble=("mobileface", "mobilefacenet")
+    )
+    buffer = io.StringIO()
+    eval_cmd.print_report(report, Console(file=buffer, width=120))
+    text = buffer.getvalue()
+    assert "mobilefa…" not in text and "mobileface…" not in text
+    rows = [line for line in text.splitlines() if "mobilefacenet" in line]
+    assert len(rows) >= 4  # the evaluators' table, then white-box and leave-one-out rows
+    assert any("mobileface " in line and "mobilefacenet" not in line for line in text.splitlines())
+
+
+def test_the_mode_title_names_the_mode_once() -> None:
+    from uncnn_rt.cli import eval_cmd
+    from uncnn_rt.runtime.cloak import MODES
+
+    mid = MODES["mid"]
+    assert eval_cmd._mode_title("mid", mid.describe()) == mid.describe()
+    assert not eval_cmd._mode_title("mid", mid.describe()).startswith("mid: mid:")
+    assert eval_cmd._mode_title("test", "") == "test"
+
+
+def test_plot_options_name_the_extra_in_their_help() -> None:
+    for command in (["eval", "--help"], ["robustness", "--help"]):
+        result = CliRunner().invoke(app, command, env={"COLUMNS": "200"})
+        assert result.exit_code == 0
+        assert "needs the [plot] extra" in result.output, command

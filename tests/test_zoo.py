@@ -365,3 +365,23 @@ def test_window_past_the_crop_equals_numpy_preprocessing() -> None:
     expected = calibrate.preprocess(crops, prep).reshape(2, -1)
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("columns", [80, 200])
+def test_models_list_keeps_each_source_whole(columns: int) -> None:
+    """At 80 columns the source column broke a package name over 5 lines."""
+    from typer.testing import CliRunner
+
+    from uncnn_rt.cli.app import app
+
+    entries = runtime_zoo.load_manifest()
+    if not entries:
+        pytest.skip("no shipped models")
+    result = CliRunner().invoke(app, ["models", "list"], env={"COLUMNS": str(columns)})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert max(len(line.rstrip()) for line in lines) <= columns
+    for e in entries:
+        source = f"{e.source.get('package')}@{e.source.get('version')}"
+        assert any(source in line for line in lines), (source, result.output)
+        assert sum(line.startswith(e.name + " ") for line in lines) == 1  # one row per model
