@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -32,19 +33,27 @@ def _sample_png() -> bytes:
 def demo(
     ctx: typer.Context,
     folder: Annotated[
-        Path, typer.Option("--folder", file_okay=False, help="Where to put the sample photo and its cloak.")
-    ] = Path("."),
+        Path | None,
+        typer.Option(
+            "--folder",
+            file_okay=False,
+            help="Where to put the sample photo and its cloak \\[default: a new temporary folder, printed].",
+        ),
+    ] = None,
     mode: Annotated[
         str, typer.Option(help="Cloak strength: low, mid or high (high protects this portrait).")
     ] = "high",
 ) -> None:
     """Cloak a sample portrait (astronaut.png, from scikit-image) with the shipped models and verify it.
 
-    Writes astronaut.png (unless it exists) and astronaut.cloaked.png into --folder, then prints the
-    per-model similarity before and after and the PROTECTED verdict, as `uncnn-rt cloak` does. The demo
-    runs the high mode: on this portrait mid leaves two of the four recognizers above their thresholds.
+    Writes astronaut.png (unless it exists) and astronaut.cloaked.png into --folder (by default a new
+    temporary folder, so that nothing is left in the current one), then prints the per-model similarity
+    before and after and the PROTECTED verdict, as `uncnn-rt cloak` does. The demo runs the high mode:
+    on this portrait mid leaves two of the four recognizers above their thresholds.
     """
     with clean_errors():
+        if folder is None:
+            folder = Path(tempfile.mkdtemp(prefix="uncnn-rt-demo-"))
         folder.mkdir(parents=True, exist_ok=True)
         photo = folder / SAMPLE_NAME
         if not photo.exists():

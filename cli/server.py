@@ -218,6 +218,8 @@ class Job:
     stop: threading.Event = field(default_factory=threading.Event)
     stop_reason: str = ""
     submitted: bool = False
+    started: float | None = None
+    """``time.monotonic()`` when a worker thread began computing it; None while it waits."""
     _loop: asyncio.AbstractEventLoop | None = None
     _events: asyncio.Queue[Event] | None = None
 
@@ -259,6 +261,7 @@ class WorkQueue:
         self._running = 0
         self._served = 0
         self._mean_seconds = 5.0  # a first guess of one job's time, for Retry-After; then a running mean
+        self._timed = 0  # jobs whose time went into the mean
         self._closed = False
 
     def stats(self) -> dict[str, int]:
@@ -272,10 +275,17 @@ class WorkQueue:
             }
 
     def retry_after(self) -> int:
-        """Seconds until a slot is likely free: the queue ahead, at the mean job time, over the threads."""
+        """Seconds until a slot is likely free, at the mean job time.
+
+        A refused request needs one slot, and one frees as soon as any running job ends, not once the
+        whole queue has drained: so the estimate is the least time a running job has left (the mean job
+        time, less how long it has run), or one mean job time while none has started yet.
+        """
+        now = time.monotonic()
         with self._lock:
-            ahead = len(self._jobs) - self.max_concurrency + 1
-            estimate = self._mean_seconds * max(ahead, 1) / self.max_concurrency
+            started = [j.started for j in self._jobs if j.started is not None]
+            mean = self._mean_seconds
+        estimate = min((max(mean - (now - t), 0.0) for t in started), default=mean)
         return int(min(max(math.ceil(estimate), 1), 120))
 
     def admit(self) -> Job:
@@ -314,6 +324,7 @@ class WorkQueue:
         start = time.monotonic()
         with self._lock:
             self._running += 1
+            job.started = start
         event: Event
         try:
             job.check()
@@ -325,7 +336,10 @@ class WorkQueue:
             self._running -= 1
             self._jobs.discard(job)
             self._served += 1
-            self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (time.monotonic() - start)
+            seconds = time.monotonic() - start
+            # The first job replaces the guess; then a running mean that follows the load.
+            self._mean_seconds = seconds if self._timed == 0 else 0.8 * self._mean_seconds + 0.2 * seconds
+            self._timed += 1
         job.emit(event)
 
     async def next_event(self, job: Job, request: Request) -> Event:

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from uncnn_rt.cli import demo_cmd
 from uncnn_rt.cli.app import app
 from uncnn_rt.runtime import zoo
 from uncnn_rt.runtime.cloak import MODES
@@ -26,3 +27,25 @@ def test_demo_cloaks_the_sample_portrait_and_verifies_it(tmp_path: Path) -> None
     cloaked = np.asarray(Image.open(tmp_path / "astronaut.cloaked.png"))
     assert cloaked.shape == original.shape
     assert 0 < np.abs(cloaked.astype(int) - original.astype(int)).max() <= MODES["high"].eps
+
+
+def test_demo_leaves_nothing_in_the_current_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run from a repository, the demo left an untracked astronaut.png there."""
+    pytest.importorskip("skimage")
+    cloaked: list[list[str]] = []
+
+    def fake_cloak(ctx: object, *, paths: list[str], mode: str) -> None:
+        cloaked.append(paths)
+
+    monkeypatch.setattr(demo_cmd.cloak_cmd, "cloak", fake_cloak)
+    here = tmp_path / "repo"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    result = CliRunner().invoke(app, ["demo"])
+    assert result.exit_code == 0, result.output
+    assert list(here.iterdir()) == []
+    (photo,) = cloaked[0]
+    assert Path(photo).is_file() and Path(photo).name == "astronaut.png"
+    assert f"sample photo: {photo}" in result.stderr
+    Path(photo).unlink()
+    Path(photo).parent.rmdir()

@@ -11,6 +11,7 @@ import base64
 import io
 import json
 import logging
+import math
 import re
 import socket
 import sys
@@ -373,6 +374,23 @@ def test_a_full_queue_is_503_with_retry_after(models: server.Models) -> None:
         for job in held:
             work.release(job)
         assert small.post("/v1/classify", files=upload(encode(FACE))).status_code == 200
+
+
+def test_retry_after_is_the_time_until_one_slot_frees(models: server.Models) -> None:
+    """It was the whole queue at a first guess of 5 s per job: 11-15 s for jobs of about 1.5 s."""
+    with client_for(models, max_concurrency=1, queue=4) as small:
+        work: server.WorkQueue = small.app.state.work  # type: ignore[attr-defined]
+        start = time.monotonic()
+        assert small.post("/v1/classify", files=upload(encode(FACE))).status_code == 200
+        job_seconds = time.monotonic() - start
+        held = [work.admit() for _ in range(5)]  # every slot taken, none computing yet
+        refused = small.post("/v1/classify", files=upload(encode(FACE)))
+        assert refused.status_code == 503
+        assert 1 <= int(refused.headers["retry-after"]) <= math.ceil(job_seconds) + 1
+        held[0].started = time.monotonic() - 60  # one has run far past the mean: it ends any moment
+        assert work.retry_after() == 1
+        for job in held:
+            work.release(job)
 
 
 def test_a_request_over_the_time_limit_is_stopped_and_frees_its_slot(models: server.Models) -> None:
