@@ -59,6 +59,21 @@ def _infer_layout(model: object, input_name: str | None) -> tuple[str, tuple[int
     raise InputError(f"input {inputs[0].name!r} has shape {dims}; pass --layout and --native-size")
 
 
+def quiet_frameworks(verbose: bool) -> None:
+    """Keep onnxruntime's, TensorFlow's and tf2onnx's own log lines (coloured, multi-line, often about
+    conditions that are handled) off the terminal unless asked: the command says what matters itself."""
+    import logging
+    import os
+
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(2 if verbose else 4)  # 2: warnings and errors; 4: fatal only
+    if not verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    for name in ("tf2onnx", "tensorflow", "absl"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
+
+
 SOURCE_FORMATS = (
     "ONNX (.onnx), TF.js graph model (model.json), TFLite (.tflite), "
     "Keras (.keras, .h5 or a SavedModel folder), TorchScript (.pt, .pth)"
@@ -162,6 +177,12 @@ def grad(
     validate: Annotated[
         bool, typer.Option(help="Check features against the source and grad against finite differences.")
     ] = True,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", help="Show the log lines of onnxruntime, TensorFlow and tf2onnx (hidden by default)."
+        ),
+    ] = False,
 ) -> None:
     """Build the attack graph of a model: folded preprocessing, head, objective and d objective/d image.
 
@@ -170,6 +191,7 @@ def grad(
     Standard ONNX only, so stock onnxruntime runs it on any execution provider.
     """
     with clean_errors():
+        quiet_frameworks(verbose)
         import onnx
 
         from uncnn_rt.converters.grad import build_attack_graph
@@ -212,6 +234,7 @@ def grad(
             resize=resize,  # type: ignore[arg-type]
         )
         label_list = labels.read_text(encoding="utf-8").splitlines() if labels else None
+        notes: list[str] = []
         attack = build_attack_graph(
             source,
             kind=kind,
@@ -223,7 +246,10 @@ def grad(
             input_name=input_name,
             output_name=output_name,
             outputs=outputs,  # type: ignore[arg-type]
+            notes=notes,
         )
+        for note in notes:
+            typer.echo(f"note: {note}", err=True)
         if validate:
             report = validate_attack_graph(attack, source, outputs=outputs)
             typer.echo(f"validation: {report.describe()}")

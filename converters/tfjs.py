@@ -70,7 +70,9 @@ def run_tf2onnx(tf2onnx: ModuleType, frozen_graph: Any, **kwargs: Any) -> onnx.M
         try:
             proto, _ = tf2onnx.convert._convert_common(frozen_graph, **kwargs)
         except Exception:
-            os.environ[key] = "TRUE"
+            # tf2onnx 1.17 compares the variable's name, not its value, with "TRUE" (convert.py:197), so
+            # any value turns catching off; only an unset variable gives the careful default.
+            os.environ.pop(key, None)
             proto, _ = tf2onnx.convert._convert_common(frozen_graph, **kwargs)
     finally:
         if previous is None:

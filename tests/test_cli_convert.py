@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
 from uncnn_rt.cli.app import app
@@ -51,3 +52,116 @@ def test_torchscript_needs_an_input_shape(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["convert", "grad", str(src)])
     assert result.exit_code == 2
     assert "--input-shape" in result.output
+
+
+# ---- models the gradient cannot fully follow ---------------------------------------------------------
+
+
+def _features_of(x: str = "x") -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """A 3x3 convolution of x [1, 3, 16, 16] and a global average pool: features f [N, 4]."""
+    weights = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.1
+    nodes = [
+        helper.make_node("Conv", [x, "W"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("GlobalAveragePool", ["c"], ["g"]),
+        helper.make_node("Reshape", ["g", "fshape"], ["f"]),
+    ]
+    inits = [
+        numpy_helper.from_array(weights, "W"),
+        numpy_helper.from_array(np.array([-1, 4], np.int64), "fshape"),
+    ]
+    return nodes, inits
+
+
+def _save(path: Path, nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], out_shape: list) -> Path:
+    graph = helper.make_graph(
+        nodes,
+        path.stem,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, out_shape)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def nms_model(path: Path) -> Path:
+    """Features scaled by how many boxes NonMaxSuppression keeps, the boxes scored by the features
+    (a constant [1, 1, 4] reshape of the scores: the model works at batch 1 only)."""
+    nodes, inits = _features_of()
+    boxes = np.array([[[0, 0, 1, 1], [0, 0, 1, 1.1], [2, 2, 3, 3], [5, 5, 6, 6]]], np.float32)
+    inits += [
+        numpy_helper.from_array(boxes, "boxes"),
+        numpy_helper.from_array(np.array([1, 1, 4], np.int64), "sshape"),
+        numpy_helper.from_array(np.array([2], np.int64), "most"),
+        numpy_helper.from_array(np.array([0.5], np.float32), "iou"),
+    ]
+    nodes += [
+        helper.make_node("Reshape", ["f", "sshape"], ["scores"]),
+        helper.make_node("NonMaxSuppression", ["boxes", "scores", "most", "iou"], ["kept"], name="nms"),
+        helper.make_node("Shape", ["kept"], ["kept_shape"], start=0, end=1),
+        helper.make_node("Cast", ["kept_shape"], ["count"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["f", "count"], ["out"]),
+    ]
+    return _save(path, nodes, inits, [1, 4])
+
+
+def loop_model(path: Path) -> Path:
+    """Features doubled three times by a Loop."""
+    nodes, inits = _features_of()
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Mul", ["acc", "two"], ["acc2"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc", TensorProto.FLOAT, [None, 4]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc2", TensorProto.FLOAT, [None, 4]),
+        ],
+        [numpy_helper.from_array(np.array(2.0, np.float32), "two")],
+    )
+    inits += [
+        numpy_helper.from_array(np.array(3, np.int64), "trips"),
+        numpy_helper.from_array(np.array(True), "go"),
+    ]
+    nodes.append(helper.make_node("Loop", ["trips", "go", "f"], ["out"], body=body, name="doubling"))
+    return _save(path, nodes, inits, [None, 4])
+
+
+def test_nms_is_named_as_passing_no_gradient_and_the_batch_of_1_is_said(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    source = nms_model(tmp_path / "nms.onnx")
+    result = CliRunner().invoke(
+        app, ["convert", "grad", str(source), "-o", str(tmp_path / "nms.attack.onnx")]
+    )
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note: ")]
+    assert any("no gradient flows through NonMaxSuppression" in n and "'nms'" in n for n in notes), notes
+    assert any("one image at a time (a fixed batch of 1)" in n and "Reshape" in n for n in notes), notes
+    written = onnx.load(str(tmp_path / "nms.attack.onnx"))
+    assert written.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    native = capfd.readouterr().err  # onnxruntime's own log goes to file descriptor 2
+    assert "[E:onnxruntime" not in native and "\x1b[" not in native, native
+
+
+def test_a_loop_is_named_with_the_reason_in_one_line(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    source = loop_model(tmp_path / "loop.onnx")
+    result = CliRunner().invoke(app, ["convert", "grad", str(source)])
+    assert result.exit_code == 3, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Loop node 'doubling'" in lines[0] and "control flow" in lines[0]
+    assert "static dimension" not in lines[0]
+    native = capfd.readouterr().err
+    assert "\x1b[" not in native and "onnxruntime:" not in native, native
+    assert not (tmp_path / "loop.attack.onnx").exists()

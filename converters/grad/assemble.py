@@ -14,6 +14,7 @@ canonical crop exactly:
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from typing import Literal
 
@@ -22,6 +23,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from uncnn_rt.converters.grad.driver import OPSET, differentiate, to_opset
+from uncnn_rt.converters.grad.registry import NON_DIFFERENTIABLE, UnsupportedOpError
 from uncnn_rt.runtime import contract as C
 from uncnn_rt.runtime.errors import ModelError
 
@@ -42,6 +44,7 @@ def build_attack_graph(
     output_name: str | None = None,
     outputs: Literal["logits", "probabilities", "embedding"] | None = None,
     check_batch: bool = True,
+    notes: list[str] | None = None,
 ) -> onnx.ModelProto:
     """Turn a forward model into an attack graph.
 
@@ -56,6 +59,13 @@ def build_attack_graph(
             ``"logits"`` for classifiers (``"probabilities"`` takes a log instead of a log-softmax).
         check_batch: run the graph at batch 1 and 2 and fall back to a fixed batch of 1 when the
             source model only works at batch 1 (e.g. a Reshape to a constant ``[1, -1]``).
+        notes: when given, what the user should know about the result is appended, one line each: a
+            fallback to a fixed batch of 1 (and why), and the ops that pass no gradient
+            (:func:`no_gradient_notes`).
+
+    Raises:
+        UnsupportedOpError: an op without a gradient rule, or control flow (Loop, If, Scan) on the
+            image's path, which the builder cannot differentiate.
 
     Returns:
         The attack graph; it passes ``onnx.checker`` (full check).
@@ -65,16 +75,97 @@ def build_attack_graph(
     if canonical_size <= 0:
         raise ModelError(f"canonical_size must be positive, got {canonical_size}")
     outputs = outputs or ("embedding" if kind == "face" else "logits")
+    _refuse_control_flow(model, input_name)
     graph_model = _assemble(
         model, kind, preprocessing, canonical_size, input_name, output_name, outputs, dynamic_batch=True
     )
     attack = _finish(graph_model, kind, preprocessing, canonical_size, name, threshold, labels)
-    if check_batch and not _batch_consistent(attack, canonical_size):
+    problem = _batch_problem(attack, canonical_size) if check_batch else None
+    if problem is not None:
         graph_model = _assemble(
             model, kind, preprocessing, canonical_size, input_name, output_name, outputs, dynamic_batch=False
         )
         attack = _finish(graph_model, kind, preprocessing, canonical_size, name, threshold, labels)
+        if notes is not None:
+            notes.append(
+                f"the attack graph takes one image at a time (a fixed batch of 1): at batch 2 {problem}; "
+                "attacks still run, one image per call"
+            )
+    if notes is not None:
+        notes.extend(no_gradient_notes(model, input_name))
     return attack
+
+
+_CONTROL_FLOW = frozenset({"Loop", "If", "Scan"})
+# Ops that read only their input's shape, never its values: their outputs do not change with the pixels.
+_SHAPE_ONLY = frozenset(
+    {"Shape", "Size", "ConstantOfShape", "EyeLike", "RandomNormalLike", "RandomUniformLike"}
+)
+
+
+def _image_dependent(model: onnx.ModelProto, input_name: str | None, *, values_only: bool) -> set[str]:
+    """Tensors computed from the image input (by value when ``values_only``: shape reads excluded)."""
+    g = model.graph
+    initializers = {i.name for i in g.initializer}
+    inputs = [i.name for i in g.input if i.name not in initializers]
+    reached = {input_name} if input_name is not None else set(inputs[:1])
+    for node in g.node:
+        if values_only and node.op_type in _SHAPE_ONLY:
+            continue
+        if any(n in reached for n in node.input if n):
+            reached.update(o for o in node.output if o)
+    return reached
+
+
+def _refuse_control_flow(model: onnx.ModelProto, input_name: str | None) -> None:
+    """Name a Loop, If or Scan on the image's path, before shape inference fails on it less clearly."""
+    reached = _image_dependent(model, input_name, values_only=False)
+    for node in model.graph.node:
+        if node.op_type in _CONTROL_FLOW and any(n in reached for n in node.input if n):
+            raise UnsupportedOpError(
+                node,
+                "control flow has no gradient rule: the gradient builder differentiates one static graph "
+                "and does not enter the body subgraph, whose outputs also have no static shape; export "
+                "the model with the loop unrolled or the branch taken (for torch, trace rather than script "
+                "it)",
+            )
+
+
+def no_gradient_notes(model: onnx.ModelProto, input_name: str | None = None) -> list[str]:
+    """One line per op type on the path from the image to the outputs that passes no gradient back.
+
+    Such ops make a discrete choice from the pixels (NonMaxSuppression, TopK's indices, ArgMax,
+    comparisons, Floor, Round, a Cast to integers): their output is piecewise constant in the image, so
+    the gradient treats the choice as fixed and only moves the values it selects. The attack graph is
+    still exact where the choice does not change.
+    """
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # types are a refinement here; without them the op list alone decides
+        inferred = model
+    g = inferred.graph
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*g.input, *g.value_info, *g.output]}
+    floats = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16}
+    by_value = _image_dependent(model, input_name, values_only=True)
+    wanted = {o.name for o in model.graph.output}
+    for node in reversed(model.graph.node):
+        if any(o in wanted for o in node.output):
+            wanted.update(n for n in node.input if n)
+    found: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        if node.op_type in _SHAPE_ONLY or not any(n in by_value for n in node.input if n):
+            continue
+        outs = [o for o in node.output if o and o in wanted]
+        discrete = [o for o in outs if types.get(o, TensorProto.FLOAT) not in floats]
+        if outs and (node.op_type in NON_DIFFERENTIABLE or discrete):
+            found.setdefault(node.op_type, []).append(node.name or "(unnamed)")
+    return [
+        f"no gradient flows through {op} ({len(names)} node{'s' if len(names) > 1 else ''}: "
+        f"{', '.join(repr(n) for n in names[:3])}{', ...' if len(names) > 3 else ''}): its output is "
+        "a discrete choice made from the pixels, so the gradient holds that choice fixed and moves only "
+        "the values it selects"
+        for op, names in found.items()
+    ]
 
 
 def _finish(
@@ -168,7 +259,14 @@ def _assemble(
             helper.make_tensor_value_info(C.OUTPUT_OBJECTIVE, elem, None),
         ]
     )
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    except Exception as exc:  # onnx raises InferenceError with one line per failing node
+        first = str(exc).strip().splitlines()
+        raise ModelError(
+            "shape inference failed on the model with the attack graph's preprocessing and head: "
+            + (first[1] if len(first) > 1 and "Inference error" in first[0] else first[0] if first else "")
+        ) from exc
     feats = next(v for v in [*inferred.graph.output] if v.name == C.OUTPUT_FEATURES)
     dim = _static_dim(feats, 1)
     g.input[1].CopyFrom(helper.make_tensor_value_info(C.INPUT_REFERENCE, elem, [batch, dim]))
@@ -368,13 +466,14 @@ def _head_nodes(kind: str, outputs: str, model_output: str) -> tuple[list[onnx.N
     return nodes, inits
 
 
-def _batch_consistent(model: onnx.ModelProto, size: int) -> bool:
-    """Whether a batch of 2 gives the same features as two batches of 1 (a fixed-batch Reshape would not)."""
+def _batch_problem(model: onnx.ModelProto, size: int) -> str | None:
+    """Why a batch of 2 does not give the same features as two batches of 1 (a fixed-batch Reshape would
+    not), in words; None when it does."""
     import onnxruntime as ort
 
     batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
     if batch_dim.HasField("dim_value"):
-        return True
+        return None
     dim = _static_dim(model.graph.output[0], 1)
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (2, size, size, 3)).astype(np.float32)
@@ -396,6 +495,19 @@ def _batch_consistent(model: onnx.ModelProto, size: int) -> bool:
                 for i in range(2)
             ]
         )
-    except rejected:  # onnxruntime rejects the batch of 2 outright: a fixed-batch model
-        return False
-    return both.shape == one.shape and bool(np.allclose(both, one, rtol=1e-4, atol=1e-5))
+    except rejected as exc:  # onnxruntime rejects the batch of 2 outright: a fixed-batch model
+        return f"onnxruntime rejects the model ({_ort_reason(exc)})"
+    if both.shape == one.shape and bool(np.allclose(both, one, rtol=1e-4, atol=1e-5)):
+        return None
+    return "its features differ from those of two batches of 1 (the model mixes the images of a batch)"
+
+
+def _ort_reason(exc: Exception) -> str:
+    """onnxruntime's error without its C++ source locations: the node and the status message."""
+    text = " ".join(str(exc).split())
+    node = re.search(r"running (\w+) node\. Name:'([^']*)'", text)
+    message = text.split("Status Message:", 1)[-1].strip()
+    message = re.sub(r"^\S+\.(?:h|cc):\d+ (?:\S+\(.*?\) )?", "", message)  # the C++ file and function
+    message = re.sub(r"^[^.]* was false\. ", "", message)  # the failed assertion, when a sentence follows
+    where = f"{node.group(1)} node {node.group(2)!r}: " if node else ""
+    return where + message[:300]
