@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -62,8 +63,10 @@ def test_python_dash_m_runs_the_cli() -> None:
     assert out.stdout.startswith("uncnn-rt ")
 
 
-@pytest.mark.slow
-def test_wheel_ships_subpackages_models_and_typing_marker(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel ``pip install .`` builds, once for the module."""
+    folder = tmp_path_factory.mktemp("wheel")
     subprocess.run(
         [
             sys.executable,
@@ -75,12 +78,16 @@ def test_wheel_ships_subpackages_models_and_typing_marker(tmp_path: Path) -> Non
             "--no-build-isolation",
             "-q",
             "-w",
-            str(tmp_path),
+            str(folder),
         ],
         check=True,
         capture_output=True,
     )
-    wheel = next(tmp_path.glob("uncnn_rt-*.whl"))
+    return next(folder.glob("uncnn_rt-*.whl"))
+
+
+@pytest.mark.slow
+def test_wheel_ships_subpackages_models_and_typing_marker(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for required in (
         "uncnn_rt/__init__.py",
@@ -96,3 +103,64 @@ def test_wheel_ships_subpackages_models_and_typing_marker(tmp_path: Path) -> Non
     }
     assert {f"uncnn_rt/models/{n}" for n in shipped} <= names
     assert not any(n.startswith("tests/") or n.startswith("bench/") for n in names)
+
+
+def readme_python_snippet() -> str:
+    """The code block of the README's "Python API" section."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Python API", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.slow
+def test_readme_snippet_runs_from_the_repository_root_after_a_plain_install(
+    wheel: Path, tmp_path: Path
+) -> None:
+    """After ``pip install '.[cpu,demo]'`` (not editable), a user at the repository's root runs the
+    README's snippet. Python puts the current folder first on its path, so a package folder named
+    ``uncnn_rt`` there would hide the installed package ("No module named 'uncnn_rt.runtime'").
+
+    The wheel is installed into a folder of its own; ``python -S`` keeps this test environment's
+    editable install (a path hook set up by a ``.pth`` file) out, and the dependencies come from its
+    site-packages through ``PYTHONPATH``, behind the current folder as for the user.
+    """
+    pytest.importorskip("skimage")
+    target = tmp_path / "installed"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    paths = [str(target), *(p for p in sys.path if p.endswith("site-packages"))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", readme_python_snippet()],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    similarity = float(out.stdout.strip().strip("[]").split()[0])
+    assert similarity < 0.9  # the attack moved the face away from its clean embedding
+    where = subprocess.run(
+        [sys.executable, "-S", "-c", "import uncnn_rt.runtime as r; print(r.__file__)"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert where.stdout.strip().startswith(str(target))  # the installed package, not the source tree
