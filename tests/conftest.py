@@ -15,7 +15,10 @@ a shipped model. ``tests/test_sessions.py`` checks their gradients against finit
 
 from __future__ import annotations
 
+import gc
 import json
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
 
 from uncnn_rt.runtime import contract
+from uncnn_rt.runtime.sessions import clear_session_cache
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,22 @@ def build_linear_classifier(
     labels = [f"class_{i}" for i in range(classes)]
     meta = _common_meta(name, "classifier", size, classes) | {contract.META_LABELS: json.dumps(labels)}
     return LinearGraph(_save(model, path, meta), size, weights, bias)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_models_after_each_module() -> Iterator[None]:
+    """Free what a test module loaded before the next one starts.
+
+    ``open_session`` keeps every session it opened for the life of the process (each shipped model at
+    each thread setting, and every graph a test wrote to its temporary folder), and Keras keeps its
+    models' graphs in a global state: over the whole suite that held gigabytes that no later test used.
+    """
+    yield
+    clear_session_cache()
+    keras = sys.modules.get("keras")
+    if keras is not None:
+        keras.backend.clear_session()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

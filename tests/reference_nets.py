@@ -338,10 +338,25 @@ def export_keras(model: Any) -> onnx.ModelProto:
     """tf2onnx export at opset 17 with a dynamic batch; the graph input and output renamed ``x``/``y``."""
     import tensorflow as tf
 
+    from uncnn_rt.converters.tfjs import collect_between_passes
+
     tf2onnx = import_tf2onnx()
     size = model.input_shape[1]
     spec = (tf.TensorSpec((None, size, size, 3), tf.float32, name="x"),)
-    proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=OPSET)
+    # from_keras deep-copies the whole graph, weights included, before each of its ~20 optimizer passes
+    # (so that a failing pass can be skipped) and the copies wait for the cycle collector: InceptionV3's
+    # export peaked at 6-8 GB. Passes in place (any value of the variable: tf2onnx compares its name),
+    # collected after each, keep it near 3 GB; a failing pass then fails the export, as it should here.
+    previous = os.environ.get("TF2ONNX_CATCH_ERRORS")
+    os.environ["TF2ONNX_CATCH_ERRORS"] = "FALSE"
+    try:
+        with collect_between_passes(tf2onnx):
+            proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=OPSET)
+    finally:
+        if previous is None:
+            os.environ.pop("TF2ONNX_CATCH_ERRORS", None)
+        else:
+            os.environ["TF2ONNX_CATCH_ERRORS"] = previous
     return _rename_output(proto, "y")
 
 
