@@ -405,7 +405,10 @@ def _cloak_one(
     """Cloak, save and verify one file; an input error becomes the outcome (nothing is written then)."""
     try:
         loaded = load_image(source)
-        runs.load()
+    except UncnnError as exc:
+        return Outcome(str(source), error=str(exc), exit_code=exc.exit_code)
+    runs.load()  # outside the per-file handling: a bad --models or a broken model concerns every input
+    try:
         result = cloaking.cloak_image(
             loaded,
             recognizers=runs.recognizers,

@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 from uncnn_rt.cli import cloak_cmd, progress
 from uncnn_rt.cli.app import app
 from uncnn_rt.runtime import zoo
+from uncnn_rt.runtime.errors import InputError
 from uncnn_rt.runtime.sessions import AttackSession
 from uncnn_rt.runtime.verify import FaceCheck, ModelCheck, VerifyReport
 
@@ -41,6 +42,9 @@ def patched(
     }
 
     def load_recognizers(names: list[str] | None = None, *, device: str = "auto") -> list[AttackSession]:
+        unknown = [n for n in names or [] if n not in sessions]
+        if unknown:  # as the real loader says it
+            raise InputError(f"unknown recognizer(s) {', '.join(unknown)}; shipped: {', '.join(sessions)}")
         return [sessions[n] for n in (names or list(sessions))]
 
     detector = FakeDetector([ONE_FACE])
@@ -205,8 +209,9 @@ def test_output_options(patched: FakeDetector, tmp_path: Path) -> None:
     assert bad_face.exit_code == 2 and "face 2 asked, but 1 face" in bad_face.stderr
     bad_mode = CliRunner().invoke(app, ["-q", "cloak", str(source), "--mode", "max"])
     assert bad_mode.exit_code == 2 and "unknown mode" in bad_mode.stderr
-    bad_model = CliRunner().invoke(app, ["-q", "cloak", str(source), "--models", "nonesuch"])
+    bad_model = CliRunner().invoke(app, ["-q", "cloak", str(source), str(named), "--models", "nonesuch"])
     assert bad_model.exit_code != 0
+    assert len(bad_model.stderr.strip().splitlines()) == 1, bad_model.stderr  # once, not once per input
 
 
 def test_no_align_and_target_identity(patched: FakeDetector, tmp_path: Path) -> None:
