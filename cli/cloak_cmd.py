@@ -528,12 +528,15 @@ def not_protected_hint(report: VerifyReport, settings: cloaking.CloakSettings) -
 
     One place on purpose: the cost in visibility of the suggestion belongs here too.
     """
-    failed = []
+    by_models: dict[tuple[str, ...], list[int]] = {}
     for face in report.faces:
-        models = [m.name for m in face.models if not m.protected]
+        models = tuple(m.name for m in face.models if not m.protected)
         if models:
-            failed.append(f"face {face.number} ({', '.join(models)})")
-    faces = "; ".join(failed) or "no face"
+            by_models.setdefault(models, []).append(face.number)
+    faces = "; ".join(
+        f"face{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers))} ({', '.join(models)})"
+        for models, numbers in by_models.items()
+    )
     names = list(cloaking.MODES)
     base = settings.mode.split(" ")[0]
     if base in names and names.index(base) + 1 < len(names):

@@ -11,6 +11,7 @@ import itertools
 import json
 import struct
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -369,6 +370,9 @@ def test_the_hint_follows_the_order_of_the_modes() -> None:
         psnr=40.0,
         seconds=0.1,
     )
+    twice = replace(report, faces=(*report.faces, replace(report.faces[0], number=3)))
+    grouped = cloak_cmd.not_protected_hint(twice, cloak_cmd.cloaking.MODES["low"])
+    assert grouped.startswith("NOT PROTECTED: faces 2, 3 (faceres) still matched")
     names = list(cloak_cmd.cloaking.MODES)
     for weaker, stronger in itertools.pairwise(names):
         hint = cloak_cmd.not_protected_hint(report, cloak_cmd.cloaking.MODES[weaker])
