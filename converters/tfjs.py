@@ -74,11 +74,15 @@ def collect_between_passes(tf2onnx: ModuleType) -> Iterator[None]:
         gc.collect()
         return result
 
+    # Objects that exist before the conversion (TensorFlow's and Keras' own, millions of them) are moved
+    # out of the collector's sight, so that each collection scans only what the conversion made.
+    gc.freeze()
     base.optimize = optimize
     try:
         yield
     finally:
         base.optimize = original
+        gc.unfreeze()
         gc.collect()
 
 
