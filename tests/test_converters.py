@@ -463,3 +463,23 @@ def test_preprocess_crops_resizes_reorders_and_normalises() -> None:
     np.testing.assert_allclose(got, want, atol=1e-4)
     window = calibrate.preprocess(crops, Preprocessing(native_size=(4, 4), crop=(0.0, 0.0, 0.5, 0.5)))
     np.testing.assert_allclose(window, crops[:, :4, :4], atol=1e-4)  # a 4x4 window at 4x4 is the identity
+
+
+def test_tf2onnx_passes_are_collected_and_everything_is_restored() -> None:
+    """Each optimizer pass is followed by a collection that sees only the conversion's objects; after
+    the conversion, tf2onnx and the collector are as they were."""
+    import gc
+
+    pytest.importorskip("tf2onnx")
+    from uncnn_rt.converters import tfjs
+
+    tf2onnx = tfjs.import_tf2onnx()
+    from tf2onnx.optimizer import optimizer_base
+
+    original = optimizer_base.GraphOptimizerBase.optimize
+    frozen = gc.get_freeze_count()
+    with tfjs.collect_between_passes(tf2onnx):
+        assert optimizer_base.GraphOptimizerBase.optimize is not original
+        assert gc.get_freeze_count() > frozen
+    assert optimizer_base.GraphOptimizerBase.optimize is original
+    assert gc.get_freeze_count() == 0
