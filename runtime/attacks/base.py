@@ -424,6 +424,13 @@ class _Budget:
         self.x0, self.bound, self.l2, self.ssim_floor, self.quantize = x0, bound, l2, ssim_floor, quantize
         self.chroma, self.cap = chroma, cap
         self._integer_bound = np.floor(bound).astype(np.float32)
+        if chroma < 1.0:
+            # The grey step's range: within the luminance bound, and keeping every channel in the pixel
+            # range, so that it stays grey at the ends of the range.
+            self._grey_top = bound.max(axis=3, keepdims=True)
+            low = np.maximum(-self._grey_top, -x0.min(axis=3, keepdims=True))
+            high = np.minimum(self._grey_top, 255.0 - x0.max(axis=3, keepdims=True))
+            self._grey_range = (low, np.maximum(high, low))
         self._ssim = None if ssim_floor is None else _SsimTo(x0)
 
     def project(self, delta: Float32Array) -> Float32Array:
@@ -440,15 +447,16 @@ class _Budget:
             # The luminance part (one grey step on R, G and B) within the box, the chroma part (zero
             # channel mean) scaled per pixel into ``chroma`` times it, so that it keeps a zero mean.
             luminance = delta.mean(axis=3, keepdims=True)
-            colour = delta - luminance
-            largest = np.abs(colour).max(axis=3, keepdims=True)
-            limit = np.float32(self.chroma) * self.bound.max(axis=3, keepdims=True)
-            colour *= np.minimum(np.float32(1.0), limit / np.maximum(largest, np.float32(1e-12)))
-            # The grey step keeps every channel in range, so that it stays grey at the ends of the range.
-            top = self.bound.max(axis=3, keepdims=True)
-            low = np.maximum(-top, -self.x0.min(axis=3, keepdims=True))
-            high = np.minimum(top, 255.0 - self.x0.max(axis=3, keepdims=True))
-            delta = np.clip(luminance, low, np.maximum(high, low)) + colour
+            low, high = self._grey_range
+            grey = np.clip(luminance, low, high)
+            if self.chroma > 0.0:
+                colour = delta - luminance
+                largest = np.abs(colour).max(axis=3, keepdims=True)
+                limit = np.float32(self.chroma) * self._grey_top
+                colour *= np.minimum(np.float32(1.0), limit / np.maximum(largest, np.float32(1e-12)))
+                delta = grey + colour
+            else:
+                delta = np.ascontiguousarray(np.broadcast_to(grey, delta.shape))
         return np.asarray(np.clip(self.x0 + delta, 0.0, 255.0) - self.x0, dtype=np.float32)
 
     def shown(self, delta: Float32Array) -> Float32Array:
@@ -476,17 +484,36 @@ class _Budget:
                 delta = self._hold(delta, lambda s, i: 1.0 - exact_ssim(s, i), 1.0 - self.ssim_floor, 2.0)
         if (cap or exact) and self.cap is not None:
             bound_cap = self.cap
-            delta = self._hold(
-                delta,
-                lambda s, i: bound_cap.fast(self.x0[i] + s, i),
-                1.0 - bound_cap.margin,
-                bound_cap.exponent,
-            )
+
+            def fast_cap(s: Float32Array, i: NDArray[np.intp]) -> NDArray[np.float64]:
+                return bound_cap.fast(self.x0[i] + s, i)
+
+            target = 1.0 - bound_cap.margin
+            if not exact:
+                # Inside the loop one evaluation and one power-law step: the next hold corrects what
+                # this one misses, and the result gets the full search below.
+                return self._shrink_once(delta, fast_cap, target, bound_cap.exponent)
+            delta = self._hold(delta, fast_cap, target, bound_cap.exponent)
             if exact:
                 delta = self._hold(
                     delta, lambda s, i: bound_cap.exact(self.x0[i] + s, i), 1.0, bound_cap.exponent
                 )
         return delta
+
+    def _shrink_once(
+        self,
+        delta: Float32Array,
+        error: Callable[[Float32Array, NDArray[np.intp]], NDArray[np.float64]],
+        target: float,
+        exponent: float,
+    ) -> Float32Array:
+        """Scale each image whose error exceeds ``target`` by the power law's guess ``(target / e)^(1/p)``."""
+        errors = error(self.shown(delta), np.arange(delta.shape[0]))
+        over = errors > target
+        if not over.any():
+            return delta
+        scale = np.where(over, (target / np.maximum(errors, 1e-12)) ** (1.0 / exponent), 1.0)
+        return np.asarray(delta * scale.astype(np.float32)[:, None, None, None], dtype=np.float32)
 
     def _hold(
         self,
