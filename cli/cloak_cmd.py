@@ -22,13 +22,15 @@ from rich.table import Table
 from uncnn_rt.cli.errors import clean_errors
 from uncnn_rt.cli.progress import progress_bar
 from uncnn_rt.runtime import cloak as cloaking
-from uncnn_rt.runtime import zoo
+from uncnn_rt.runtime import visibility, zoo
 from uncnn_rt.runtime.errors import InputError, ModelError, OutputPathError, UncnnError
 from uncnn_rt.runtime.imageio import (
     LoadedImage,
     default_output_path,
     load_image,
+    lossy_round_trip,
     normalise_format,
+    output_format,
     save_image,
 )
 from uncnn_rt.runtime.sessions import open_session
@@ -43,19 +45,17 @@ EXIT_NOT_PROTECTED = 4
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 CLASSIFIER = "efficientnet_lite0"
 
-_MODE_LINES = "\n\n".join(
-    f"  {name}: eps {m.eps:g}, at most {m.steps} steps, SSIM >= {m.ssim_min:g}"
-    for name, m in cloaking.MODES.items()
-    if m.ssim_min is not None
-)
+_MODE_LINES = "\n\n".join(f"  {m.describe()}" for m in cloaking.MODES.values())
 
 CLOAK_HELP = (
     "Cloak the faces in photos so that face recognizers no longer match them.\n\n"
     "Each PATH is an image file, a directory (its images, not recursive) or a quoted glob. The result is "
     "written beside each input as NAME.cloaked.EXT (or under -o), never over the input; then the written "
     "file is re-opened, its faces are found again and every face is checked with every recognizer.\n\n"
-    "Modes (eps in grey levels 0..255; the SSIM floor holds on each face region and on the whole photo; "
-    "faces under about 120 pixels need high):\n\n"
+    "Modes, by how visible the cloak may be: each face region (its box grown by a quarter of its side) "
+    "changes at most as much, in FLIP and in CIEDE2000 colour difference, as the photo's own JPEG "
+    "re-encode at the named quality, checked on the saved file (eps: the largest change of a pixel, in "
+    "grey levels 0..255):\n\n"
     f"{_MODE_LINES}\n\n"
     "Exit codes: 0 every face cloaked and verified PROTECTED by every model; 4 cloaked, but some face is "
     "NOT PROTECTED by some model; 2 an input error (unreadable, corrupt or oversized image, no face "
@@ -181,11 +181,18 @@ def cloak(
         float | None,
         typer.Option("--ssim-min", help="SSIM floor per face region, overriding the mode (0: none)."),
     ] = None,
+    cap: Annotated[
+        str | None,
+        typer.Option(
+            help="Visibility cap per face region, overriding the mode: jpegQ (at most the photo's own JPEG "
+            "re-encode at quality Q, in FLIP and CIEDE2000), KxjpegQ (K times its figures) or none."
+        ),
+    ] = None,
     coarse: Annotated[
         float | None,
         typer.Option(
-            help="Grid step of the perturbation in canonical-crop pixels, replacing the mode's grids of 4 "
-            "and 8 by this one (1: per pixel; larger: smoother, cheaper in SSIM, weaker per grey level)."
+            help="Grid step of the perturbation in canonical-crop pixels (the modes step per photo pixel; "
+            "larger: smoother, cheaper in SSIM but more visible per grey level under FLIP)."
         ),
     ] = None,
     face: Annotated[
@@ -222,7 +229,9 @@ def cloak(
     with clean_errors():
         if face is not None and face < 1:
             raise InputError(f"--face counts from 1, got {face}")
-        settings = cloaking.settings_for(mode, eps=eps, steps=steps, ssim_min=ssim_min, coarse=coarse)
+        settings = cloaking.settings_for(
+            mode, eps=eps, steps=steps, ssim_min=ssim_min, coarse=coarse, cap=cap
+        )
         out_format = None if fmt is None else normalise_format(fmt)
         files, missing = expand_inputs(paths)
         outcomes += missing
@@ -293,6 +302,7 @@ def _cloak_one(
     """Cloak, save and verify one file; an input error becomes the outcome (nothing is written then)."""
     try:
         loaded = load_image(source)
+        as_saved = lossy_round_trip(loaded, fmt=output_format(loaded, destination, out_format))
         result = cloaking.cloak_image(
             loaded,
             recognizers=recognizers,
@@ -304,6 +314,7 @@ def _cloak_one(
             target=target,
             seed=seed,
             progress=on_progress,
+            saved=as_saved,
         )
         start = time.perf_counter()
         written = save_image(
@@ -316,6 +327,7 @@ def _cloak_one(
     except UncnnError as exc:
         return Outcome(str(source), error=str(exc), exit_code=exc.exit_code)
     details = cloak_details(result, loaded, extra_seconds=saving)
+    details["visibility"] = visibility_details(result, loaded, load_image(written).rgb, report)
     code = EXIT_OK if report.protected else EXIT_NOT_PROTECTED
     return Outcome(str(source), output=written, exit_code=code, report=report, details=details)
 
@@ -340,6 +352,33 @@ def cloak_details(
         "steps_run": {f"face {f.number}": f.steps for f in result.faces},
         "notes": list(loaded.notes),
     }
+
+
+def visibility_details(
+    result: cloaking.CloakResult, loaded: LoadedImage, saved: Any, report: VerifyReport
+) -> dict[str, Any]:
+    """The visibility block of a cloak report: per face region, FLIP, CIEDE2000, SSIM and PSNR of the
+    saved file, the face's cap and the figures of the photo's own JPEG re-encode it comes from; and the
+    whole photo's figures."""
+    faces = {}
+    for f in result.faces:
+        entry: dict[str, Any] = {} if f.visibility is None else f.visibility.to_dict()
+        if f.visible_region is not None:
+            r = f.visible_region
+            entry["region"] = [r.left, r.top, r.right, r.bottom]
+        if f.limits is not None:
+            entry["cap"] = {
+                "of": result.settings.cap_label,
+                "flip": round(f.limits.flip, 5),
+                "ciede2000_mean": round(f.limits.ciede2000, 4),
+                "reference": {
+                    k: v for k, v in f.limits.reference.to_dict().items() if k in ("flip", "ciede2000_mean")
+                },
+            }
+            entry["within_cap"] = f.visibility is not None and not cloaking.exceeds(f.visibility, f.limits)
+        faces[f"face {f.number}"] = entry
+    photo = visibility.photo_figures(loaded.rgb, saved, ssim=report.ssim, psnr=report.psnr)
+    return {"faces": faces, "photo": photo.to_dict()}
 
 
 def _exit_code(outcomes: list[Outcome]) -> int:
