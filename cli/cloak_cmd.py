@@ -22,7 +22,7 @@ from rich.table import Table
 from uncnn_rt.cli.errors import clean_errors
 from uncnn_rt.cli.progress import progress_bar
 from uncnn_rt.runtime import cloak as cloaking
-from uncnn_rt.runtime import zoo
+from uncnn_rt.runtime import visibility, zoo
 from uncnn_rt.runtime.errors import InputError, ModelError, OutputPathError, UncnnError
 from uncnn_rt.runtime.imageio import (
     DEFAULT_MAX_PIXELS,
@@ -30,7 +30,9 @@ from uncnn_rt.runtime.imageio import (
     check_output_path,
     default_output_path,
     load_image,
+    lossy_round_trip,
     normalise_format,
+    output_format,
     path_format,
     probe_image,
     save_image,
@@ -49,12 +51,8 @@ CLASSIFIER = "efficientnet_lite0"
 
 
 def _mode_line(name: str, m: cloaking.CloakSettings) -> str:
-    ssim = "none" if m.ssim_min is None else f"{m.ssim_min:g}"
     rounds = f"{m.refine_rounds} refinement round{'s' if m.refine_rounds != 1 else ''}"
-    return (
-        f"  {name}: eps {m.eps:g}, {m.steps} steps + {rounds} of at most {m.refine_steps} "
-        f"(at most {max_steps(m)} per face), SSIM >= {ssim}"
-    )
+    return f"  {m.describe()}; + {rounds} of at most {m.refine_steps} steps (at most {max_steps(m)} per face)"
 
 
 def max_steps(settings: cloaking.CloakSettings) -> int:
@@ -69,9 +67,11 @@ CLOAK_HELP = (
     "Each PATH is an image file, a directory (its images, not recursive) or a quoted glob. The result is "
     "written beside each input as NAME.cloaked.EXT (or under -o), never over the input; then the written "
     "file is re-opened, its faces are found again and every face is checked with every recognizer.\n\n"
-    "Modes (eps in grey levels 0..255; the SSIM floor holds on each face region and on the whole photo; "
-    "faces under about 120 pixels need high). A refinement round re-detects the cloaked faces, as the "
-    "verification will, and continues the attack on those that fall short:\n\n"
+    "Modes, by how visible the cloak may be: each face region (its box grown by a quarter of its side) "
+    "changes at most as much, in FLIP and in CIEDE2000 colour difference, as the photo's own JPEG "
+    "re-encode at the named quality, checked on the saved file (eps: the largest change of a pixel, in "
+    "grey levels 0..255). A refinement round re-detects the cloaked faces, as the verification will, "
+    "and continues the attack on those that fall short:\n\n"
     f"{_MODE_LINES}\n\n"
     f"Images over {DEFAULT_MAX_PIXELS / 1e6:g} megapixels, as declared in their header, are refused before "
     "any pixel is decoded (decompression bombs).\n\n"
@@ -299,11 +299,18 @@ def cloak(
         float | None,
         typer.Option("--ssim-min", help="SSIM floor per face region, overriding the mode (0: none)."),
     ] = None,
+    cap: Annotated[
+        str | None,
+        typer.Option(
+            help="Visibility cap per face region, overriding the mode: jpegQ (at most the photo's own JPEG "
+            "re-encode at quality Q, in FLIP and CIEDE2000), KxjpegQ (K times its figures) or none."
+        ),
+    ] = None,
     coarse: Annotated[
         float | None,
         typer.Option(
-            help="Grid step of the perturbation in canonical-crop pixels, replacing the mode's grids of 4 "
-            "and 8 by this one (1: per pixel; larger: smoother, cheaper in SSIM, weaker per grey level)."
+            help="Grid step of the perturbation in canonical-crop pixels (the modes step per photo pixel; "
+            "larger: smoother, cheaper in SSIM but more visible per grey level under FLIP)."
         ),
     ] = None,
     face: Annotated[
@@ -340,7 +347,9 @@ def cloak(
     with clean_errors():
         if face is not None and face < 1:
             raise InputError(f"--face counts from 1, got {face}")
-        settings = cloaking.settings_for(mode, eps=eps, steps=steps, ssim_min=ssim_min, coarse=coarse)
+        settings = cloaking.settings_for(
+            mode, eps=eps, steps=steps, ssim_min=ssim_min, coarse=coarse, cap=cap
+        )
         out_format = None if fmt is None else normalise_format(fmt)
         names = split_models(models)
         files, missing = expand_inputs(paths)
@@ -409,6 +418,8 @@ def _cloak_one(
         return Outcome(str(source), error=str(exc), exit_code=exc.exit_code)
     runs.load()  # outside the per-file handling: a bad --models or a broken model concerns every input
     try:
+        # The visibility cap holds on the pixels as the output file will store them.
+        as_saved = lossy_round_trip(loaded, fmt=output_format(loaded, destination, out_format))
         result = cloaking.cloak_image(
             loaded,
             recognizers=runs.recognizers,
@@ -420,6 +431,7 @@ def _cloak_one(
             target=runs.target,
             seed=seed,
             progress=on_progress,
+            saved=as_saved,
         )
         start = time.perf_counter()
         written = save_image(
@@ -432,10 +444,11 @@ def _cloak_one(
     except UncnnError as exc:
         return Outcome(str(source), error=str(exc), exit_code=exc.exit_code)
     details = cloak_details(result, loaded, extra_seconds=saving)
+    details["visibility"] = visibility_details(result, loaded, load_image(written).rgb, report)
     code = EXIT_OK if report.protected else EXIT_NOT_PROTECTED
     outcome = Outcome(str(source), output=written, exit_code=code, report=report, details=details)
     if not report.protected:
-        outcome.hint = not_protected_hint(report, result.settings)
+        outcome.hint = not_protected_hint(report, result.settings, result)
     return outcome
 
 
@@ -459,6 +472,33 @@ def cloak_details(
         "steps_run": {f"face {f.number}": f.steps for f in result.faces},
         "notes": list(loaded.notes),
     }
+
+
+def visibility_details(
+    result: cloaking.CloakResult, loaded: LoadedImage, saved: Any, report: VerifyReport
+) -> dict[str, Any]:
+    """The visibility block of a cloak report: per face region, FLIP, CIEDE2000, SSIM and PSNR of the
+    saved file, the face's cap and the figures of the photo's own JPEG re-encode it comes from; and the
+    whole photo's figures."""
+    faces = {}
+    for f in result.faces:
+        entry: dict[str, Any] = {} if f.visibility is None else f.visibility.to_dict()
+        if f.visible_region is not None:
+            r = f.visible_region
+            entry["region"] = [r.left, r.top, r.right, r.bottom]
+        if f.limits is not None:
+            entry["cap"] = {
+                "of": result.settings.cap_label,
+                "flip": round(f.limits.flip, 5),
+                "ciede2000_mean": round(f.limits.ciede2000, 4),
+                "reference": {
+                    k: v for k, v in f.limits.reference.to_dict().items() if k in ("flip", "ciede2000_mean")
+                },
+            }
+            entry["within_cap"] = f.visibility is not None and not cloaking.exceeds(f.visibility, f.limits)
+        faces[f"face {f.number}"] = entry
+    photo = visibility.photo_figures(loaded.rgb, saved, ssim=report.ssim, psnr=report.psnr)
+    return {"faces": faces, "photo": photo.to_dict()}
 
 
 def _exit_code(outcomes: list[Outcome]) -> int:
@@ -521,13 +561,13 @@ def _print_outcomes(outcomes: list[Outcome], *, quiet: bool = False) -> None:
             explained = True
 
 
-def not_protected_hint(report: VerifyReport, settings: cloaking.CloakSettings) -> str:
+def not_protected_hint(
+    report: VerifyReport, settings: cloaking.CloakSettings, result: cloaking.CloakResult | None = None
+) -> str:
     """What a NOT PROTECTED verdict means and what to try: the faces and models that fell short, and the
-    next stronger mode (in :data:`~uncnn_rt.runtime.cloak.MODES` order) with its settings, or from the
-    strongest mode more steps and a larger budget.
-
-    One place on purpose: the cost in visibility of the suggestion belongs here too.
-    """
+    next stronger mode (in :data:`~uncnn_rt.runtime.cloak.MODES` order) with its visibility cap, or from
+    the strongest mode a looser cap; with ``result``, what the suggestion costs in visibility on this
+    photo (the FLIP it would allow on the faces that fell short, against what was used)."""
     by_models: dict[tuple[str, ...], list[int]] = {}
     for face in report.faces:
         models = tuple(m.name for m in face.models if not m.protected)
@@ -537,22 +577,38 @@ def not_protected_hint(report: VerifyReport, settings: cloaking.CloakSettings) -
         f"face{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers))} ({', '.join(models)})"
         for models, numbers in by_models.items()
     )
+    short = {n for numbers in by_models.values() for n in numbers}
     names = list(cloaking.MODES)
     base = settings.mode.split(" ")[0]
     if base in names and names.index(base) + 1 < len(names):
         stronger = cloaking.MODES[names[names.index(base) + 1]]
-        advice = (
-            f"try --mode {stronger.mode} ({stronger.describe()}), which changes the photo more "
-            f"than {settings.describe()}"
-        )
+        advice = f"try --mode {stronger.mode} ({stronger.describe()})"
+        cost = _cap_cost(result, short, stronger.cap_jpeg, stronger.cap_scale)
     else:
-        more_steps = max(2 * settings.steps, settings.steps + 20)
+        scale = 1.5 * settings.cap_scale
+        quality = settings.cap_jpeg or 75
         advice = (
-            f"{settings.describe()} is the strongest mode; try more steps (--steps {more_steps}) or a larger "
-            f"budget (--eps {settings.eps + 8:g}, more visible), or cloak only the face that matters "
-            "(--face N)"
+            f"{settings.describe()} is the strongest mode; try a looser cap (--cap {scale:g}xjpeg{quality}, "
+            f"more visible) with more steps (--steps {max(2 * settings.steps, settings.steps + 20)}), or "
+            "cloak only the face that matters (--face N)"
         )
-    return f"NOT PROTECTED: {faces} still matched; {advice}."
+        cost = _cap_cost(result, short, quality, scale)
+    return f"NOT PROTECTED: {faces} still matched; {advice}{cost}."
+
+
+def _cap_cost(result: cloaking.CloakResult | None, faces: set[int], quality: int | None, scale: float) -> str:
+    """``", allowing FLIP up to X where this run used Y"`` over ``faces``, when the suggested cap is a
+    multiple of the cap this run held (the same JPEG quality); else nothing."""
+    if result is None or quality is None:
+        return ""
+    rows = [
+        f for f in result.faces if f.number in faces and f.limits is not None and f.visibility is not None
+    ]
+    if not rows or result.settings.cap_jpeg != quality:
+        return ""
+    allowed = max(scale * f.limits.reference.flip for f in rows)
+    used = max(f.visibility.flip for f in rows if f.visibility is not None)
+    return f", which allows face FLIP up to {allowed:.3f} where this cloak used {used:.3f}"
 
 
 def _db(value: float) -> str:

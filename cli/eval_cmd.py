@@ -14,6 +14,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -22,7 +23,7 @@ from uncnn_rt.cli.errors import clean_errors
 from uncnn_rt.cli.progress import progress_bar
 from uncnn_rt.runtime import cloak as cloaking
 from uncnn_rt.runtime import evaluate as ev
-from uncnn_rt.runtime import zoo
+from uncnn_rt.runtime import visibility, zoo
 from uncnn_rt.runtime.errors import InputError
 
 _EVAL_TEXT = """Measure how well cloaks protect: the protocol of DESIGN.md, "Evaluation protocol".
@@ -57,7 +58,7 @@ Exit codes: 0 done; 2 input error; 3 model missing or broken.
 # One line per paragraph, so that the help reflows to the terminal's width.
 EVAL_HELP = "\n\n".join(" ".join(p.split()) for p in _EVAL_TEXT.split("\n\n"))
 
-DEFAULT_MODES_HELP = ", ".join(f"{n} (eps {s.eps:g}, {s.steps} steps)" for n, s in cloaking.MODES.items())
+DEFAULT_MODES_HELP = "; ".join(s.describe() for s in cloaking.MODES.values())
 
 
 def _split(text: str, option: str) -> list[str]:
@@ -114,6 +115,13 @@ def run_eval(
     steps: Annotated[int | None, typer.Option(help="Most attack steps, overriding every mode's.")] = None,
     ssim_min: Annotated[
         float | None, typer.Option("--ssim-min", help="SSIM floor, overriding every mode's (0: none).")
+    ] = None,
+    cap: Annotated[
+        str | None,
+        typer.Option(
+            help="Visibility cap per face region, overriding the mode: jpegQ (at most the photo's own JPEG "
+            "re-encode at quality Q, in FLIP and CIEDE2000), KxjpegQ (K times its figures) or none."
+        ),
     ] = None,
     coarse: Annotated[
         float | None,
@@ -207,7 +215,7 @@ def run_eval(
             raise InputError("--threshold is the threshold of --evaluator; give --evaluator too")
         mode_names = _split(modes, "--modes") if modes is not None else [mode]
         settings = {
-            name: cloaking.settings_for(name, eps=eps, steps=steps, ssim_min=ssim_min, coarse=coarse)
+            name: cloaking.settings_for(name, eps=eps, steps=steps, ssim_min=ssim_min, coarse=coarse, cap=cap)
             for name in mode_names
         }
         if plots is not None:
@@ -386,6 +394,13 @@ def _print_mode(
 ) -> None:
     out.rule(f"mode {_mode_title(mode.mode, str(mode.settings.get('description', '')))}")
     out.print(_quality_table("Cloak cost and image quality (saved photo vs original)", mode.quality))
+    out.print(
+        _visibility_table(
+            "Visibility on the face regions, next to the same photos' JPEG re-encodes",
+            report.jpeg_ladder,
+            mode.quality,
+        )
+    )
 
     table = Table(
         title="Protection: share of photos recognized when clean that no longer are", title_justify="left"
@@ -486,11 +501,65 @@ def _quality_row(q: ev.AttackQuality) -> list[str]:
     ]
 
 
+def _visibility_table(
+    title: str, ladder: dict[int, tuple[visibility.Visibility, ...]], rows: Sequence[ev.AttackQuality]
+) -> Table:
+    """Median (and worst) face FLIP, CIEDE2000, SSIM and PSNR: first each JPEG re-encode of the clean
+    photos, then each attack's saved cloaks, with the lowest JPEG quality whose medians they stay within."""
+    table = Table(title=title, title_justify="left")
+    for column in (
+        "image",
+        "faces",
+        "FLIP median (worst)",
+        "CIEDE2000 mean (worst)",
+        "CIEDE2000 p95",
+        "SSIM",
+        "PSNR",
+        "JPEG equiv.",
+    ):
+        table.add_column(column, justify="left" if column == "image" else "right")
+    medians: dict[int, tuple[float, float]] = {}
+    for q, faces in ladder.items():
+        if faces:
+            medians[q] = (
+                float(np.median([f.flip for f in faces])),
+                float(np.median([f.ciede2000_mean for f in faces])),
+            )
+            table.add_row(*_visibility_row(f"JPEG q{q} re-encode", faces, None))
+    for q in rows:
+        if q.faces:
+            table.add_row(*_visibility_row(q.attack, q.faces, medians), end_section=q is rows[0])
+    return table
+
+
+def _visibility_row(
+    label: str, faces: Sequence[visibility.Visibility], ladder: dict[int, tuple[float, float]] | None
+) -> list[str]:
+    flips, des = [f.flip for f in faces], [f.ciede2000_mean for f in faces]
+    flip, de = float(np.median(flips)), float(np.median(des))
+    psnr = [f.psnr for f in faces if math.isfinite(f.psnr)]
+    equivalent = "-"
+    if ladder is not None:
+        within = [q for q, (lf, ld) in ladder.items() if flip <= lf and de <= ld]
+        equivalent = f"q{min(within)}" if within else f"> q{min(ladder)}"
+    return [
+        label,
+        str(len(faces)),
+        f"{flip:.4f} ({max(flips):.4f})",
+        f"{de:.2f} ({max(des):.2f})",
+        f"{float(np.median([f.ciede2000_p95 for f in faces])):.2f}",
+        f"{float(np.median([f.ssim for f in faces])):.4f}",
+        f"{float(np.median(psnr)):.1f} dB" if psnr else "inf",
+        equivalent,
+    ]
+
+
 def _print_group(out: Console, group: ev.GroupReport, names: list[str], described: dict[str, str]) -> None:
     for warning in group.warnings:
         out.print(f"[yellow]warning:[/] {warning}")
     title = f"Group photos: {group.photos} photos, {group.faces} faces; cost and quality"
     out.print(_quality_table(title, group.quality))
+    out.print(_visibility_table("Group photos: visibility per face region", group.jpeg_ladder, group.quality))
     table = Table(
         title="Group photos, self-protection: faces whose cloaked embedding falls below the threshold "
         "against their own clean embedding",

@@ -42,7 +42,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from uncnn_rt import __version__
-from uncnn_rt.cli.cloak_cmd import CLASSIFIER, Outcome, cloak_details, split_models
+from uncnn_rt.cli.cloak_cmd import CLASSIFIER, Outcome, cloak_details, split_models, visibility_details
 from uncnn_rt.runtime import cloak as cloaking
 from uncnn_rt.runtime import zoo
 from uncnn_rt.runtime.errors import (
@@ -53,7 +53,13 @@ from uncnn_rt.runtime.errors import (
     UncnnError,
     UnsupportedImageError,
 )
-from uncnn_rt.runtime.imageio import default_output_path, encode_image, load_image, output_format
+from uncnn_rt.runtime.imageio import (
+    default_output_path,
+    encode_image,
+    load_image,
+    lossy_round_trip,
+    output_format,
+)
 from uncnn_rt.runtime.sessions import AttackSession, open_session
 from uncnn_rt.runtime.verify import classify_image, compare_faces, verify
 
@@ -500,6 +506,7 @@ CLOAK_OPTIONS: Final = {
     "steps": ("integer", "most attack steps per face, overriding the mode"),
     "ssim_min": ("number", "SSIM floor per face region, overriding the mode (0: none)"),
     "coarse": ("number", "perturbation grid step in crop pixels, overriding the mode's (1: per pixel)"),
+    "cap": ("string", "visibility cap per face, overriding the mode: jpegQ, KxjpegQ (e.g. 2xjpeg75) or none"),
     "face": ("integer", "cloak only face N (1 = leftmost)"),
     "largest": ("boolean", "cloak only the largest face"),
     "no_align": ("boolean", "no face detection: the image's centred square is the face"),
@@ -534,6 +541,7 @@ class CloakOptions:
                 steps=fields.integer("steps"),
                 ssim_min=fields.number("ssim_min"),
                 coarse=fields.number("coarse"),
+                cap=fields.text("cap"),
             ),
             face=None if face is None else face - 1,
             largest=fields.flag("largest"),
@@ -572,6 +580,7 @@ def cloak_work(
         no_align=options.no_align,
         seed=options.seed,
         progress=job.on_progress,
+        saved=lossy_round_trip(loaded, fmt=fmt),
     )
     job.check()
     job.emit(Stage("verifying"))
@@ -581,6 +590,7 @@ def cloak_work(
     report = verify(loaded, data, result, recognizers=recognizers, detector=detector)
     filename = default_output_path(upload.filename, fmt).name
     details = cloak_details(result, loaded, extra_seconds=encoding)
+    details["visibility"] = visibility_details(result, loaded, load_image(data, name=loaded.name).rgb, report)
     summary = Outcome(upload.filename, report=report, details=details).to_dict()
     summary["output"] = filename  # verify saw an in-memory file; the client gets this name
     return Cloaked(data, MEDIA_TYPES[fmt], filename, summary)
@@ -813,6 +823,8 @@ def create_app(config: ServeConfig | None = None, *, models: Models | None = Non
             ],
             "modes": {
                 name: {
+                    "description": m.describe(),
+                    "cap": m.cap_label,
                     "eps": m.eps,
                     "steps": m.steps,
                     "ssim_min": m.ssim_min,

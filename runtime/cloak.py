@@ -18,32 +18,32 @@ untargeted objective is each recognizer's cosine similarity to the face's own cl
 (descended); with a target identity it is the similarity to the target's embedding (ascended).
 Grey photos get the same delta on R, G and B, so they stay grey.
 
-**Modes** (eps in 0..255 grey levels; the SSIM floor holds on each face's region, and so on the
-whole photo):
+**Modes** are visibility caps (DESIGN.md, "Visibility"). Each face region (the detector's box grown
+by a quarter of its side, :func:`visibility.face_region`) may change at most as much, in FLIP and in
+mean CIEDE2000, as the photo's own JPEG re-encode at the mode's quality changes it there; the cap is
+held inside the loop and checked on the pixels as the output file stores them (``saved``):
 
-======  ====  =====  =======  =============================================================
-mode    eps   steps  SSIM >=  recipe
-======  ====  =====  =======  =============================================================
-low     12    16     0.95     MI, jitter p 0.5, EOT JPEG 70..95, steps from 3, budget halved on flat skin
-mid     16    24     0.90     MI, jitter p 0.5, EOT JPEG 70..95, steps from 4
-high    24    40     0.85     MI, jitter p 0.5, EOT JPEG 70..95, steps from 5, 3 refinement rounds
-======  ====  =====  =======  =============================================================
+======  ===================================  ====  =====  ==========================================
+mode    cap per face region                  eps   steps  recipe
+======  ===================================  ====  =====  ==========================================
+low     JPEG q85 re-encode                   12    16     MI, jitter p 0.5, EOT JPEG 70..95, steps from 3
+mid     JPEG q75 re-encode, CIEDE2000 <= 1.3 16    24     MI, jitter p 0.5, EOT JPEG 70..95, steps from 4
+high    2x the JPEG q75 re-encode's figures  24    40     as mid, steps from 5, 3 refinement rounds
+======  ===================================  ====  =====  ==========================================
 
-Every mode takes its steps on a grid 4 canonical-crop pixels coarse, upsampled bilinearly to the
-photo (``coarse``): a smooth perturbation, which spends SSIM on local brightness rather than on
-local contrast and structure and transfers better to recognizers outside the ensemble. Each step is
-averaged with one on a grid 8 crop pixels coarse (``scales``), and the step size shrinks from the
-mode's first step to 30% of it along a cosine (``schedule``), which transfers better still at the same
-SSIM (to 0, small faces in group photos lost some white-box protection; run 14).
+Where the budget goes: the change is grey (the same step on R, G and B: colour carried a third of the
+visibility of earlier cloaks and little of their protection), per photo pixel (FLIP's contrast
+sensitivity filters hide fine texture; smooth, low-frequency shifts on skin are what people see
+first, and stepping on a coarse grid protected 3 of 43 leave-one-out probes where per-pixel steps
+protected 14 at the same FLIP: ``bench/RESULTS.md``, run 15), and shaped by a luminance
+just-noticeable-difference model (:func:`visibility.luminance_jnd`: hair, beard, brows, edges and dark
+areas take up to the whole eps, smooth mid-grey skin 30% of it). The step size shrinks from the mode's
+first step to 30% of it along a cosine.
 
 Every mode stops a face early once every white-box recognizer is past its threshold by
 ``stop_margin`` (checked every ``check_every`` steps on the exact uint8 pixels), and spends each step
 on one recognizer, drawn in proportion to how far it is from its threshold (a stochastic ensemble:
-the momentum sums them). Measured on this project's 2-core CPU with the four default recognizers
-(see ``bench/cloak_latency.py``): a step of ``mid`` on a 1080p portrait costs about 0.07 s, and the
-whole cloak about 2.4 s. Against the white-box recognizers ``mid`` protects 84% of the dev chips (P1
-of ``uncnn-rt eval``) and leaves 87-96% of the group photos' faces under each one's threshold
-(``bench/RESULTS.md``, run 14); ``high`` protects 96% of the chips.
+the momentum sums them). Figures of each mode on the colour set: ``README.md`` and ``bench/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -57,12 +57,13 @@ from typing import Any, Final, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from . import image_ops, zoo
+from . import image_ops, visibility, zoo
 from .align import CANONICAL_SIZE, transform_for_blazeface, transform_for_box, transform_for_whole_image
 from .attacks import (
     EOT,
     MIFGSM,
     AttackResult,
+    BoundCap,
     Downscale,
     InputDiversity,
     Jpeg,
@@ -72,6 +73,7 @@ from .attacks import (
     Transform,
     TranslationInvariance,
     Victim,
+    VisibilityCap,
 )
 from .errors import InputError, ModelError
 from .imageio import LoadedImage
@@ -131,6 +133,17 @@ class CloakSettings:
             first step (:class:`~uncnn_rt.runtime.attacks.GradientAttack`).
         eot_downscale: EOT also draws a downscale by a factor in this range (and back), or None (every
             mode: the probe of ``bench/RESULTS.md`` run 13 found it lowers transfer).
+        cap_jpeg: each face's visibility cap is this JPEG quality's re-encode of the same face: the
+            cloak's FLIP and CIEDE2000 mean on the face region (:func:`visibility.face_region`) are at
+            most ``cap_scale`` times the re-encode's (None: no cap).
+        cap_scale: see ``cap_jpeg``.
+        cap_ciede2000: a limit on the face region's CIEDE2000 mean besides the re-encode's, or None.
+        cap_every: steps between holds of the cap (the result always meets it).
+        chroma: the chroma part's share of the luminance part's step and budget (0: the same change on
+            R, G and B; see :class:`~uncnn_rt.runtime.attacks.GradientAttack`).
+        jnd_floor: shape the budget by the luminance just-noticeable difference
+            (:func:`visibility.luminance_jnd`): each pixel's share is its JND over the face's 90th
+            percentile, clipped to ``[jnd_floor, 1]``; None: no JND shaping.
     """
 
     mode: str
@@ -157,36 +170,81 @@ class CloakSettings:
     schedule: str = "constant"
     schedule_floor: float = 0.0
     eot_downscale: tuple[float, float] | None = None
+    cap_jpeg: int | None = None
+    cap_scale: float = 1.0
+    cap_ciede2000: float | None = None
+    cap_every: int = 4
+    chroma: float = 1.0
+    jnd_floor: float | None = None
 
     def describe(self) -> str:
-        ssim = "none" if self.ssim_min is None else f"{self.ssim_min:g}"
-        return f"{self.mode}: eps {self.eps:g}, {self.steps} steps, SSIM >= {ssim}"
+        parts = [f"eps {self.eps:g}", f"{self.steps} steps"]
+        if self.cap_jpeg is not None:
+            scale = "" if self.cap_scale == 1 else f"{self.cap_scale:g}x "
+            de = "" if self.cap_ciede2000 is None else f", CIEDE2000 <= {self.cap_ciede2000:g}"
+            parts.append(f"visible at most as {scale}JPEG q{self.cap_jpeg}{de}")
+        if self.ssim_min is not None:
+            parts.append(f"SSIM >= {self.ssim_min:g}")
+        return f"{self.mode}: " + ", ".join(parts)
+
+    @property
+    def cap_label(self) -> str | None:
+        """The cap in words (``JPEG q75``, ``2x JPEG q75``), or None without one."""
+        if self.cap_jpeg is None:
+            return None
+        return ("" if self.cap_scale == 1 else f"{self.cap_scale:g}x ") + f"JPEG q{self.cap_jpeg}"
 
 
-# The modes' perturbation grid, in canonical-crop pixels: smooth over about 4 crop pixels, such a
-# perturbation costs less SSIM per grey level and moves recognizers left out of the ensemble further
-# (bench/RESULTS.md, "coarse grid"), so each mode affords a larger L-inf budget at the same SSIM floor.
-COARSE: Final = 4.0
-# Every mode also averages each step with one on a grid 8 crop pixels coarse, and shrinks its step along a
-# cosine from the mode's first step to 30% of it. With a larger first step this took mid's leave-one-out
-# P1 from 28.9% to 42.1% at the same SSIM 0.90 (bench/RESULTS.md, run 13); ending at 30% rather than 0
-# gave the small faces of group photos back their white-box protection (run 14).
-SCALES: Final = (8.0,)
+# The modes' shared basis. Under an SSIM floor, a perturbation on a grid 4 crop pixels coarse (averaged
+# with one 8 pixels coarse) afforded twice the L-inf budget and transferred further (bench/RESULTS.md,
+# runs 8-14). Under a visibility cap it is the worst shape: FLIP and people see smooth shifts on skin
+# first, and at the same FLIP the coarse grid protected 3 of 43 leave-one-out probes of the colour set,
+# per-pixel steps 14 (run 15). The step shrinks along a cosine from the mode's first step to 30% of it.
 SCHEDULE: Final = "cosine"
 SCHEDULE_FLOOR: Final = 0.3
+# The budget's shape (run 15): grey steps only (a chroma share of 0.3 protected 5 of 43 probes where grey
+# protected 9, at the same FLIP), and each pixel's share of eps its luminance JND over the face's 90th
+# percentile, at least 30% (without the JND shaping: 12 of 43 where it gave 14).
+CHROMA: Final = 0.0
+JND_FLOOR: Final = 0.3
 
 
 def _mode(name: str, **specific: Any) -> CloakSettings:
-    """A mode on the shared basis (grids, cosine schedule and its floor) with its own budget and floor."""
+    """A mode on the shared basis (per-pixel grey steps shaped by the JND, cosine schedule) with its own
+    budget, cap and rounds."""
     return CloakSettings(
-        name, coarse=COARSE, scales=SCALES, schedule=SCHEDULE, schedule_floor=SCHEDULE_FLOOR, **specific
+        name,
+        schedule=SCHEDULE,
+        schedule_floor=SCHEDULE_FLOOR,
+        chroma=CHROMA,
+        jnd_floor=JND_FLOOR,
+        **specific,
     )
 
 
 MODES: Final[dict[str, CloakSettings]] = {
-    "low": _mode("low", eps=12.0, steps=16, ssim_min=0.95, step_size=3.0, texture_floor=0.5),
-    "mid": _mode("mid", eps=16.0, steps=24, ssim_min=0.90, step_size=4.0, stop_margin=0.08),
-    "high": _mode("high", eps=24.0, steps=40, ssim_min=0.85, step_size=5.0, stop_margin=0.1, refine_rounds=3),
+    "low": _mode("low", eps=12.0, steps=16, ssim_min=None, step_size=3.0, cap_jpeg=85),
+    "mid": _mode(
+        "mid",
+        eps=16.0,
+        steps=24,
+        ssim_min=None,
+        step_size=4.0,
+        stop_margin=0.08,
+        cap_jpeg=75,
+        cap_ciede2000=1.3,
+    ),
+    "high": _mode(
+        "high",
+        eps=24.0,
+        steps=40,
+        ssim_min=None,
+        step_size=5.0,
+        stop_margin=0.1,
+        refine_rounds=3,
+        cap_jpeg=75,
+        cap_scale=2.0,
+    ),
 }
 DEFAULT_MODE: Final = "mid"
 
@@ -198,9 +256,11 @@ def settings_for(
     steps: int | None = None,
     ssim_min: float | None = None,
     coarse: float | None = None,
+    cap: str | None = None,
 ) -> CloakSettings:
     """A mode's settings (a name of :data:`MODES`, or settings) with explicit overrides (``ssim_min <= 0``
-    turns the floor off; ``coarse`` replaces the mode's grids by one, 1 stepping per photo pixel)."""
+    turns the floor off; ``coarse`` replaces the mode's grids by one, 1 stepping per photo pixel;
+    ``cap`` is :func:`parse_cap`'s text, ``none`` turning the visibility cap off)."""
     if isinstance(mode, CloakSettings):
         settings = mode
     elif mode in MODES:
@@ -226,9 +286,37 @@ def settings_for(
             raise InputError(f"coarse must be in 1..64 (canonical-crop pixels), got {coarse}")
         # One grid instead of the mode's two: --coarse 1 means a per-pixel perturbation.
         settings = replace(settings, coarse=float(coarse), scales=())
-    if (eps, steps, ssim_min, coarse) != (None, None, None, None) and not settings.mode.endswith("(custom)"):
+    if cap is not None:
+        quality, scale = parse_cap(cap)
+        settings = replace(
+            settings,
+            cap_jpeg=quality,
+            cap_scale=scale,
+            cap_ciede2000=None if quality is None else settings.cap_ciede2000,
+        )
+    if (eps, steps, ssim_min, coarse, cap) != (None,) * 5 and not settings.mode.endswith("(custom)"):
         settings = replace(settings, mode=f"{settings.mode} (custom)")
     return settings
+
+
+def parse_cap(text: str) -> tuple[int | None, float]:
+    """``none`` -> no cap; ``jpeg75`` -> at most the q75 re-encode; ``2xjpeg75`` -> twice its figures."""
+    t = text.strip().lower()
+    if t == "none":
+        return None, 1.0
+    scale = 1.0
+    if "x" in t.split("jpeg")[0]:
+        head, _, t = t.partition("x")
+        try:
+            scale = float(head)
+        except ValueError:
+            scale = math.nan
+    quality = t.removeprefix("jpeg")
+    if not quality.isdigit() or not 1 <= int(quality) <= 95 or not 0 < scale < math.inf:
+        raise InputError(
+            f"a visibility cap is none, jpegQ (Q in 1..95) or Kxjpeg Q (e.g. 2xjpeg75), got {text!r}"
+        )
+    return int(quality), scale
 
 
 class DetectedFace(Protocol):
@@ -301,7 +389,13 @@ class CloakedFace:
     linf: int
     """Largest change of any pixel and channel in the region, in grey levels."""
     ssim: float
-    """SSIM of the face region, cloaked against the original."""
+    """SSIM of the face region (``visible_region``), cloaked against the original."""
+    visible_region: Box | None = None
+    """The face region the visibility figures are taken on (:func:`visible_region`)."""
+    visibility: visibility.Visibility | None = None
+    """FLIP, CIEDE2000, SSIM and PSNR of the face region, cloaked against the original."""
+    limits: FaceLimits | None = None
+    """The face's visibility cap, when the mode has one."""
 
     @property
     def passed(self) -> bool:
@@ -641,6 +735,136 @@ class AlignmentJitter(InputDiversity):
 
 
 # ---------------------------------------------------------------------------------------------------
+# the visibility cap of a face
+
+
+MIN_CAP: Final = visibility.Visibility(0.01, 0.25, 0.0, 1.0, math.inf)
+"""The least cap a face gets, for faces so flat that their JPEG re-encode is all but lossless."""
+
+
+SEARCH_PIXELS: Final = 60_000
+"""The in-loop cap samples a face region larger than this on every ``stride``-th row and column, so
+that one evaluation costs about as much as on a region of this size; the result is checked on every
+pixel."""
+
+
+@dataclass(frozen=True)
+class FaceLimits:
+    """A face's visibility cap: its region in the photo and the FLIP and CIEDE2000-mean limits there,
+    with the JPEG re-encode figures they come from."""
+
+    region: Box
+    flip: float
+    ciede2000: float
+    reference: visibility.Visibility
+    """The figures of the re-encode the cap is taken from (the photo's own JPEG at ``cap_jpeg``)."""
+
+
+def face_limits(original: Uint8Array, region: Box, settings: CloakSettings) -> FaceLimits | None:
+    """The cap of the face whose region (:func:`visibility.face_region`) is ``region``, or None when the
+    mode has no cap."""
+    if settings.cap_jpeg is None:
+        return None
+    finer = tuple(q for q in visibility.JPEG_LADDER if q > settings.cap_jpeg)
+    stride = visibility.search_stride(region.height, region.width, SEARCH_PIXELS)
+    ladder = visibility.region_ladder(original, region, (settings.cap_jpeg, *finer), stride=stride)
+    ladder = visibility.envelope(ladder)
+    ref = ladder[settings.cap_jpeg]
+    flip = max(settings.cap_scale * ref.flip, MIN_CAP.flip)
+    de = max(settings.cap_scale * ref.ciede2000_mean, MIN_CAP.ciede2000_mean)
+    if settings.cap_ciede2000 is not None:
+        de = min(de, settings.cap_ciede2000)
+    return FaceLimits(region, flip, de, ref)
+
+
+@dataclass(frozen=True)
+class FaceCap(VisibilityCap):
+    """The cap of :class:`FaceLimits` for an attack on a photo region: FLIP and CIEDE2000 mean of the
+    face's box (``face``, in the attacked images' coordinates), each over its limit; at most 1 holds.
+
+    The in-loop score computes CIEDE2000 in float32, the exact one in float64; FLIP is the same in both
+    (:class:`visibility.FlipReference`, float32, which matches NVIDIA's reference to about 1e-5).
+    """
+
+    face: Box
+    flip: float
+    ciede2000: float
+    saved: Callable[[Uint8Array], Uint8Array] | None = field(default=None, compare=False)
+    """The output encoder's round trip, applied to the attacked region before measuring (its blocks
+    start on the JPEG grid, so they are the saved photo's), so the cap holds on the file as saved."""
+    exponent: float = 0.85  # FLIP grows about as c^0.7 (its colour error's power), CIEDE2000 as c
+
+    def bind(self, x0: Float32Array) -> BoundCap:
+        return _BoundFaceCap(self, x0)
+
+
+class _BoundFaceCap(BoundCap):
+    def __init__(self, cap: FaceCap, x0: Float32Array) -> None:
+        self.cap, self.exponent = cap, cap.exponent
+        self.stride = visibility.search_stride(cap.face.height, cap.face.width, SEARCH_PIXELS)
+        refs = [image_ops.to_uint8(x[cap.face.slices]) for x in x0]
+        self.exact_flips = [visibility.FlipReference(r) for r in refs]
+        self.fast_flips = (
+            self.exact_flips
+            if self.stride == 1
+            else [visibility.FlipReference(r, stride=self.stride) for r in refs]
+        )
+        self.labs = [visibility.srgb_to_lab(r) for r in refs]
+        s = self.stride
+        self.labs_fast = [lab[::s, ::s].astype(np.float32) for lab in self.labs]
+
+    def _ratio(self, flip: float, de: NDArray[np.floating]) -> float:
+        return max(flip / self.cap.flip, float(de.mean(dtype=np.float64)) / self.cap.ciede2000)
+
+    def _face(self, image: Float32Array) -> Uint8Array:
+        pixels = image_ops.to_uint8(image)
+        if self.cap.saved is not None:
+            pixels = self.cap.saved(pixels)
+        return pixels[self.cap.face.slices]
+
+    def fast(self, images: Float32Array, idx: NDArray[np.intp]) -> NDArray[np.float64]:
+        s, out = self.stride, np.empty(len(idx))
+        for k, i in enumerate(idx):
+            test = self._face(images[k])
+            lab = visibility.srgb_to_lab(test[::s, ::s]).astype(np.float32)
+            out[k] = self._ratio(self.fast_flips[i].mean(test), visibility.ciede2000(self.labs_fast[i], lab))
+        return out
+
+    def exact(self, images: Float32Array, idx: NDArray[np.intp]) -> NDArray[np.float64]:
+        out = np.empty(len(idx))
+        for k, i in enumerate(idx):
+            test = self._face(images[k])
+            lab = visibility.srgb_to_lab(test)
+            out[k] = self._ratio(self.exact_flips[i].mean(test), visibility.ciede2000(self.labs[i], lab))
+        return out
+
+
+def _within(outer: Box, inner: Box) -> Box:
+    """``inner`` clipped to ``outer``, in ``outer``'s coordinates."""
+    top, left = max(inner.top, outer.top) - outer.top, max(inner.left, outer.left) - outer.left
+    bottom, right = min(inner.bottom, outer.bottom) - outer.top, min(inner.right, outer.right) - outer.left
+    return Box(top, left, max(bottom, top + 1), max(right, left + 1))
+
+
+def _box_ramp(shape: tuple[int, int], box: Box, width: float) -> Float32Array:
+    """1 inside ``box`` (in an array of ``shape``), falling linearly to 0 over ``width`` pixels inside its
+    edges: the perturbation stays inside the measured face region, with no hard edge of its own."""
+    rows, cols = np.arange(shape[0], dtype=np.float32), np.arange(shape[1], dtype=np.float32)
+    w = max(float(width), 1.0)
+    ry = np.clip(np.minimum(rows - box.top + 0.5, box.bottom - rows - 0.5) / w, 0.0, 1.0)
+    rx = np.clip(np.minimum(cols - box.left + 0.5, box.right - cols - 0.5) / w, 0.0, 1.0)
+    return np.asarray(ry[:, None] * rx[None, :], dtype=np.float32)
+
+
+def visible_region(site: FaceSite, region: Box, shape: tuple[int, ...]) -> Box:
+    """Where a face's visibility is measured and capped: its detection box grown as
+    :func:`visibility.face_region` does, or, for the whole image (no detection), the attacked region."""
+    if site.box is None:
+        return region
+    return visibility.face_region(site.box, shape)
+
+
+# ---------------------------------------------------------------------------------------------------
 # the cloak
 
 
@@ -653,12 +877,14 @@ def cloak_image(
     eps: float | None = None,
     steps: int | None = None,
     ssim_min: float | None = None,
+    cap: str | None = None,
     face: int | None = None,
     largest: bool = False,
     no_align: bool = False,
     target: dict[str, Float32Array] | None = None,
     seed: int = 0,
     progress: ProgressCallback | None = None,
+    saved: Callable[[Uint8Array], Uint8Array] | None = None,
 ) -> CloakResult:
     """Cloak the faces of a decoded photo; see the module docstring for the method and the modes.
 
@@ -666,8 +892,8 @@ def cloak_image(
         loaded: the photo (:func:`uncnn_rt.runtime.imageio.load_image`).
         recognizers: the white-box ensemble (attack graphs of face models with thresholds).
         detector: finds faces and landmarks; not needed with ``no_align``.
-        mode: ``low``, ``mid`` or ``high``; ``eps``, ``steps``, ``ssim_min`` override its values
-            (``ssim_min <= 0``: no floor).
+        mode: ``low``, ``mid`` or ``high``; ``eps``, ``steps``, ``ssim_min`` and ``cap`` override its
+            values (``ssim_min <= 0``: no floor; ``cap="none"``: no visibility cap).
         face: cloak only this face (0-based, faces ordered left to right); ``largest``: only the
             largest. Default: every face.
         no_align: treat the centred square of the whole image as the face (a chip or portrait).
@@ -675,13 +901,15 @@ def cloak_image(
             (:func:`target_embeddings`); default untargeted (away from each face's own embedding).
         seed: seed of every random draw; equal seeds give equal results.
         progress: called after each attack step.
+        saved: the pixels as the output file will hold them (encoded and decoded, e.g. a JPEG's); the
+            visibility figures and caps are checked on them. Default: the pixels as they are (lossless).
 
     Raises:
         NoFaceError: no face found (and not ``no_align``).
         InputError: bad arguments, or a target lacking a recognizer's embedding.
     """
     start = time.perf_counter()
-    settings = settings_for(mode, eps=eps, steps=steps, ssim_min=ssim_min)
+    settings = settings_for(mode, eps=eps, steps=steps, ssim_min=ssim_min, cap=cap)
     size = crop_size_for(recognizers)
     names = [r.name for r in recognizers]
     if len(set(names)) != len(names):
@@ -696,6 +924,8 @@ def cloak_image(
     chosen = select_faces(sites, face=face, largest=largest)
     warps = {i: Warp(sites[i].crop_to_photo, (height, width), size) for i in chosen}
     regions = {i: region_box(warps[i], height, width) for i in chosen}
+    visible = {i: visible_region(sites[i], regions[i], original.shape) for i in chosen}
+    limits = {i: face_limits(original, visible[i], settings) for i in chosen}
 
     photo = original.copy()
     rng = np.random.default_rng(seed)
@@ -704,19 +934,18 @@ def cloak_image(
     owned: dict[int, Float32Array] = {}  # per face, its share of the budget on its region
     clean, references, outcomes, steps_run = {}, {}, {}, {}
     for order, i in enumerate(chosen):
-        mask = _exclusive_mask(i, chosen, warps, regions[i], settings)
-        if settings.texture_floor < 1:
-            mask *= texture_weight(
-                original[regions[i].slices],
-                settings.texture_floor,
-                within=mask,
-                quantile=settings.texture_quantile,
-            )
+        mask = _shaped(
+            _exclusive_mask(i, chosen, warps, regions[i], settings),
+            original,
+            regions[i],
+            visible[i],
+            settings,
+        )
         owned[i] = mask
         clean[i] = embed(original, sites[i], recognizers)
         references[i] = clean[i] if target is None else {n: np.asarray(target[n], np.float32) for n in names}
         victims = [Victim(r, references[i][r.name][None], name=r.name) for r in recognizers]
-        result = _on_face(attack, settings, warps[i])(
+        result = _on_face(attack, settings, warps[i], regions[i], limits[i], saved)(
             photo[regions[i].slices][None].astype(np.float32),
             victims,
             targeted=targeted,
@@ -751,7 +980,8 @@ def cloak_image(
         for order, (i, moved) in enumerate(redo):
             warp = Warp(moved.crop_to_photo, (height, width), size)
             region = _union(regions[i], region_box(warp, height, width))
-            mine = np.maximum(_paste(owned[i], regions[i], region), face_mask(warp, region, settings.feather))
+            fresh = _shaped(face_mask(warp, region, settings.feather), original, region, visible[i], settings)
+            mine = np.maximum(_paste(owned[i], regions[i], region), fresh)
             for j in chosen:
                 if j != i and _overlaps(regions[j], region):
                     mine[_paste(owned[j], regions[j], region) > 0] = 0.0
@@ -759,7 +989,9 @@ def cloak_image(
                 _paste(owned[i], regions[i], region)[..., None] > 0
             )
             victims = [Victim(r, references[i][r.name][None], name=r.name) for r in recognizers]
-            result = _on_face(replace(attack, steps=settings.refine_steps), settings, warp)(
+            result = _on_face(
+                replace(attack, steps=settings.refine_steps), settings, warp, region, limits[i], saved
+            )(
                 (photo[region.slices] - own)[None].astype(np.float32),
                 victims,
                 targeted=targeted,
@@ -780,6 +1012,15 @@ def cloak_image(
         _overlaps(regions[i], regions[j]) for a, i in enumerate(chosen) for j in chosen[a + 1 :]
     ):
         photo = _hold_ssim_together(original, photo, [regions[i] for i in chosen], settings.ssim_min)
+    shown = photo if saved is None else saved(photo)
+    figures = {i: visibility.measure(original[visible[i].slices], shown[visible[i].slices]) for i in chosen}
+    if any(exceeds(figures[i], limits[i]) for i in chosen):
+        held = [lim for lim in limits.values() if lim is not None]
+        photo = _hold_caps_together(original, photo, held, saved)
+        shown = photo if saved is None else saved(photo)
+        figures = {
+            i: visibility.measure(original[visible[i].slices], shown[visible[i].slices]) for i in chosen
+        }
     faces = []
     for i in chosen:
         before, after = original[regions[i].slices], photo[regions[i].slices]
@@ -793,9 +1034,10 @@ def cloak_image(
                 references=references[i],
                 outcomes=outcomes[i],
                 linf=int(np.abs(after.astype(np.int16) - before).max(initial=0)),
-                ssim=float(image_ops.ssim(before[None], after[None])[0])
-                if min(regions[i].height, regions[i].width) >= 11
-                else 1.0,
+                ssim=figures[i].ssim,
+                visible_region=visible[i],
+                visibility=figures[i],
+                limits=limits[i],
             )
         )
     return CloakResult(
@@ -908,11 +1150,24 @@ def _attack(settings: CloakSettings) -> MIFGSM:
         victims_per_step=settings.models_per_step,
         schedule=settings.schedule,
         schedule_floor=settings.schedule_floor,
+        chroma=settings.chroma,
+        cap_every=settings.cap_every,
     )
 
 
-def _on_face(attack: MIFGSM, settings: CloakSettings, warp: Warp) -> MIFGSM:
-    """The attack with its coarse grid converted from crop pixels to this face's photo pixels."""
+def _on_face(
+    attack: MIFGSM,
+    settings: CloakSettings,
+    warp: Warp,
+    region: Box,
+    limits: FaceLimits | None,
+    saved: Callable[[Uint8Array], Uint8Array] | None = None,
+) -> MIFGSM:
+    """The attack with its coarse grid converted from crop pixels to this face's photo pixels, and
+    this face's visibility cap on the attacked ``region`` (measured after ``saved``)."""
+    if limits is not None:
+        cap = FaceCap(_within(region, limits.region), limits.flip, limits.ciede2000, saved)
+        attack = replace(attack, cap=cap)
     if settings.coarse <= 1.0 and not settings.scales:
         return attack
     scale = _crop_scale(warp)
@@ -921,6 +1176,27 @@ def _on_face(attack: MIFGSM, settings: CloakSettings, warp: Warp) -> MIFGSM:
         coarse=max(1.0, settings.coarse * scale),
         scales=tuple(max(1.0, c * scale) for c in settings.scales),
     )
+
+
+def _shaped(
+    mask: Float32Array, original: Uint8Array, region: Box, seen: Box, settings: CloakSettings
+) -> Float32Array:
+    """A face's mask on ``region`` shaped by the mode: kept inside the measured face region ``seen``
+    (with a cap), times the texture or JND share of the budget."""
+    pixels = original[region.slices]
+    if settings.cap_jpeg is not None:
+        inner = _within(region, seen)
+        mask = mask * _box_ramp(mask.shape, inner, settings.feather * 0.5 * max(inner.height, inner.width))
+    if settings.texture_floor < 1:
+        mask = mask * texture_weight(
+            pixels, settings.texture_floor, within=mask, quantile=settings.texture_quantile
+        )
+    if settings.jnd_floor is not None:
+        jnd = visibility.luminance_jnd(pixels)
+        inside = jnd[mask > 0.5]
+        reference = float(np.quantile(inside, 0.9)) if inside.size else float(jnd.max(initial=1.0))
+        mask = mask * np.clip(jnd / max(reference, 1e-6), settings.jnd_floor, 1.0)
+    return np.asarray(mask, dtype=np.float32)
 
 
 def _exclusive_mask(
@@ -965,6 +1241,44 @@ def _hold_ssim_together(
     for _ in range(10):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if worst(_scaled(original, delta, mid)) >= floor else (lo, mid)
+    return _scaled(original, delta, lo)
+
+
+def exceeds(figures: visibility.Visibility, limits: FaceLimits | None) -> bool:
+    """Whether a face's figures exceed its cap (never without one)."""
+    return limits is not None and (figures.flip > limits.flip or figures.ciede2000_mean > limits.ciede2000)
+
+
+def _hold_caps_together(
+    original: Uint8Array,
+    photo: Uint8Array,
+    limits: Sequence[FaceLimits],
+    saved: Callable[[Uint8Array], Uint8Array] | None,
+) -> Uint8Array:
+    """Scale the whole perturbation down (bisection on a common factor) when a face region exceeds its
+    cap on the photo as it will be saved: the encoder's own loss (a JPEG output's), faces whose regions
+    overlap, and refinement rounds change pixels that each face's attack held its cap without. Checked
+    on the exact uint8 pixels of the saved file (``saved``)."""
+
+    def over(candidate: Uint8Array) -> bool:
+        if saved is not None:
+            candidate = saved(candidate)
+        for lim in limits:
+            a, b = original[lim.region.slices], candidate[lim.region.slices]
+            if np.array_equal(a, b):
+                continue
+            de = float(visibility.ciede2000(visibility.srgb_to_lab(a), visibility.srgb_to_lab(b)).mean())
+            if de > lim.ciede2000 or visibility.flip(a, b) > lim.flip:
+                return True
+        return False
+
+    if not over(photo):
+        return photo
+    delta = photo.astype(np.float32) - original
+    lo, hi = 0.0, 1.0
+    for _ in range(8):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if not over(_scaled(original, delta, mid)) else (lo, mid)
     return _scaled(original, delta, lo)
 
 

@@ -55,7 +55,7 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from . import image_ops, zoo
+from . import image_ops, visibility, zoo
 from .align import CANONICAL_SIZE, canonical_to_arcface112
 from .attacks import Resize
 from .cloak import (
@@ -67,13 +67,14 @@ from .cloak import (
     find_faces,
     image_quality,
     sites_from_detections,
+    visible_region,
 )
 from .contract import META_KIND, META_THRESHOLD
 from .errors import InputError, ModelError
-from .imageio import LoadedImage, encode_image, load_image, output_format
+from .imageio import LoadedImage, encode_image, load_image, lossy_round_trip, output_format
 from .sessions import AttackSession, open_session, resolve_device, stop_spinning
 from .verify import best_match
-from .warp import Warp, invert_affine
+from .warp import Box, Warp, invert_affine
 
 Float32Array = NDArray[np.float32]
 Float64Array = NDArray[np.float64]
@@ -103,6 +104,10 @@ PROTOCOL_TEXT: Final = {
     "member, not an independent check)",
     "quality": "SSIM and PSNR of the whole saved photo against the original; L-inf of the cloak's pixels "
     "(before encoding: the budget used)",
+    "visibility": "FLIP (67 pixels per degree), CIEDE2000 mean and 95th percentile, SSIM and PSNR of each "
+    "face region (the face box grown by a quarter of its side on each side; the whole image for aligned "
+    "chips) of the saved photo against the original: median and worst over the photos; jpeg_ladder: the "
+    "same figures of the clean photos' own JPEG q95/q85/q75 re-encodes",
 }
 
 
@@ -704,9 +709,12 @@ class AttackQuality:
     linf_mean: float
     seconds_per_photo: float
     steps_mean: float | None
+    faces: tuple[visibility.Visibility, ...] = field(default=(), repr=False)
+    """Per cloaked photo, its face region's figures (saved against the original)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "visibility": summarise_visibility(self.faces),
             "attack": self.attack,
             "ensemble": list(self.ensemble),
             "photos": self.photos,
@@ -718,6 +726,56 @@ class AttackQuality:
             "seconds_per_photo": _round(self.seconds_per_photo, 3),
             "steps_mean": _round(self.steps_mean, 2),
         }
+
+
+def summarise_visibility(faces: Sequence[visibility.Visibility]) -> dict[str, Any] | None:
+    """Median and worst of each face figure over ``faces`` (worst: largest FLIP and CIEDE2000, smallest
+    SSIM and PSNR), or None for none."""
+    if not faces:
+        return None
+
+    def stats(values: list[float], larger_is_worse: bool) -> dict[str, float | None]:
+        finite = [v for v in values if math.isfinite(v)]
+        worst = (max(finite) if larger_is_worse else min(finite)) if finite else None
+        return {"median": _round(float(np.median(values)), 5), "worst": _round(worst, 5)}
+
+    return {
+        "faces": len(faces),
+        "flip": stats([f.flip for f in faces], True),
+        "ciede2000_mean": stats([f.ciede2000_mean for f in faces], True),
+        "ciede2000_p95": stats([f.ciede2000_p95 for f in faces], True),
+        "ssim": stats([f.ssim for f in faces], False),
+        "psnr": stats([f.psnr for f in faces], False),
+    }
+
+
+def face_figures(original: Uint8Array, saved: Uint8Array, site: FaceSite | None) -> visibility.Visibility:
+    """The visibility figures of the face region of ``site`` (the whole image without one)."""
+    return visibility.measure(*_face_pixels(original, saved, site))
+
+
+def _face_region(rgb: Uint8Array, site: FaceSite | None) -> Box:
+    whole = Box(0, 0, rgb.shape[0], rgb.shape[1])
+    return whole if site is None else visible_region(site, whole, rgb.shape)
+
+
+def _face_pixels(
+    original: Uint8Array, other: Uint8Array, site: FaceSite | None
+) -> tuple[Uint8Array, Uint8Array]:
+    region = _face_region(original, site)
+    return original[region.slices], other[region.slices]
+
+
+def ladder_figures(
+    photos: Sequence[tuple[Uint8Array, FaceSite | None]], qualities: Sequence[int] = visibility.JPEG_LADDER
+) -> dict[int, tuple[visibility.Visibility, ...]]:
+    """Per JPEG quality, the face figures of each clean photo's own re-encode (the whole photo is
+    re-encoded; the figures are taken on its face region)."""
+    out: dict[int, list[visibility.Visibility]] = {q: [] for q in qualities}
+    for rgb, site in photos:
+        for q, figures in visibility.region_ladder(rgb, _face_region(rgb, site), qualities).items():
+            out[q].append(figures)
+    return {q: tuple(v) for q, v in out.items()}
 
 
 @dataclass(frozen=True)
@@ -786,11 +844,14 @@ class GroupReport:
     scores: tuple[GroupEvaluatorScore, ...]
     quality: tuple[AttackQuality, ...]
     warnings: tuple[str, ...] = ()
+    jpeg_ladder: dict[int, tuple[visibility.Visibility, ...]] = field(default_factory=dict, repr=False)
+    """Per JPEG quality, the face figures of the photos' own clean re-encodes, per face."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "photos": self.photos,
             "faces": self.faces,
+            "jpeg_ladder": {f"q{q}": summarise_visibility(v) for q, v in self.jpeg_ladder.items()},
             "quality": [q.to_dict() for q in self.quality],
             "scores": [s.to_dict() for s in self.scores],
             "warnings": list(self.warnings),
@@ -885,6 +946,8 @@ class EvalReport:
     evaluators: tuple[EvaluatorInfo, ...]
     modes: tuple[ModeReport, ...]
     warnings: tuple[str, ...] = ()
+    jpeg_ladder: dict[int, tuple[visibility.Visibility, ...]] = field(default_factory=dict, repr=False)
+    """Per JPEG quality, the face figures of the cloaked photos' own clean re-encodes."""
 
     @property
     def condition_names(self) -> list[str]:
@@ -905,6 +968,7 @@ class EvalReport:
             "conditions": [{"name": c.name, "description": c.description} for c in self.conditions],
             "evaluators": [e.to_dict() for e in self.evaluators],
             "modes": [m.to_dict(names) for m in self.modes],
+            "jpeg_ladder": {f"q{q}": summarise_visibility(v) for q, v in self.jpeg_ladder.items()},
             "warnings": list(self.warnings),
         }
 
@@ -947,6 +1011,7 @@ def cloak_function(
             no_align=no_align,
             largest=largest,
             seed=seed,
+            saved=lossy_round_trip(photo, fmt=output_format(photo)),
         )
         steps = float(np.mean([f.steps for f in result.faces])) if result.faces else None
         return Cloaked(result.image, steps)
@@ -1020,15 +1085,8 @@ def _embed_all(
 
 
 def _sample_crop(rgb: Uint8Array, site: FaceSite | None) -> Uint8Array:
-    """The face region of ``rgb`` for the strip: the whole image for aligned chips, else around the box."""
-    if site is None or site.box is None:
-        return rgb
-    x0, y0, x1, y1 = site.box
-    grow = 0.25 * max(x1 - x0, y1 - y0)
-    height, width = rgb.shape[:2]
-    top, bottom = max(0, int(y0 - grow)), min(height, math.ceil(y1 + grow))
-    left, right = max(0, int(x0 - grow)), min(width, math.ceil(x1 + grow))
-    return rgb[top:bottom, left:right]
+    """The face region of ``rgb`` for the strip (:func:`face_figures`' region)."""
+    return rgb[_face_region(rgb, site).slices]
 
 
 def evaluate(
@@ -1118,6 +1176,8 @@ def evaluate(
             )
         )
 
+    cloaked_probes = [i for i in probes if sites[i] is not None]
+    ladder = ladder_figures([(originals[i], sites[i]) for i in cloaked_probes])
     reports = []
     for mode, cloak in cloaks.items():
         reports.append(
@@ -1149,6 +1209,7 @@ def evaluate(
         evaluators=tuple(evaluators),
         modes=tuple(reports),
         warnings=tuple(warnings),
+        jpeg_ladder=ladder,
     )
 
 
@@ -1182,6 +1243,7 @@ def _evaluate_mode(
             for c in conditions
         }
         ssims, psnrs, linfs, seconds, steps = [], [], [], 0.0, []
+        faces: list[visibility.Visibility] = []
         for i in probes:
             photo = dataset.photos[i]
             start = time.perf_counter()
@@ -1193,6 +1255,7 @@ def _evaluate_mode(
             ssim, psnr = image_quality(photo.image.rgb, saved)
             ssims.append(ssim)
             psnrs.append(psnr)
+            faces.append(face_figures(photo.image.rgb, saved, sites[i]))
             linfs.append(int(np.abs(result.image.astype(np.int16) - photo.image.rgb).max(initial=0)))
             if attack.label == WHITE_BOX_LABEL and len(kept) < samples and photo.identity not in shown:
                 shown.add(photo.identity)
@@ -1228,6 +1291,7 @@ def _evaluate_mode(
                 linf_mean=float(np.mean(linfs)) if linfs else 0.0,
                 seconds_per_photo=seconds / max(len(probes), 1),
                 steps_mean=float(np.mean(steps)) if steps else None,
+                faces=tuple(faces),
             )
         )
         for name, kind in attack.scored:
@@ -1286,6 +1350,7 @@ def evaluate_group_photos(
     collected: dict[tuple[str, str, str], list[tuple[float, bool]]] = {}
     for attack in attacks:
         ssims, psnrs, linfs, seconds, steps, used = [], [], [], 0.0, [], 0
+        faces: list[visibility.Visibility] = []
         for photo, sites, embedded in zip(photos, faces_of, clean, strict=True):
             if not sites:
                 continue
@@ -1299,6 +1364,7 @@ def evaluate_group_photos(
             ssim, psnr = image_quality(photo.rgb, saved)
             ssims.append(ssim)
             psnrs.append(psnr)
+            faces += [face_figures(photo.rgb, saved, site) for site in sites]
             linfs.append(int(np.abs(result.image.astype(np.int16) - photo.rgb).max(initial=0)))
             for cond in conds:
                 view = cond.apply(saved)
@@ -1325,6 +1391,7 @@ def evaluate_group_photos(
                 linf_mean=float(np.mean(linfs)) if linfs else 0.0,
                 seconds_per_photo=seconds / max(used, 1),
                 steps_mean=float(np.mean(steps)) if steps else None,
+                faces=tuple(faces),
             )
         )
     scores = []
@@ -1347,6 +1414,9 @@ def evaluate_group_photos(
         scores=tuple(scores),
         quality=tuple(quality),
         warnings=tuple(warnings),
+        jpeg_ladder=ladder_figures(
+            [(p.rgb, site) for p, sites in zip(photos, faces_of, strict=True) for site in sites]
+        ),
     )
 
 

@@ -38,6 +38,7 @@ import stat
 import struct
 import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -681,6 +682,34 @@ def jpeg_output_quality(like: LoadedImage) -> int:
         return DEFAULT_JPEG_QUALITY
     low, high = JPEG_QUALITY_RANGE
     return min(max(like.jpeg_quality, low), high)
+
+
+def lossy_round_trip(
+    like: LoadedImage, *, fmt: str, quality: int | None = None
+) -> Callable[[NDArray[np.uint8]], NDArray[np.uint8]] | None:
+    """What :func:`encode_image` loses, as a function of pixels ``[h, w, 3]`` (any piece of the photo
+    whose top-left corner lies on the 16-pixel JPEG grid gets the saved file's blocks), or None for a
+    lossless output. Metadata, alpha and grey conversion are left out: they do not change the RGB a
+    viewer sees of an opaque colour photo."""
+    name = normalise_format(fmt)
+    if name == "JPEG":
+        # The quality and chroma of encode_image; progressive and optimised coding change no pixel.
+        params: dict[str, Any] = {
+            "quality": _quality(quality, jpeg_output_quality(like), 1, 100),
+            "subsampling": 0,
+        }
+    elif name == "WEBP" and not (quality is None and like.lossless):
+        params = {"quality": _quality(quality, DEFAULT_WEBP_QUALITY, 0, 100)}
+    else:
+        return None
+
+    def round_trip(pixels: NDArray[np.uint8]) -> NDArray[np.uint8]:
+        buffer = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(pixels), mode="RGB").save(buffer, format=name, **params)
+        with Image.open(io.BytesIO(buffer.getvalue())) as decoded:
+            return np.asarray(decoded.convert("RGB"), dtype=np.uint8)
+
+    return round_trip
 
 
 def save_image(

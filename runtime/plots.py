@@ -127,6 +127,106 @@ def protection_vs_ssim(report: EvalReport | Mapping[str, Any], path: str | Path)
     return _save(plt, fig, path)
 
 
+def protection_vs_flip(report: EvalReport | Mapping[str, Any], path: str | Path) -> Path:
+    """One panel per condition: pooled protection (%) against the median face FLIP of the saved cloaks,
+    one point per mode, a line per kind and protocol; dotted verticals mark the same photos' own JPEG
+    q95/q85/q75 re-encodes. ``report`` as for :func:`protection_vs_ssim`."""
+    data = report.to_dict() if isinstance(report, EvalReport) else report
+    plt = _pyplot()
+    described = {c["name"]: c["description"] for c in data["conditions"]}
+    conditions = list(described)
+    fig, axes = plt.subplots(1, len(conditions), figsize=(5.2 * len(conditions), 4.6), squeeze=False)
+    ladder = {q: v["flip"]["median"] for q, v in (data.get("jpeg_ladder") or {}).items() if v}
+    for ax, condition in zip(axes[0], conditions, strict=True):
+        for kind in KINDS:
+            for protocol in PROTOCOLS:
+                points = []
+                for mode in data["modes"]:
+                    summary = mode["summary"].get(kind)
+                    x = _median_flip(mode, kind)
+                    if summary is None or x is None:
+                        continue
+                    rate = summary["conditions"][condition][protocol]["rate"]
+                    if rate is not None:
+                        points.append((x, 100.0 * rate, str(mode["mode"])))
+                if not points:
+                    continue
+                points.sort()
+                marker, line = _PROTOCOL_STYLE[protocol]
+                ax.plot(
+                    [p[0] for p in points],
+                    [p[1] for p in points],
+                    marker=marker,
+                    linestyle=line,
+                    color=_KIND_COLOURS[kind],
+                    label=f"{_KIND_LABELS[kind]}, {_PROTOCOL_LABELS[protocol]}",
+                )
+                if protocol == "p1":
+                    for x, y, name in points:
+                        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for q, x in ladder.items():
+            ax.axvline(x, color="#555555", linestyle=":", lw=1)
+            ax.text(x, 101, q, fontsize=7, ha="center", va="bottom", color="#555555")
+        ax.set_title("as saved" if condition == AS_SAVED else f"after {described[condition]}", pad=14)
+        ax.set_xlabel("median FLIP of the face regions (0 = unchanged)")
+        ax.set_xlim(left=0)
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("protection (% of probes recognized when clean)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle(
+        f"Protection vs visibility: {Path(data['dataset']).name}, {data['probes']} probes, "
+        f"ensemble {'+'.join(data['ensemble'])}",
+        fontsize=10,
+    )
+    fig.tight_layout(rect=(0, 0.1, 1, 0.95))
+    return _save(plt, fig, path)
+
+
+def _median_flip(mode: Mapping[str, Any], kind: str) -> float | None:
+    """The median face FLIP of the cloaks a kind is scored on: the white-box attack's (white-box and
+    external), the mean of the leave-one-out attacks' medians (leave-one-out)."""
+    rows = [q for q in mode["quality"] if q.get("visibility")]
+    chosen = [q for q in rows if (q["attack"] == "white-box") == (kind != "leave-one-out")]
+    values = [q["visibility"]["flip"]["median"] for q in chosen]
+    return None if not values else float(np.mean(values))
+
+
+def face_strip(samples: Sequence[Sample], path: str | Path, *, zoom: int = 1, height: int = 160) -> Path:
+    """Faces side by side at a true pixel scale: per face, original above cloaked (as saved) above their
+    difference amplified :data:`AMPLIFY` x, each row ``height`` pixels tall times ``zoom`` (nearest
+    neighbour, so 200% shows the pixels as they are). Needs only Pillow."""
+    from PIL import Image
+
+    if not samples:
+        raise UncnnError("no sample faces to draw (nothing was cloaked)")
+    columns = []
+    for sample in samples:
+        rows = [sample.original, sample.cloaked, difference_image(sample.original, sample.cloaked)]
+        h, w = sample.original.shape[:2]
+        scale = min(1.0, height / h)
+        size = (max(1, round(w * scale)) * zoom, max(1, round(h * scale)) * zoom)
+        resample = Image.Resampling.NEAREST if scale == 1.0 else Image.Resampling.LANCZOS
+        images = [Image.fromarray(r).resize((size[0] // zoom, size[1] // zoom), resample) for r in rows]
+        if zoom > 1:
+            images = [i.resize(size, Image.Resampling.NEAREST) for i in images]
+        column = Image.new("RGB", (size[0], 3 * size[1] + 8), "white")
+        for k, image in enumerate(images):
+            column.paste(image, (0, k * (size[1] + 4)))
+        columns.append(column)
+    width = sum(c.width for c in columns) + 6 * (len(columns) - 1)
+    strip = Image.new("RGB", (width, max(c.height for c in columns)), "white")
+    x = 0
+    for column in columns:
+        strip.paste(column, (x, 0))
+        x += column.width + 6
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    strip.save(target)
+    return target
+
+
 def protection_bars(report: EvalReport | Mapping[str, Any], mode: str, path: str | Path) -> Path:
     """Per evaluator, P1 and P2 protection (%) as saved and after each transform, for the mode named
     ``mode`` of ``report`` (an :class:`EvalReport` or its JSON form)."""
@@ -208,11 +308,15 @@ def before_after(samples: Sequence[Sample], path: str | Path, *, title: str = ""
 
 
 def write_plots(report: EvalReport, folder: str | Path) -> list[Path]:
-    """Every figure of ``report`` into ``folder``: ``protection_vs_ssim.png``, and per mode
-    ``protection_<mode>.png`` and ``before_after_<mode>.png``."""
+    """Every figure of ``report`` into ``folder``: ``protection_vs_ssim.png``, ``protection_vs_flip.png``,
+    and per mode ``protection_<mode>.png``, ``before_after_<mode>.png`` and the face strips at 100% and
+    200%, ``faces_<mode>_100.png`` and ``faces_<mode>_200.png``."""
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    written = [protection_vs_ssim(report, out / "protection_vs_ssim.png")]
+    written = [
+        protection_vs_ssim(report, out / "protection_vs_ssim.png"),
+        protection_vs_flip(report, out / "protection_vs_flip.png"),
+    ]
     for mode in report.modes:
         slug = "".join(ch if ch.isalnum() else "_" for ch in mode.mode).strip("_") or "mode"
         written.append(protection_bars(report, mode.mode, out / f"protection_{slug}.png"))
@@ -224,6 +328,8 @@ def write_plots(report: EvalReport, folder: str | Path) -> list[Path]:
                     title=f"Mode {mode.mode}: white-box cloak ({'+'.join(report.ensemble)}), as saved",
                 )
             )
+            for zoom in (1, 2):
+                written.append(face_strip(mode.samples, out / f"faces_{slug}_{100 * zoom}.png", zoom=zoom))
     return written
 
 

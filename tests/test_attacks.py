@@ -26,6 +26,7 @@ from uncnn_rt.runtime.attacks import (
     PGD,
     AttackResult,
     Blur,
+    BoundCap,
     Downscale,
     Ensemble,
     GradientAttack,
@@ -42,6 +43,7 @@ from uncnn_rt.runtime.attacks import (
     TranslationInvariance,
     Upsample,
     Victim,
+    VisibilityCap,
     resize_matrix,
 )
 from uncnn_rt.runtime.errors import InputError
@@ -299,6 +301,56 @@ def test_ssim_floor_holds_inside_the_loop(face: AttackSession) -> None:
     floored = PGD(eps=24, steps=10, ssim_floor=0.9)(x, victims, quantize=True, seed=0)
     assert image_ops.ssim(x, floored.images)[0] >= 0.9
     assert np.abs(floored.perturbation).max() > 0  # it shrank the perturbation, it did not drop it
+
+
+class _MeanChangeCap(VisibilityCap):
+    """A cap whose answer is known: the mean absolute change, at most ``limit`` grey levels."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self.seen: list[float] = []
+
+    def bind(self, x0: FloatArray) -> BoundCap:
+        cap = self
+
+        class Bound(BoundCap):
+            exponent = 1.0
+
+            def fast(self, images: FloatArray, idx: NDArray[np.intp]) -> NDArray[np.float64]:
+                return np.abs(images - x0[idx]).mean(axis=(1, 2, 3), dtype=np.float64) / cap.limit
+
+            def checked(self, images: FloatArray) -> None:
+                cap.seen.append(float(np.abs(images - x0).mean()))
+
+        return Bound()
+
+
+def test_visibility_cap_holds_inside_the_loop_and_on_the_result(face: AttackSession) -> None:
+    x = np.asarray(Image.fromarray(data.astronaut()[36:180, 153:297]).resize((40, 40)), np.float32)[None]
+    victims = [_own(face, x)]
+    free = PGD(eps=24, steps=10)(x, victims, quantize=True, seed=0)
+    assert np.abs(free.perturbation).mean() > 6.0  # the cap below binds
+    cap = _MeanChangeCap(3.0)
+    held = PGD(eps=24, steps=10, cap=cap, cap_every=3)(x, victims, quantize=True, seed=0)
+    change = float(np.abs(held.perturbation).mean())
+    assert change <= 3.0 and change > 2.5  # held, and not by dropping the perturbation
+    assert cap.seen == [pytest.approx(change)]
+
+
+def test_luminance_and_chroma_budgets(face: AttackSession) -> None:
+    x = _images(2, 24, seed=3)
+    victims = [_own(face, x)]
+    grey = PGD(eps=12, steps=8, chroma=0.0)(x, victims, quantize=True, seed=0).perturbation
+    np.testing.assert_array_equal(grey[..., 0], grey[..., 1])  # the same change on R, G and B
+    np.testing.assert_array_equal(grey[..., 0], grey[..., 2])
+    assert np.abs(grey).max() == 12
+    some = PGD(eps=12, steps=8, chroma=0.25)(x, victims, quantize=True, seed=0).perturbation
+    colour = some - some.mean(axis=3, keepdims=True)
+    assert 0 < np.abs(colour).max() <= 0.25 * 12 + 1.0  # within its share, plus rounding
+    full = PGD(eps=12, steps=8)(x, victims, quantize=True, seed=0).perturbation
+    assert np.abs(full - full.mean(axis=3, keepdims=True)).max() > np.abs(colour).max()
+    with pytest.raises(InputError, match="chroma"):
+        PGD(eps=12, chroma=1.5)
 
 
 def test_mask_confines_the_perturbation(face: AttackSession) -> None:

@@ -21,11 +21,11 @@ from PIL import Image
 from skimage import data
 from skimage.metrics import structural_similarity
 
-from uncnn_rt.runtime import cloak, image_ops, zoo
+from uncnn_rt.runtime import cloak, image_ops, visibility, zoo
 from uncnn_rt.runtime.align import blazeface_template
 from uncnn_rt.runtime.attacks import MIFGSM, Resize, Victim
 from uncnn_rt.runtime.errors import InputError, ModelError
-from uncnn_rt.runtime.imageio import LoadedImage, load_image, save_image
+from uncnn_rt.runtime.imageio import LoadedImage, load_image, lossy_round_trip, save_image
 from uncnn_rt.runtime.sessions import AttackSession
 from uncnn_rt.runtime.verify import classify_image, compare_faces, verify
 from uncnn_rt.runtime.warp import Warp, apply_affine
@@ -89,10 +89,19 @@ ONE_FACE = similarity(3.0, 8.0, 60.0, 30.0)  # a 72-px face, slightly rotated
 # The linear fixture models weigh every crop pixel independently (white-noise weights), which a smooth
 # perturbation on the modes' coarse grids cannot follow, so the strong cloak steps per pixel.
 STRONG: dict[str, object] = {
-    "mode": replace(cloak.MODES["mid"], coarse=1.0, scales=(), schedule="constant", step_size=2.5),
+    "mode": replace(
+        cloak.MODES["mid"],
+        coarse=1.0,
+        scales=(),
+        schedule="constant",
+        step_size=2.5,
+        chroma=1.0,
+        jnd_floor=None,
+    ),
     "eps": 32,
     "steps": 20,
     "ssim_min": 0,
+    "cap": "none",  # these tests are of the loop; tests/test_cloak.py::*cap* test the cap
 }
 
 
@@ -185,8 +194,10 @@ def test_modes_trade_strength_for_invisibility() -> None:
     low, mid, high = (cloak.MODES[m] for m in ("low", "mid", "high"))
     assert low.eps < mid.eps < high.eps
     assert low.steps <= mid.steps <= high.steps
-    assert low.ssim_min is not None and mid.ssim_min is not None and high.ssim_min is not None
-    assert low.ssim_min > mid.ssim_min > high.ssim_min
+    # Each mode is a visibility cap: low at most a JPEG q85 re-encode, mid q75, high twice q75.
+    assert (low.cap_jpeg, mid.cap_jpeg, high.cap_jpeg) == (85, 75, 75)
+    assert low.cap_scale == mid.cap_scale == 1.0 < high.cap_scale
+    assert mid.cap_ciede2000 is not None and mid.cap_ciede2000 <= 1.3
     assert cloak.DEFAULT_MODE == "mid"
 
 
@@ -331,7 +342,9 @@ def test_refinement_protects_under_the_alignment_found_on_the_cloaked_photo(
     loaded = loaded_photo()
     moved = similarity(3.2, 2.0, 64.0, 26.0)
     detector = MovingDetector(ONE_FACE, moved)
-    result = run(loaded, recognizers, detector, eps=32, steps=20, ssim_min=0)
+    # Colour steps without the JND shaping: the linear models weigh every channel of every pixel alike.
+    loop = replace(cloak.MODES["mid"], chroma=1.0, jnd_floor=None, cap_jpeg=None)
+    result = run(loaded, recognizers, detector, mode=loop, eps=32, steps=20, ssim_min=0)
     assert detector.calls == 2
     assert np.abs(result.image.astype(int) - loaded.rgb).max() <= 32
     written = save_image(result.image, loaded, tmp_path / "out.png")
@@ -339,7 +352,7 @@ def test_refinement_protects_under_the_alignment_found_on_the_cloaked_photo(
     assert report.faces[0].redetected and report.faces[0].iou is not None and report.faces[0].iou < 1
     assert report.protected, report.to_dict()
     # Without the refinement round the cloak fails at the alignment it was not made for.
-    plain = replace(cloak.settings_for("mid", eps=32, steps=20, ssim_min=0), refine_rounds=0)
+    plain = replace(cloak.settings_for(loop, eps=32, steps=20, ssim_min=0), refine_rounds=0)
     unrefined = run(loaded, recognizers, MovingDetector(ONE_FACE, moved), mode=plain)
     written = save_image(unrefined.image, loaded, tmp_path / "plain.png")
     assert not verify(loaded, written, unrefined, recognizers=recognizers, detector=detector).protected
@@ -458,26 +471,99 @@ def test_astronaut_is_cloaked_and_verified_protected(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.shared
 def test_dev_group_photos_are_cloaked_and_verified_protected(tmp_path: Path) -> None:
+    """The high mode on the dev group photos (faces of 60-110 px): every face found and cloaked within
+    its cap, and most face-model pairs verified PROTECTED from the written file (GROUP_PROTECTED)."""
     if not DEV_PHOTOS.is_dir():
         pytest.skip(f"{DEV_PHOTOS} is absent (the shared dev set)")
     recognizers, detector = _shipped()
     photos = sorted(DEV_PHOTOS.glob("*.jpg"))
     assert photos
+    protected = pairs = 0
     for path in photos:
         loaded = load_image(path)
-        result = cloak.cloak_image(loaded, recognizers=recognizers, detector=detector, mode=DEV_MODE)
+        result = cloak.cloak_image(
+            loaded,
+            recognizers=recognizers,
+            detector=detector,
+            mode=DEV_MODE,
+            saved=lossy_round_trip(loaded, fmt="JPEG"),
+        )
         expected = DEV_FACES.get(path.name, 1)
         assert len(result.faces) >= expected, f"{path.name}: found {len(result.faces)} of {expected} faces"
         assert result.image.shape == loaded.rgb.shape
         assert np.abs(result.image.astype(int) - loaded.rgb).max() <= DEV_MODE.eps
-        written = save_image(result.image, loaded, tmp_path / f"{path.stem}.cloaked.jpg")
+        for figures, limits in _saved_face_figures(loaded, result, tmp_path / f"{path.stem}.cloaked.jpg"):
+            assert figures.flip <= limits.flip and figures.ciede2000_mean <= limits.ciede2000
+        written = tmp_path / f"{path.stem}.cloaked.jpg"
         assert Image.open(written).format == "JPEG"
         report = verify(loaded, written, result, recognizers=recognizers, detector=detector)
-        assert report.protected, report.to_dict()
+        for face in report.faces:
+            protected += sum(m.protected for m in face.models)
+            pairs += len(face.models)
+    assert protected >= GROUP_PROTECTED * pairs, f"{protected} of {pairs} face-model pairs protected"
+
+
+def _saved_face_figures(
+    loaded: LoadedImage, result: cloak.CloakResult, path: Path
+) -> list[tuple[visibility.Visibility, cloak.FaceLimits]]:
+    """Each face's figures measured afresh on the written file, with the face's cap."""
+    written = load_image(save_image(result.image, loaded, path)).rgb
+    out = []
+    for face in result.faces:
+        assert face.visible_region is not None and face.limits is not None
+        region = face.visible_region.slices
+        out.append((visibility.measure(loaded.rgb[region], written[region]), face.limits))
+    return out
+
+
+@pytest.mark.slow
+def test_mid_cap_holds_on_the_saved_astronaut(tmp_path: Path) -> None:
+    """The default mode's promise on a real colour face: no more visible than the photo's own JPEG q75
+    re-encode, in FLIP and CIEDE2000, on the file as written; and the cloak uses that budget."""
+    recognizers, detector = _shipped()
+    loaded = load_image(encode(data.astronaut()), name="astronaut.png")
+    result = cloak.cloak_image(loaded, recognizers=recognizers, detector=detector, mode="mid")
+    ((figures, limits),) = _saved_face_figures(loaded, result, tmp_path / "astronaut.cloaked.png")
+    assert figures.flip <= limits.flip and figures.ciede2000_mean <= limits.ciede2000
+    assert figures.flip > 0.5 * limits.flip  # not a cloak that does nothing
+    region = result.faces[0].visible_region
+    assert region is not None
+    q75 = visibility.envelope(visibility.region_ladder(loaded.rgb, region))[75]
+    assert limits.flip == pytest.approx(q75.flip, rel=0.03)
+    assert limits.ciede2000 == pytest.approx(min(q75.ciede2000_mean, 1.3), rel=0.03)
+
+
+COLOUR = SHARED / "faces" / "colour"
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+@pytest.mark.parametrize("mode", ["low", "mid", "high"])
+def test_every_mode_meets_its_cap_on_colour_photos(mode: str, tmp_path: Path) -> None:
+    """Each mode's cap, checked on JPEG photos of the colour set saved as JPEG (what a user gets)."""
+    if not COLOUR.is_dir():
+        pytest.skip(f"{COLOUR} is absent (the shared colour set)")
+    recognizers, detector = _shipped()
+    paths = [COLOUR / "identities" / p for p in ("Colin_Powell", "Family1-Mom", "vlado")]
+    photos = [sorted(p.glob("*.jpg"))[0] for p in paths if p.is_dir()]
+    assert photos, f"no photos under {COLOUR / 'identities'}"
+    settings = cloak.MODES[mode]
+    for path in photos:
+        loaded = load_image(path)
+        saved = lossy_round_trip(loaded, fmt="JPEG")
+        result = cloak.cloak_image(
+            loaded, recognizers=recognizers, detector=detector, mode=settings, largest=True, saved=saved
+        )
+        for figures, limits in _saved_face_figures(loaded, result, tmp_path / f"{path.stem}.cloaked.jpg"):
+            assert figures.flip <= limits.flip, (path.name, figures, limits)
+            assert figures.ciede2000_mean <= limits.ciede2000, (path.name, figures, limits)
 
 
 # Faces of 60 to 110 pixels (the group photos, the 512-px astronaut) need the high mode's budget; see the
 # mode table in runtime/cloak.py.
 DEV_MODE = cloak.MODES["high"]
+# Share of face-model pairs of the dev group photos that the high mode protects (measured: see the
+# README's results; the cap leaves some small faces matched by some models).
+GROUP_PROTECTED = 1.01
 # Faces a person counts in each group photo (bbt2: the two in front; people further back may be found too).
 DEV_FACES = {"bbt1.jpg": 4, "bbt2.jpg": 2, "bbt3.jpg": 5, "bbt4.jpg": 6, "bbt5.jpg": 5}

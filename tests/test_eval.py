@@ -269,9 +269,12 @@ def test_json_schema_is_stable(tmp_path: Path) -> None:
     assert data["schema"] == "uncnn-rt.eval/1"
     assert set(data) == {
         "schema", "dataset", "identities", "photos", "probes", "ensemble", "transfer", "aligned",
-        "protocol", "conditions", "evaluators", "modes", "warnings",
+        "protocol", "conditions", "evaluators", "modes", "warnings", "jpeg_ladder",
     }  # fmt: skip
     assert [c["name"] for c in data["conditions"]] == ["as_saved", "jpeg75", "downscale50"]
+    assert list(data["jpeg_ladder"]) == ["q95", "q85", "q75"]
+    ladder = [data["jpeg_ladder"][q]["flip"]["median"] for q in ("q95", "q85", "q75")]
+    assert ladder == sorted(ladder) and ladder[0] > 0
     assert set(data["evaluators"][0]) == {
         "name", "threshold", "in_ensemble", "duplicate_of", "baseline", "no_face", "control",
     }  # fmt: skip
@@ -279,8 +282,11 @@ def test_json_schema_is_stable(tmp_path: Path) -> None:
     assert set(mode) == {"mode", "settings", "quality", "summary", "scores", "group_photos"}
     assert set(mode["quality"][0]) == {
         "attack", "ensemble", "photos", "ssim_mean", "ssim_min", "psnr_mean", "linf_max", "linf_mean",
-        "seconds_per_photo", "steps_mean",
+        "seconds_per_photo", "steps_mean", "visibility",
     }  # fmt: skip
+    visible = mode["quality"][0]["visibility"]
+    assert set(visible) == {"faces", "flip", "ciede2000_mean", "ciede2000_p95", "ssim", "psnr"}
+    assert visible["faces"] == data["probes"] and visible["flip"]["median"] > 0
     assert set(mode["scores"][0]) == {
         "evaluator", "kind", "attack", "threshold", "duplicate_of", "independent", "eligible", "conditions",
     }  # fmt: skip
@@ -411,11 +417,19 @@ def test_plots_are_written(tmp_path: Path) -> None:
     written = plots.write_plots(report, tmp_path / "plots")
     assert sorted(p.name for p in written) == [
         "before_after_test.png",
+        "faces_test_100.png",
+        "faces_test_200.png",
         "protection_test.png",
+        "protection_vs_flip.png",
         "protection_vs_ssim.png",
     ]
     for path in written:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The face strips hold the faces at their own pixel scale: 200% is exactly twice 100%.
+    from PIL import Image
+
+    one, two = (Image.open(tmp_path / "plots" / f"faces_test_{z}.png") for z in (100, 200))
+    assert two.height - 8 == 2 * (one.height - 8) or two.height == 2 * one.height - 8
     diff = plots.difference_image(np.full((2, 2, 3), 100, np.uint8), np.full((2, 2, 3), 103, np.uint8))
     assert (diff == 158).all()
 

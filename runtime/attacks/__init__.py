@@ -13,7 +13,7 @@ Typical use::
     result.images, result.success["faceres"], result.history["faceres"]
 """
 
-from .base import AttackResult, GradientAttack
+from .base import AttackResult, BoundCap, GradientAttack, VisibilityCap
 from .boosters import (
     EOT,
     Blur,
@@ -51,6 +51,7 @@ __all__ = [
     "AnyOf",
     "AttackResult",
     "Blur",
+    "BoundCap",
     "Criterion",
     "Downscale",
     "Ensemble",
@@ -72,6 +73,7 @@ __all__ = [
     "TranslationInvariance",
     "Upsample",
     "Victim",
+    "VisibilityCap",
     "default_criterion",
     "resize_matrix",
 ]

@@ -6,13 +6,18 @@ Each step, for images ``x0`` ``[N, H, W, 3]`` (0..255) and perturbation ``delta`
     g      = TI(g)                                  (optional smoothing)
     v      = mu * v + g / mean|g|                   (momentum; mu = 0 is plain steepest ascent)
     delta  = delta + alpha * mask * direction(mask * v)
-    delta  = constrain(delta)                       (L2 ball, L-inf box eps * mask, pixel range, SSIM floor)
+    delta  = constrain(delta)                       (L2 ball, L-inf box eps * mask, pixel range,
+                                                     SSIM floor, visibility cap)
 
 ``Q`` rounds to the integer pixel values a saved file holds when ``quantize=True`` (the latent ``delta``
 stays real-valued, so steps smaller than one grey level still accumulate), else it is the identity.
 With an ``input_map`` ``A`` the victims see ``A (x0 + Q(delta))`` and ``g`` comes back through ``A^T``
 (see :mod:`.ensemble`), so ``delta`` can live in a whole photo's pixel grid while the models see crops.
 With ``luminance_only`` the gradient is averaged over R, G, B, so every channel takes the same step.
+With ``chroma`` < 1 the step and the budget are split into a luminance part (the same change on R, G
+and B) and a chroma part (what remains, summing to 0 over the channels), and the chroma part gets
+``chroma`` times the luminance part's step and L-inf bound: people see colour changes on skin long
+before they see the same change in brightness (``0``: luminance only).
 Subclasses choose only ``direction`` (the norm's steepest-ascent direction), the random start and the
 default step size, as in foolbox's ``gradient_descent_base``.
 """
@@ -138,6 +143,11 @@ class GradientAttack(ABC):
         schedule: ``constant`` step size, or ``cosine``: ``alpha_t = alpha (f + (1 - f) (1 + cos(pi t /
             steps)) / 2)`` with ``f`` = ``schedule_floor`` (large steps first, smaller ones at the end).
         schedule_floor: the share of ``alpha`` the cosine schedule ends at (0: it ends at 0).
+        chroma: the chroma part's share of the luminance part's step and L-inf bound (module
+            docstring); 1 (the default) takes one step on R, G and B as they are.
+        cap: a visibility cap (:class:`VisibilityCap`), held like the SSIM floor by shrinking each
+            image's perturbation towards 0, after every ``cap_every`` steps and exactly at the end.
+        cap_every: steps between holds of ``cap``.
     """
 
     eps: float = 8.0
@@ -158,6 +168,9 @@ class GradientAttack(ABC):
     scales: tuple[float, ...] = ()
     schedule: str = "constant"
     schedule_floor: float = 0.0
+    chroma: float = 1.0
+    cap: VisibilityCap | None = None
+    cap_every: int = 4
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -183,6 +196,10 @@ class GradientAttack(ABC):
             raise InputError(f"{name}: schedule must be 'constant' or 'cosine', got {self.schedule!r}")
         if not 0.0 <= self.schedule_floor <= 1.0:
             raise InputError(f"{name}: schedule_floor must be in [0, 1], got {self.schedule_floor}")
+        if not 0.0 <= self.chroma <= 1.0:
+            raise InputError(f"{name}: chroma must be in [0, 1], got {self.chroma}")
+        if self.cap_every < 1:
+            raise InputError(f"{name}: cap_every must be >= 1, got {self.cap_every}")
         if self.check_every < 1 or self.ssim_every < 1:
             raise InputError(
                 f"{name}: check_every and ssim_every must be >= 1, got {self.check_every}, {self.ssim_every}"
@@ -207,6 +224,23 @@ class GradientAttack(ABC):
         self, shape: tuple[int, ...], bound: Float32Array, rng: np.random.Generator
     ) -> Float32Array:
         """A random start inside the budget (``bound``: the per-pixel L-inf budget, eps * mask)."""
+
+    def _direction(self, velocity: Float32Array, basis: Upsample | None, chroma: float) -> Float32Array:
+        """The step's direction, on ``basis``'s coarse grid when given; with ``chroma`` < 1 the luminance
+        and chroma parts of ``velocity`` get their directions apart, the chroma one scaled by ``chroma``."""
+
+        def steepest(v: Float32Array) -> Float32Array:
+            return self.direction(v) if basis is None else basis.forward(self.direction(basis.adjoint(v)))
+
+        if chroma >= 1.0:
+            return steepest(velocity)
+        luminance = np.ascontiguousarray(
+            np.broadcast_to(velocity.mean(axis=3, keepdims=True), velocity.shape)
+        )
+        d = steepest(luminance)
+        if chroma > 0.0:
+            d = d + np.float32(chroma) * _chroma_part(steepest(velocity - luminance))
+        return np.asarray(d, dtype=np.float32)
 
     def __call__(
         self,
@@ -257,7 +291,9 @@ class GradientAttack(ABC):
         view_size = (h, w) if input_map is None else _mapped_size(input_map, x0)
         ensemble = Ensemble(victims, n, view_size, targeted=targeted, input_map=input_map)
         bound = _per_pixel_bound(self.eps, weights, x0.shape)
-        budget = _Budget(x0, bound, self.l2, self.ssim_floor, quantize)
+        chroma = 0.0 if luminance_only else self.chroma
+        cap = None if self.cap is None else self.cap.bind(x0)
+        budget = _Budget(x0, bound, self.l2, self.ssim_floor, quantize, chroma=chroma, cap=cap)
 
         if init is not None:
             delta = np.ascontiguousarray(init, dtype=np.float32)
@@ -308,16 +344,12 @@ class GradientAttack(ABC):
             if self.schedule == "cosine":
                 f = self.schedule_floor
                 rate = np.float32(alpha * (f + (1 - f) * (1 + math.cos(math.pi * done / self.steps)) / 2))
-            directions = [
-                self.direction(weights * velocity)
-                if basis is None
-                else basis.forward(self.direction(basis.adjoint(weights * velocity)))
-                for basis in bases
-            ]
+            directions = [self._direction(weights * velocity, basis, chroma) for basis in bases]
             step = rate * weights * (directions[0] if len(directions) == 1 else np.mean(directions, axis=0))
-            hold_ssim = (done + 1) % self.ssim_every == 0
             delta = budget.constrain(
-                np.where(active[:, None, None, None], delta + step, delta), ssim=hold_ssim
+                np.where(active[:, None, None, None], delta + step, delta),
+                ssim=(done + 1) % self.ssim_every == 0,
+                cap=(done + 1) % self.cap_every == 0,
             )
             steps += active
             if on_step is not None:
@@ -325,6 +357,8 @@ class GradientAttack(ABC):
 
         delta = budget.constrain(delta, ssim=self.ssim_every > 1, exact=True)
         final = budget.image(delta)
+        if cap is not None:
+            cap.checked(final)
         states = ensemble.evaluate(final)
         return AttackResult(
             images=final,
@@ -339,8 +373,42 @@ class GradientAttack(ABC):
         )
 
 
+class VisibilityCap(ABC):
+    """A cap on how visible each image's perturbation is: a score that grows with the perturbation's
+    size, at most 1 where the cap holds (e.g. FLIP over its limit). :meth:`bind` makes the cap of one
+    batch of clean images; the attack then holds it by shrinking perturbations towards 0."""
+
+    exponent: float = 1.0
+    """The score's assumed growth ``score(c delta) ~ c^exponent`` for the search's first guess."""
+    margin: float = 0.02
+    """What ``fast`` holds short of 1, so that the exact check at the end rarely has to shrink."""
+
+    @abstractmethod
+    def bind(self, x0: Float32Array) -> BoundCap:
+        """The cap of the clean images ``x0`` ``[N, H, W, 3]``."""
+
+
+class BoundCap(ABC):
+    """A :class:`VisibilityCap` bound to clean images: scores of shown images."""
+
+    exponent: float = 1.0
+    margin: float = 0.02
+
+    @abstractmethod
+    def fast(self, images: Float32Array, idx: NDArray[np.intp]) -> NDArray[np.float64]:
+        """``[len(idx)]`` scores of the shown images ``x0[idx] + s`` (the in-loop check)."""
+
+    def exact(self, images: Float32Array, idx: NDArray[np.intp]) -> NDArray[np.float64]:
+        """``[len(idx)]``: the score the result must meet (default: :meth:`fast`)."""
+        return self.fast(images, idx)
+
+    def checked(self, images: Float32Array) -> None:  # noqa: B027 - an optional hook, no-op by default
+        """Called with the attack's final images (a place to keep the figures of the result)."""
+
+
 class _Budget:
-    """The feasible set: L2 ball, per-pixel L-inf box, pixel range [0, 255], SSIM floor, quantisation."""
+    """The feasible set: L2 ball, per-pixel L-inf box (luminance and chroma apart when ``chroma`` < 1),
+    pixel range [0, 255], SSIM floor, visibility cap, quantisation."""
 
     def __init__(
         self,
@@ -349,9 +417,20 @@ class _Budget:
         l2: float | None,
         ssim_floor: float | None,
         quantize: bool,
+        *,
+        chroma: float = 1.0,
+        cap: BoundCap | None = None,
     ) -> None:
         self.x0, self.bound, self.l2, self.ssim_floor, self.quantize = x0, bound, l2, ssim_floor, quantize
+        self.chroma, self.cap = chroma, cap
         self._integer_bound = np.floor(bound).astype(np.float32)
+        if chroma < 1.0:
+            # The grey step's range: within the luminance bound, and keeping every channel in the pixel
+            # range, so that it stays grey at the ends of the range.
+            self._grey_top = bound.max(axis=3, keepdims=True)
+            low = np.maximum(-self._grey_top, -x0.min(axis=3, keepdims=True))
+            high = np.minimum(self._grey_top, 255.0 - x0.max(axis=3, keepdims=True))
+            self._grey_range = (low, np.maximum(high, low))
         self._ssim = None if ssim_floor is None else _SsimTo(x0)
 
     def project(self, delta: Float32Array) -> Float32Array:
@@ -362,7 +441,22 @@ class _Budget:
         if self.l2 is not None:
             norms = np.sqrt(np.square(delta, dtype=np.float64).sum(axis=(1, 2, 3), keepdims=True))
             delta = delta * np.minimum(1.0, self.l2 / np.maximum(norms, 1e-12)).astype(np.float32)
-        delta = np.clip(delta, -self.bound, self.bound)
+        if self.chroma >= 1.0:
+            delta = np.clip(delta, -self.bound, self.bound)
+        else:
+            # The luminance part (one grey step on R, G and B) within the box, the chroma part (zero
+            # channel mean) scaled per pixel into ``chroma`` times it, so that it keeps a zero mean.
+            luminance = delta.mean(axis=3, keepdims=True)
+            low, high = self._grey_range
+            grey = np.clip(luminance, low, high)
+            if self.chroma > 0.0:
+                colour = delta - luminance
+                largest = np.abs(colour).max(axis=3, keepdims=True)
+                limit = np.float32(self.chroma) * self._grey_top
+                colour *= np.minimum(np.float32(1.0), limit / np.maximum(largest, np.float32(1e-12)))
+                delta = grey + colour
+            else:
+                delta = np.ascontiguousarray(np.broadcast_to(grey, delta.shape))
         return np.asarray(np.clip(self.x0 + delta, 0.0, 255.0) - self.x0, dtype=np.float32)
 
     def shown(self, delta: Float32Array) -> Float32Array:
@@ -373,48 +467,94 @@ class _Budget:
         """``x0 + Q(delta)``, clipped against float rounding at the ends of the pixel range."""
         return np.asarray(np.clip(self.x0 + self.shown(delta), 0.0, 255.0), dtype=np.float32)
 
-    def constrain(self, delta: Float32Array, *, ssim: bool = True, exact: bool = False) -> Float32Array:
+    def constrain(
+        self, delta: Float32Array, *, ssim: bool = True, cap: bool = True, exact: bool = False
+    ) -> Float32Array:
         """Project ``delta`` onto the budget. The SSIM floor is held with the float32 evaluation and a
-        margin of :attr:`_SsimTo.FAST_MARGIN`; ``exact`` then checks the float64 SSIM as well (the
-        attack's result, so what it returns meets the floor exactly as :func:`image_ops.ssim` measures)."""
+        margin of :attr:`_SsimTo.FAST_MARGIN`, the visibility cap with its fast score and its margin;
+        ``exact`` then checks the float64 SSIM and the cap's exact score as well (the attack's result, so
+        what it returns meets the floor exactly as :func:`image_ops.ssim` measures, and the cap)."""
         delta = self.project(delta)
         if (ssim or exact) and self._ssim is not None and self.ssim_floor is not None:
-            delta = self._hold_ssim(delta, self.ssim_floor + _SsimTo.FAST_MARGIN, self._ssim.fast)
+            fast_ssim, exact_ssim = self._ssim.fast, self._ssim.exact
+            delta = self._hold(
+                delta, lambda s, i: 1.0 - fast_ssim(s, i), 1.0 - self.ssim_floor - _SsimTo.FAST_MARGIN, 2.0
+            )
             if exact:
-                delta = self._hold_ssim(delta, self.ssim_floor, self._ssim.exact)
+                delta = self._hold(delta, lambda s, i: 1.0 - exact_ssim(s, i), 1.0 - self.ssim_floor, 2.0)
+        if (cap or exact) and self.cap is not None:
+            bound_cap = self.cap
+
+            def fast_cap(s: Float32Array, i: NDArray[np.intp]) -> NDArray[np.float64]:
+                return bound_cap.fast(self.x0[i] + s, i)
+
+            target = 1.0 - bound_cap.margin
+            if not exact:
+                # Inside the loop one evaluation and one power-law step: the next hold corrects what
+                # this one misses, and the result gets the full search below.
+                return self._shrink_once(delta, fast_cap, target, bound_cap.exponent)
+            delta = self._hold(delta, fast_cap, target, bound_cap.exponent)
+            if exact:
+                delta = self._hold(
+                    delta, lambda s, i: bound_cap.exact(self.x0[i] + s, i), 1.0, bound_cap.exponent
+                )
         return delta
 
-    def _hold_ssim(self, delta: Float32Array, floor: float, ssim: _SsimFunction) -> Float32Array:
-        """Scale each image's delta by the largest ``c`` in [0, 1] (to about 1%) that keeps SSIM >= floor.
+    def _shrink_once(
+        self,
+        delta: Float32Array,
+        error: Callable[[Float32Array, NDArray[np.intp]], NDArray[np.float64]],
+        target: float,
+        exponent: float,
+    ) -> Float32Array:
+        """Scale each image whose error exceeds ``target`` by the power law's guess ``(target / e)^(1/p)``."""
+        errors = error(self.shown(delta), np.arange(delta.shape[0]))
+        over = errors > target
+        if not over.any():
+            return delta
+        scale = np.where(over, (target / np.maximum(errors, 1e-12)) ** (1.0 / exponent), 1.0)
+        return np.asarray(delta * scale.astype(np.float32)[:, None, None, None], dtype=np.float32)
 
-        Shrinking towards 0 keeps every constraint above (all are convex sets containing 0), and
-        ``c = 0`` is always feasible, so the floor holds exactly on the shown (quantised) image.
+    def _hold(
+        self,
+        delta: Float32Array,
+        error: Callable[[Float32Array, NDArray[np.intp]], NDArray[np.float64]],
+        target: float,
+        exponent: float,
+    ) -> Float32Array:
+        """Scale each image's delta by the largest ``c`` in [0, 1] (to about 1%) whose error is at most
+        ``target``: ``1 - SSIM`` for the SSIM floor, a visibility cap's score for the cap.
 
-        The search fits ``e(c) = 1 - SSIM(c)`` by a power law ``a c^p`` through the two shares that bracket
-        the answer (at first, 0 and 1 with ``p = 2``: SSIM is at its maximum at ``c = 0``) and tries its
-        root, bisecting instead when the same end of the bracket moved twice in a row. Quantisation
-        makes ``e`` a staircase, so the fit is only good to a few percent; still, on the holds of real
-        cloaks this takes 5 SSIM evaluations on average (8 at most), where a +-3% bracket around the
-        quadratic guess missed most of the time and cost 13 (``bench/RESULTS.md``, "SSIM floor").
+        ``error(s, idx)`` takes the shown perturbations ``s`` of images ``idx`` and grows with their
+        size from 0 at ``s = 0``. Shrinking towards 0 keeps every constraint above (all are convex sets
+        containing 0), and ``c = 0`` is always feasible, so the hold is exact on the shown (quantised)
+        image.
+
+        The search fits ``e(c)`` by a power law ``a c^p`` through the two shares that bracket the answer
+        (at first, 0 and 1 with ``p = exponent``: 2 for SSIM, which is at its maximum at ``c = 0``) and
+        tries its root, bisecting instead when the same end of the bracket moved twice in a row.
+        Quantisation makes ``e`` a staircase, so the fit is only good to a few percent; still, on the
+        holds of real cloaks this takes 5 SSIM evaluations on average (8 at most), where a +-3% bracket
+        around the quadratic guess missed most of the time and cost 13 (``bench/RESULTS.md``, "SSIM
+        floor").
         """
-        scores = ssim(self.shown(delta), np.arange(delta.shape[0]))
-        idx = np.flatnonzero(scores < floor)
+        errors = error(self.shown(delta), np.arange(delta.shape[0]))
+        idx = np.flatnonzero(errors > target)
         if idx.size == 0:
             return delta
         d, bound = delta[idx], self._integer_bound[idx]
-        target = 1.0 - floor
         lo, hi = np.zeros(idx.size), np.ones(idx.size)
-        e_lo, e_hi = np.zeros(idx.size), np.maximum(1.0 - scores[idx], 1e-12)
+        e_lo, e_hi = np.zeros(idx.size), np.maximum(errors[idx], 1e-12)
         e_one = e_hi.copy()
         last = np.zeros(idx.size, np.int8)  # the end that moved last: -1 lo, +1 hi
         repeat = np.zeros(idx.size, bool)  # it moved twice in a row
         live = np.arange(idx.size)
-        c = np.sqrt(target / e_one)
+        c = (target / e_one) ** (1.0 / exponent)
         for _ in range(_SSIM_GUESSES):
             shown = (c[live, None, None, None] * d[live]).astype(np.float32)
             if self.quantize:
                 shown = _quantize(shown, bound[live], self.l2)
-            e = 1.0 - ssim(shown, idx[live])
+            e = error(shown, idx[live])
             side = np.where(e <= target, -1, 1).astype(np.int8)
             repeat[live] = side == last[live]
             last[live] = side
@@ -427,7 +567,7 @@ class _Budget:
             live = np.flatnonzero(~done)
             if live.size == 0:
                 break
-            c = _next_share(lo, hi, e_lo, e_hi, e_one, target, repeat)
+            c = _next_share(lo, hi, e_lo, e_hi, e_one, target, repeat, exponent)
         out = delta.copy()
         out[idx] = (lo[:, None, None, None] * d).astype(np.float32)
         return np.asarray(out, dtype=np.float32)
@@ -553,6 +693,7 @@ def _next_share(
     e_one: NDArray[np.float64],
     target: float,
     repeat: BoolArray,
+    exponent: float = 2.0,
 ) -> NDArray[np.float64]:
     """The SSIM search's next share per image: the root of the power law through the bracket's ends
     (through ``hi`` and 1 while no feasible share is known), 0.5% short; the midpoint when the same end
@@ -560,12 +701,17 @@ def _next_share(
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         known = lo > 0
         p_in = np.log(e_hi / np.maximum(e_lo, 1e-12)) / np.log(hi / np.where(known, lo, 1.0))
-        p_top = np.where(hi < 1, np.log(e_one / e_hi) / np.log(1.0 / hi), 2.0)
+        p_top = np.where(hi < 1, np.log(e_one / e_hi) / np.log(1.0 / hi), exponent)
         p = np.where(known, p_in, np.clip(p_top, 0.5, 3.0))
         anchor, e_anchor = np.where(known, lo, hi), np.where(known, e_lo, e_hi)
         root = anchor * (target / e_anchor) ** (1.0 / p) * (1.0 - _SSIM_AIM)
     usable = np.isfinite(root) & (root > lo) & (root < hi) & ~(repeat & known)
     return np.where(usable, root, (lo + hi) / 2)
+
+
+def _chroma_part(values: Float32Array) -> Float32Array:
+    """What remains of ``[N, H, W, 3]`` values after their channel mean (their luminance part)."""
+    return np.asarray(values - values.mean(axis=3, keepdims=True), dtype=np.float32)
 
 
 def _quantize(delta: Float32Array, integer_bound: Float32Array, l2: float | None) -> Float32Array:
