@@ -562,8 +562,8 @@ def test_every_mode_meets_its_cap_on_colour_photos(mode: str, tmp_path: Path) ->
 # Faces of 60 to 110 pixels (the group photos, the 512-px astronaut) need the high mode's budget; see the
 # mode table in runtime/cloak.py.
 DEV_MODE = cloak.MODES["high"]
-# Share of face-model pairs of the dev group photos that the high mode protects (measured: see the
-# README's results; the cap leaves some small faces matched by some models).
-GROUP_PROTECTED = 1.01
+# Share of face-model pairs of the dev group photos that the high mode protects: 76 of 92 (83%) when
+# measured; the cap leaves some small faces matched by some models.
+GROUP_PROTECTED = 0.75
 # Faces a person counts in each group photo (bbt2: the two in front; people further back may be found too).
 DEV_FACES = {"bbt1.jpg": 4, "bbt2.jpg": 2, "bbt3.jpg": 5, "bbt4.jpg": 6, "bbt5.jpg": 5}

@@ -1,0 +1,88 @@
+"""A quick leave-one-out probe of one cloak recipe on the colour set: protection against visibility.
+
+Runs ``uncnn-rt eval``'s protocol (runtime/evaluate.py) on the first identities of
+``../shared/faces/colour`` (``--limit`` photos, whole identities), as saved and after JPEG 75, with a
+mode's settings changed by a JSON object of ``CloakSettings`` fields, and prints one JSON line: pooled
+white-box and leave-one-out P1/P2 as ``[protected, eligible]``, the median (and worst) face FLIP and
+CIEDE2000 mean of the saved white-box cloaks, the same photos' JPEG ladder, and seconds per photo.
+``bench/RESULTS.md`` (run 15) lists the probes behind the modes' recipe.
+
+Usage::
+
+    .venv/bin/python bench/visibility_probe.py fine '{"coarse": 1.0, "scales": []}'
+    .venv/bin/python bench/visibility_probe.py coarse '{"base": "mid"}' --limit 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from uncnn_rt.runtime import cloak as c
+from uncnn_rt.runtime import evaluate as ev
+
+COLOUR = Path(__file__).resolve().parents[2] / "shared" / "faces" / "colour"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("label", help="a name for the recipe in the output")
+    parser.add_argument(
+        "overrides", nargs="?", default="{}", help='CloakSettings fields as JSON; "base": a mode'
+    )
+    parser.add_argument("--limit", type=int, default=12, help="photos to cloak (whole identities)")
+    parser.add_argument("--dataset", type=Path, default=COLOUR)
+    args = parser.parse_args()
+    overrides: dict[str, Any] = json.loads(args.overrides)
+    base = c.MODES[overrides.pop("base", "mid")]
+    if "scales" in overrides:
+        overrides["scales"] = tuple(overrides["scales"])
+    settings = replace(base, **overrides)
+
+    data = ev.load_dataset(args.dataset)
+    names = c.default_recognizer_names()
+    sessions = c.load_recognizers(names)
+    detector = c.load_detector()
+    start = time.perf_counter()
+    report = ev.evaluate(
+        data,
+        cloaks={
+            args.label: ev.cloak_function(
+                {s.name: s for s in sessions}, settings, detector=detector, largest=True
+            )
+        },
+        embedders=ev.shipped_embedders(sessions),
+        ensemble=names,
+        finder=ev.detected_faces(detector),
+        aligned=False,
+        conditions=(ev.as_saved_condition(), ev.jpeg_condition(75)),
+        limit=args.limit,
+        samples=0,
+    )
+    d = report.to_dict()
+    mode = d["modes"][0]
+    out: dict[str, Any] = {"label": args.label, "overrides": args.overrides, "probes": d["probes"]}
+    out["ladder"] = {
+        q: (v["flip"]["median"], v["ciede2000_mean"]["median"]) for q, v in d["jpeg_ladder"].items()
+    }
+    for kind, summary in mode["summary"].items():
+        out[kind] = {
+            condition: {p: (r[p]["protected"], r[p]["of"]) for p in ("p1", "p2")}
+            for condition, r in summary["conditions"].items()
+        }
+    white = mode["quality"][0]["visibility"]
+    out["face_flip"] = white["flip"]
+    out["face_ciede2000_mean"] = white["ciede2000_mean"]
+    out["seconds_per_photo"] = [q["seconds_per_photo"] for q in mode["quality"]]
+    out["wall"] = round(time.perf_counter() - start, 1)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
