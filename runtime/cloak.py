@@ -34,8 +34,8 @@ high    2x the JPEG q75 re-encode's figures  24    40     as mid, steps from 5, 
 Where the budget goes: the change is grey (the same step on R, G and B: colour carried a third of the
 visibility of earlier cloaks and little of their protection), per photo pixel (FLIP's contrast
 sensitivity filters hide fine texture; smooth, low-frequency shifts on skin are what people see
-first, and stepping on a coarse grid protected 3 of 43 leave-one-out probes where per-pixel steps
-protected 14 at the same FLIP: ``bench/RESULTS.md``, run 15), and shaped by a luminance
+first: at the same FLIP, a coarse grid with some colour protected 3 of 43 leave-one-out probes where
+per-pixel grey steps protected 14, ``bench/RESULTS.md``, run 15), and shaped by a luminance
 just-noticeable-difference model (:func:`visibility.luminance_jnd`: hair, beard, brows, edges and dark
 areas take up to the whole eps, smooth mid-grey skin 30% of it). The step size shrinks from the mode's
 first step to 30% of it along a cosine.
@@ -198,8 +198,8 @@ class CloakSettings:
 # The modes' shared basis. Under an SSIM floor, a perturbation on a grid 4 crop pixels coarse (averaged
 # with one 8 pixels coarse) afforded twice the L-inf budget and transferred further (bench/RESULTS.md,
 # runs 8-14). Under a visibility cap it is the worst shape: FLIP and people see smooth shifts on skin
-# first, and at the same FLIP the coarse grid protected 3 of 43 leave-one-out probes of the colour set,
-# per-pixel steps 14 (run 15). The step shrinks along a cosine from the mode's first step to 30% of it.
+# first, and at the same FLIP the coarse grid (with a 25% chroma share) protected 3 of 43 leave-one-out
+# probes of the colour set, per-pixel grey steps 14 (run 15). The step shrinks along a cosine from the mode's first step to 30% of it.
 SCHEDULE: Final = "cosine"
 SCHEDULE_FLOOR: Final = 0.3
 # The budget's shape (run 15): grey steps only (a chroma share of 0.3 protected 5 of 43 probes where grey

@@ -29,8 +29,9 @@ from uncnn_rt.runtime.errors import InputError
 from uncnn_rt.runtime.sessions import AttackSession
 from uncnn_rt.runtime.verify import FaceCheck, ModelCheck, VerifyReport
 
-# Per pixel (--coarse 1): the linear fixture models weigh crop pixels independently (white-noise weights).
-STRONG = ["--eps", "32", "--steps", "20", "--ssim-min", "0", "--coarse", "1"]
+# Per pixel (--coarse 1), no visibility cap: the linear fixture models weigh crop pixels independently
+# (white-noise weights), so they need a budget no visibility cap would grant.
+STRONG = ["--eps", "32", "--steps", "20", "--ssim-min", "0", "--coarse", "1", "--cap", "none"]
 
 
 @pytest.fixture
@@ -49,6 +50,10 @@ def patched(
         return [sessions[n] for n in (names or list(sessions))]
 
     detector = FakeDetector([ONE_FACE])
+    # The linear models weigh each channel of each pixel alike: every mode steps in colour, with a
+    # uniform budget, in these tests of the command line (tests/test_cloak.py tests the modes' shaping).
+    for name, settings in cloak_cmd.cloaking.MODES.items():
+        monkeypatch.setitem(cloak_cmd.cloaking.MODES, name, replace(settings, chroma=1.0, jnd_floor=None))
     monkeypatch.setattr(cloak_cmd.cloaking, "load_recognizers", load_recognizers)
     monkeypatch.setattr(cloak_cmd.cloaking, "load_detector", lambda *, device="auto": detector)
     return detector
@@ -354,11 +359,14 @@ def test_not_protected_names_the_faces_and_models_and_the_next_mode(
     assert weak.exit_code == cloak_cmd.EXIT_NOT_PROTECTED, weak.output
     assert "NOT PROTECTED: face 1 (linear_face, linear_face_24) still matched" in weak.stdout
     stronger = cloak_cmd.cloaking.MODES["high"]
-    assert f"--mode high ({stronger.describe()})" in " ".join(weak.stdout.split())
+    said = " ".join(weak.stdout.split())
+    assert f"--mode high ({stronger.describe()})" in said
+    # high's cap is twice mid's q75 figures: the hint says what that allows on this face.
+    assert "which allows face FLIP up to" in said
     strongest = invoke("cloak", str(source), "--mode", "high", "--eps", "0", "--json")
     assert strongest.exit_code == cloak_cmd.EXIT_NOT_PROTECTED
     hint = json.loads(strongest.stdout)["files"][0]["hint"]
-    assert "strongest mode" in hint and "--steps" in hint and "--eps" in hint
+    assert "strongest mode" in hint and "--steps" in hint and "--cap 3xjpeg75" in hint
 
 
 def test_the_hint_follows_the_order_of_the_modes() -> None:
