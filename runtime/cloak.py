@@ -199,7 +199,8 @@ class CloakSettings:
 # with one 8 pixels coarse) afforded twice the L-inf budget and transferred further (bench/RESULTS.md,
 # runs 8-14). Under a visibility cap it is the worst shape: FLIP and people see smooth shifts on skin
 # first, and at the same FLIP the coarse grid (with a 25% chroma share) protected 3 of 43 leave-one-out
-# probes of the colour set, per-pixel grey steps 14 (run 15). The step shrinks along a cosine from the mode's first step to 30% of it.
+# probes of the colour set, per-pixel grey steps 14 (run 15). The step shrinks along a cosine from the
+# mode's first step to 30% of it.
 SCHEDULE: Final = "cosine"
 SCHEDULE_FLOOR: Final = 0.3
 # The budget's shape (run 15): grey steps only (a chroma share of 0.3 protected 5 of 43 probes where grey
