@@ -106,8 +106,9 @@ PROTOCOL_TEXT: Final = {
     "(before encoding: the budget used)",
     "visibility": "FLIP (67 pixels per degree), CIEDE2000 mean and 95th percentile, SSIM and PSNR of each "
     "face region (the face box grown by a quarter of its side on each side; the whole image for aligned "
-    "chips) of the saved photo against the original: median and worst over the photos; jpeg_ladder: the "
-    "same figures of the clean photos' own JPEG q95/q85/q75 re-encodes",
+    "chips) of the saved photo against the original: median and worst over the photos; photo_visibility: "
+    "the same of the whole photo; jpeg_ladder: the same figures of the clean photos' own JPEG q95/q85/q75 "
+    "re-encodes, on the face regions",
 }
 
 
@@ -710,11 +711,14 @@ class AttackQuality:
     seconds_per_photo: float
     steps_mean: float | None
     faces: tuple[visibility.Visibility, ...] = field(default=(), repr=False)
-    """Per cloaked photo, its face region's figures (saved against the original)."""
+    """Per cloaked face, its face region's figures (saved against the original)."""
+    whole: tuple[visibility.Visibility, ...] = field(default=(), repr=False)
+    """Per cloaked photo, the whole photo's figures (saved against the original)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "visibility": summarise_visibility(self.faces),
+            "photo_visibility": summarise_visibility(self.whole),
             "attack": self.attack,
             "ensemble": list(self.ensemble),
             "photos": self.photos,
@@ -1244,6 +1248,7 @@ def _evaluate_mode(
         }
         ssims, psnrs, linfs, seconds, steps = [], [], [], 0.0, []
         faces: list[visibility.Visibility] = []
+        whole: list[visibility.Visibility] = []
         for i in probes:
             photo = dataset.photos[i]
             start = time.perf_counter()
@@ -1256,6 +1261,7 @@ def _evaluate_mode(
             ssims.append(ssim)
             psnrs.append(psnr)
             faces.append(face_figures(photo.image.rgb, saved, sites[i]))
+            whole.append(visibility.photo_figures(photo.image.rgb, saved, ssim=ssim, psnr=psnr))
             linfs.append(int(np.abs(result.image.astype(np.int16) - photo.image.rgb).max(initial=0)))
             if attack.label == WHITE_BOX_LABEL and len(kept) < samples and photo.identity not in shown:
                 shown.add(photo.identity)
@@ -1292,6 +1298,7 @@ def _evaluate_mode(
                 seconds_per_photo=seconds / max(len(probes), 1),
                 steps_mean=float(np.mean(steps)) if steps else None,
                 faces=tuple(faces),
+                whole=tuple(whole),
             )
         )
         for name, kind in attack.scored:
@@ -1351,6 +1358,7 @@ def evaluate_group_photos(
     for attack in attacks:
         ssims, psnrs, linfs, seconds, steps, used = [], [], [], 0.0, [], 0
         faces: list[visibility.Visibility] = []
+        whole: list[visibility.Visibility] = []
         for photo, sites, embedded in zip(photos, faces_of, clean, strict=True):
             if not sites:
                 continue
@@ -1365,6 +1373,7 @@ def evaluate_group_photos(
             ssims.append(ssim)
             psnrs.append(psnr)
             faces += [face_figures(photo.rgb, saved, site) for site in sites]
+            whole.append(visibility.photo_figures(photo.rgb, saved, ssim=ssim, psnr=psnr))
             linfs.append(int(np.abs(result.image.astype(np.int16) - photo.rgb).max(initial=0)))
             for cond in conds:
                 view = cond.apply(saved)
@@ -1392,6 +1401,7 @@ def evaluate_group_photos(
                 seconds_per_photo=seconds / max(used, 1),
                 steps_mean=float(np.mean(steps)) if steps else None,
                 faces=tuple(faces),
+                whole=tuple(whole),
             )
         )
     scores = []

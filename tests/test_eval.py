@@ -282,11 +282,14 @@ def test_json_schema_is_stable(tmp_path: Path) -> None:
     assert set(mode) == {"mode", "settings", "quality", "summary", "scores", "group_photos"}
     assert set(mode["quality"][0]) == {
         "attack", "ensemble", "photos", "ssim_mean", "ssim_min", "psnr_mean", "linf_max", "linf_mean",
-        "seconds_per_photo", "steps_mean", "visibility",
+        "seconds_per_photo", "steps_mean", "visibility", "photo_visibility",
     }  # fmt: skip
     visible = mode["quality"][0]["visibility"]
     assert set(visible) == {"faces", "flip", "ciede2000_mean", "ciede2000_p95", "ssim", "psnr"}
     assert visible["faces"] == data["probes"] and visible["flip"]["median"] > 0
+    # The whole photo changes only where its face does: its figures are the face's, diluted.
+    photo = mode["quality"][0]["photo_visibility"]
+    assert 0 < photo["flip"]["median"] <= visible["flip"]["median"]
     assert set(mode["scores"][0]) == {
         "evaluator", "kind", "attack", "threshold", "duplicate_of", "independent", "eligible", "conditions",
     }  # fmt: skip
