@@ -553,12 +553,31 @@ def _print_outcomes(outcomes: list[Outcome], *, quiet: bool = False) -> None:
                     label if i == 0 else "", m.name, f"{m.before:.3f}", f"{m.after:.3f}", threshold, status
                 )
         out.print(table)
+        for line in _visibility_lines(outcome.details.get("visibility")):
+            typer.echo(line)  # not through rich, which would wrap it at the terminal's width
         if outcome.hint is not None:
             out.print(outcome.hint, markup=False, highlight=False)
         if not explained and not quiet:
             target = " (targeted: to the target's embedding)" if report.targeted else ""
             out.print(BEFORE_AFTER_NOTE.format(target=target), style="dim", markup=False, highlight=False)
             explained = True
+
+
+def _visibility_lines(block: dict[str, Any] | None) -> list[str]:
+    """One line per face: how visible the saved cloak is on the face region, against its cap."""
+    if not block:
+        return []
+    lines = []
+    for name, face in block["faces"].items():
+        cap = face.get("cap")
+        limit = "" if cap is None else f" of at most {cap['flip']:.4f}"
+        limit_de = "" if cap is None else f" of at most {cap['ciede2000_mean']:.2f}"
+        what = "" if cap is None else f" (cap: the photo's {cap['of']} re-encode)"
+        lines.append(
+            f"{name} visibility: FLIP {face['flip']:.4f}{limit}, CIEDE2000 mean {face['ciede2000_mean']:.2f}"
+            f"{limit_de}{what}"
+        )
+    return lines
 
 
 def not_protected_hint(

@@ -440,3 +440,24 @@ def test_cloak_help_shows_no_bool_metavar_all_formats_the_pixel_limit_and_the_re
     assert "100 megapixels" in text
     mid = cloak_cmd.cloaking.MODES["mid"]
     assert f"at most {mid.steps + mid.refine_rounds * mid.refine_steps} per face" in text
+
+
+def test_the_report_says_how_visible_each_face_is_against_its_cap(
+    patched: FakeDetector, tmp_path: Path
+) -> None:
+    source = write(tmp_path / "me.jpg", photo(), "JPEG")
+    result = invoke("cloak", str(source), "--steps", "6", "--json")
+    assert result.exit_code in (cloak_cmd.EXIT_OK, cloak_cmd.EXIT_NOT_PROTECTED), result.output
+    block = json.loads(result.stdout)["files"][0]["visibility"]
+    face = block["faces"]["face 1"]
+    assert face["cap"]["of"] == "JPEG q75" and face["within_cap"] is True
+    assert 0 < face["flip"] <= face["cap"]["flip"] and face["ciede2000_mean"] <= face["cap"]["ciede2000_mean"]
+    assert face["cap"]["reference"]["flip"] >= face["cap"]["flip"] * 0.999  # mid: at most q75's figures
+    assert 0 < block["photo"]["flip"] <= face["flip"]  # the photo changed only in the face region
+    table = invoke("cloak", str(source), "--steps", "6", "-o", str(tmp_path / "t.jpg"))
+    line = next(x for x in table.stdout.splitlines() if x.startswith("face 1 visibility"))
+    assert "FLIP" in line and "of at most" in line and "JPEG q75" in line
+    free = invoke(
+        "cloak", str(source), "--steps", "6", "--cap", "none", "--json", "-o", str(tmp_path / "f.jpg")
+    )
+    assert "cap" not in json.loads(free.stdout)["files"][0]["visibility"]["faces"]["face 1"]
