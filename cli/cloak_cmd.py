@@ -46,6 +46,11 @@ EXIT_INPUT = 2
 EXIT_MODEL = 3
 EXIT_NOT_PROTECTED = 4
 
+CAP_HELP = (
+    "Visibility cap per face region, overriding the mode: jpegQ (at most the photo's own JPEG re-encode at "
+    "quality Q, in FLIP and CIEDE2000), KxjpegQ (K times its figures) or none."
+)
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 CLASSIFIER = "efficientnet_lite0"
 
@@ -301,10 +306,7 @@ def cloak(
     ] = None,
     cap: Annotated[
         str | None,
-        typer.Option(
-            help="Visibility cap per face region, overriding the mode: jpegQ (at most the photo's own JPEG "
-            "re-encode at quality Q, in FLIP and CIEDE2000), KxjpegQ (K times its figures) or none."
-        ),
+        typer.Option(help=CAP_HELP),
     ] = None,
     coarse: Annotated[
         float | None,

@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from uncnn_rt.cli.cloak_cmd import CAP_HELP
 from uncnn_rt.cli.errors import clean_errors
 from uncnn_rt.cli.progress import progress_bar
 from uncnn_rt.runtime import cloak as cloaking
@@ -118,10 +119,7 @@ def run_eval(
     ] = None,
     cap: Annotated[
         str | None,
-        typer.Option(
-            help="Visibility cap per face region, overriding the mode: jpegQ (at most the photo's own JPEG "
-            "re-encode at quality Q, in FLIP and CIEDE2000), KxjpegQ (K times its figures) or none."
-        ),
+        typer.Option(help=CAP_HELP),
     ] = None,
     coarse: Annotated[
         float | None,

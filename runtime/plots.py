@@ -7,7 +7,7 @@ so the runtime imports without it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -70,32 +70,7 @@ def protection_vs_ssim(report: EvalReport | Mapping[str, Any], path: str | Path)
     fig, axes = plt.subplots(1, len(conditions), figsize=(5.2 * len(conditions), 4.6), squeeze=False)
     ssims = [1.0]
     for ax, condition in zip(axes[0], conditions, strict=True):
-        for kind in KINDS:
-            for protocol in PROTOCOLS:
-                points = []
-                for mode in data["modes"]:
-                    summary = mode["summary"].get(kind)
-                    if summary is None or summary["ssim_mean"] is None:
-                        continue
-                    rate = summary["conditions"][condition][protocol]["rate"]
-                    if rate is not None:
-                        points.append((float(summary["ssim_mean"]), 100.0 * rate, str(mode["mode"])))
-                if not points:
-                    continue
-                points.sort()
-                ssims += [p[0] for p in points]
-                marker, line = _PROTOCOL_STYLE[protocol]
-                ax.plot(
-                    [p[0] for p in points],
-                    [p[1] for p in points],
-                    marker=marker,
-                    linestyle=line,
-                    color=_KIND_COLOURS[kind],
-                    label=f"{_KIND_LABELS[kind]}, {_PROTOCOL_LABELS[protocol]}",
-                )
-                if protocol == "p1":
-                    for x, y, name in points:
-                        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ssims += _curves(ax, data, condition, _mean_ssim)
         goal = GOALS.get(condition)
         if goal is not None:
             ax.axvspan(GOAL_SSIM, 1.0, ymin=(goal + 2) / 104, color="#2ca02c", alpha=0.12, lw=0)
@@ -138,32 +113,7 @@ def protection_vs_flip(report: EvalReport | Mapping[str, Any], path: str | Path)
     fig, axes = plt.subplots(1, len(conditions), figsize=(5.2 * len(conditions), 4.6), squeeze=False)
     ladder = {q: v["flip"]["median"] for q, v in (data.get("jpeg_ladder") or {}).items() if v}
     for ax, condition in zip(axes[0], conditions, strict=True):
-        for kind in KINDS:
-            for protocol in PROTOCOLS:
-                points = []
-                for mode in data["modes"]:
-                    summary = mode["summary"].get(kind)
-                    x = _median_flip(mode, kind)
-                    if summary is None or x is None:
-                        continue
-                    rate = summary["conditions"][condition][protocol]["rate"]
-                    if rate is not None:
-                        points.append((x, 100.0 * rate, str(mode["mode"])))
-                if not points:
-                    continue
-                points.sort()
-                marker, line = _PROTOCOL_STYLE[protocol]
-                ax.plot(
-                    [p[0] for p in points],
-                    [p[1] for p in points],
-                    marker=marker,
-                    linestyle=line,
-                    color=_KIND_COLOURS[kind],
-                    label=f"{_KIND_LABELS[kind]}, {_PROTOCOL_LABELS[protocol]}",
-                )
-                if protocol == "p1":
-                    for x, y, name in points:
-                        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        _curves(ax, data, condition, _median_flip)
         for q, x in ladder.items():
             ax.axvline(x, color="#555555", linestyle=":", lw=1)
             ax.text(x, 101, q, fontsize=7, ha="center", va="bottom", color="#555555")
@@ -182,6 +132,47 @@ def protection_vs_flip(report: EvalReport | Mapping[str, Any], path: str | Path)
     )
     fig.tight_layout(rect=(0, 0.1, 1, 0.95))
     return _save(plt, fig, path)
+
+
+def _curves(
+    ax: Any, data: Mapping[str, Any], condition: str, x_of: Callable[[Mapping[str, Any], str], float | None]
+) -> list[float]:
+    """On ``ax``, pooled protection (%) under ``condition`` against ``x_of(mode, kind)``: a point per mode,
+    a line per kind and protocol, P1 points labelled with the mode. Returns the x values drawn."""
+    xs: list[float] = []
+    for kind in KINDS:
+        for protocol in PROTOCOLS:
+            points = []
+            for mode in data["modes"]:
+                summary = mode["summary"].get(kind)
+                x = x_of(mode, kind)
+                if summary is None or x is None:
+                    continue
+                rate = summary["conditions"][condition][protocol]["rate"]
+                if rate is not None:
+                    points.append((x, 100.0 * rate, str(mode["mode"])))
+            if not points:
+                continue
+            points.sort()
+            xs += [p[0] for p in points]
+            marker, line = _PROTOCOL_STYLE[protocol]
+            ax.plot(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                marker=marker,
+                linestyle=line,
+                color=_KIND_COLOURS[kind],
+                label=f"{_KIND_LABELS[kind]}, {_PROTOCOL_LABELS[protocol]}",
+            )
+            if protocol == "p1":
+                for x, y, name in points:
+                    ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    return xs
+
+
+def _mean_ssim(mode: Mapping[str, Any], kind: str) -> float | None:
+    summary = mode["summary"].get(kind)
+    return None if summary is None or summary["ssim_mean"] is None else float(summary["ssim_mean"])
 
 
 def _median_flip(mode: Mapping[str, Any], kind: str) -> float | None:
