@@ -465,6 +465,7 @@ def cloak_details(
         "eps": settings.eps,
         "steps": settings.steps,
         "ssim_min": settings.ssim_min,
+        "cap": settings.cap_label,
         "coarse": settings.coarse,
         "scales": list(settings.scales),
         "schedule": settings.schedule,
