@@ -86,6 +86,10 @@ def a_photo(tmp_path: Path) -> Path:
     return path
 
 
+SCREENSHOT = os.environ.get("UNCNN_PAGE_SCREENSHOT")
+"""Where the page test saves a screenshot of the result, to look at it (unset: none)."""
+
+
 @pytest.mark.slow
 def test_the_page_cloaks_a_photo_and_offers_the_result(page: playwright.Page, tmp_path: Path) -> None:
     photo = a_photo(tmp_path)
@@ -105,6 +109,20 @@ def test_the_page_cloaks_a_photo_and_offers_the_result(page: playwright.Page, tm
     assert "SSIM" in page.text_content("#quality")
     assert page.text_content("#status").startswith("Done in")
     assert page.get_attribute("#after", "src").startswith("blob:")
+    # Each face's visibility against its cap, the loupe over both photos, the 1:1 view.
+    faces = page.locator("#visibility tbody tr").all_text_contents()
+    assert faces and all("JPEG q85" in row for row in faces)
+    page.locator("#after").hover()  # scrolled into view, the pointer over its centre
+    drawn = page.evaluate(
+        "() => ['loupe-before', 'loupe-after'].map((id) => { const c = document.getElementById(id);"
+        " const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let s = 0;"
+        " for (let i = 3; i < d.length; i += 4) s += d[i]; return s; })"
+    )
+    assert all(alpha > 0 for alpha in drawn)  # both loupes show pixels of their photo
+    page.check("#actual")
+    assert "actual" in (page.get_attribute("#pair", "class") or "")
+    if SCREENSHOT:
+        page.screenshot(path=SCREENSHOT, full_page=True)
 
     with page.expect_download() as pending:
         page.click("#download")
