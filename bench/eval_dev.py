@@ -25,7 +25,7 @@ from typing import Any
 from uncnn_rt.runtime import evaluate as ev
 from uncnn_rt.runtime import zoo
 from uncnn_rt.runtime.cloak import MODES, CloakSettings, default_recognizer_names, load_recognizers
-from uncnn_rt.runtime.plots import protection_bars, protection_vs_ssim
+from uncnn_rt.runtime.plots import protection_bars, protection_vs_flip, protection_vs_ssim
 
 SHORT = {"as_saved": "saved"}
 
@@ -234,7 +234,8 @@ def main() -> None:
     table.add_argument("reports", nargs="+", type=Path)
     brief = sub.add_parser("summary", help="one markdown row per mode and kind")
     brief.add_argument("reports", nargs="+", type=Path)
-    plot = sub.add_parser("plot", help="one protection-vs-SSIM figure over several reports")
+    plot = sub.add_parser("plot", help="one protection-vs-SSIM (or -FLIP) figure over several reports")
+    plot.add_argument("--flip", action="store_true", help="against the median face FLIP instead of SSIM")
     plot.add_argument("reports", nargs="+", type=Path)
     plot.add_argument("-o", "--output", type=Path, required=True)
     plot.add_argument("--bars", type=Path, metavar="DIR", help="also one per-recognizer bar chart per mode")
@@ -261,7 +262,7 @@ def main() -> None:
                 print()
     else:
         report = merged(args.reports)
-        print(protection_vs_ssim(report, args.output))
+        print((protection_vs_flip if args.flip else protection_vs_ssim)(report, args.output))
         if args.bars is not None:
             for mode in report["modes"]:
                 print(protection_bars(report, mode["mode"], args.bars / f"protection_{mode['mode']}.png"))
