@@ -503,7 +503,7 @@ def _visibility_table(
     title: str, ladder: dict[int, tuple[visibility.Visibility, ...]], rows: Sequence[ev.AttackQuality]
 ) -> Table:
     """Median (and worst) face FLIP, CIEDE2000, SSIM and PSNR: first each JPEG re-encode of the clean
-    photos, then each attack's saved cloaks, with the lowest JPEG quality whose medians they stay within."""
+    photos, then each attack's saved cloaks, with the highest JPEG quality whose medians they stay within."""
     table = Table(title=title, title_justify="left")
     for column in (
         "image",
@@ -539,7 +539,8 @@ def _visibility_row(
     equivalent = "-"
     if ladder is not None:
         within = [q for q, (lf, ld) in ladder.items() if flip <= lf and de <= ld]
-        equivalent = f"q{min(within)}" if within else f"> q{min(ladder)}"
+        # The finest re-encode the cloak is no more visible than (q85 beats q75).
+        equivalent = f"q{max(within)}" if within else f"> q{min(ladder)}"
     return [
         label,
         str(len(faces)),

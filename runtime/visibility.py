@@ -508,10 +508,10 @@ class RegionReport:
     jpeg: dict[int, Visibility]
 
     def jpeg_equivalent(self) -> int | None:
-        """The lowest ladder quality whose FLIP and CIEDE2000 mean the cloak does not exceed, or None
-        when it exceeds even the lowest's."""
+        """The highest ladder quality whose FLIP and CIEDE2000 mean the cloak does not exceed (the finest
+        re-encode it is no more visible than), or None when it exceeds even the lowest quality's."""
         met = [q for q, v in self.jpeg.items() if self.cloak.within(v)]
-        return min(met) if met else None
+        return max(met) if met else None
 
     def to_dict(self) -> dict[str, Any]:
         return {

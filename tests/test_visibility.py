@@ -178,3 +178,15 @@ def test_visibility_inputs_are_checked() -> None:
         visibility.measure(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 9, 3), np.uint8))
     with pytest.raises(InputError, match="RGB"):
         visibility.FlipReference(np.zeros((8, 8), np.uint8))
+
+
+def test_jpeg_equivalent_is_the_finest_reencode_the_cloak_stays_within() -> None:
+    v = visibility.Visibility
+    ladder = {
+        95: v(0.016, 0.46, 1.6, 0.99, 49.0),
+        85: v(0.033, 1.06, 2.7, 0.98, 41.0),
+        75: v(0.046, 1.5, 3.5, 0.96, 38),
+    }
+    assert visibility.RegionReport(v(0.03, 0.7, 1.9, 0.98, 42.0), ladder).jpeg_equivalent() == 85
+    assert visibility.RegionReport(v(0.04, 0.9, 2.5, 0.96, 38.0), ladder).jpeg_equivalent() == 75
+    assert visibility.RegionReport(v(0.07, 1.8, 5.8, 0.85, 30.0), ladder).jpeg_equivalent() is None
