@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cloak_latency import make_photo  # noqa: E402
+from cloak_latency import make_photo
 
-from uncnn_rt.runtime import cloak, imageio  # noqa: E402
+from uncnn_rt.runtime import cloak, imageio
 
 
 def main() -> None:
