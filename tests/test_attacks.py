@@ -6,6 +6,8 @@ zoo's manifest lists them.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from conftest import LinearGraph
@@ -35,6 +37,8 @@ from uncnn_rt.runtime.attacks import (
     Misclassified,
     ModelState,
     PastThresholds,
+    PerImage,
+    PerImageCap,
     Resize,
     ResizePad,
     SimilarityAbove,
@@ -335,6 +339,51 @@ def test_visibility_cap_holds_inside_the_loop_and_on_the_result(face: AttackSess
     change = float(np.abs(held.perturbation).mean())
     assert change <= 3.0 and change > 2.5  # held, and not by dropping the perturbation
     assert cap.seen == [pytest.approx(change)]
+
+
+def test_per_image_caps_hold_each_image_on_its_own(face: AttackSession) -> None:
+    """Two images in one batch, each with its own cap (or none): each is held to its own limit."""
+    crop = np.asarray(Image.fromarray(data.astronaut()[36:180, 153:297]).resize((40, 40)), np.float32)
+    x = np.stack([crop, crop[::-1].copy(), crop[:, ::-1].copy()])
+    victims = [_own(face, x)]
+    caps = (_MeanChangeCap(3.0), None, _MeanChangeCap(1.5))
+    held = PGD(eps=24, steps=10, cap=PerImageCap(caps), cap_every=3)(x, victims, quantize=True, seed=0)
+    change = np.abs(held.perturbation).mean(axis=(1, 2, 3))
+    assert 2.5 < change[0] <= 3.0
+    assert change[1] > 6.0  # no cap: the L-inf budget alone
+    assert 0.5 < change[2] <= 1.5
+    assert caps[0].seen == [pytest.approx(change[0])] and caps[2].seen == [pytest.approx(change[2])]
+    # With no random draw (BIM towards fixed targets), an image attacked alone ends where it does in
+    # the batch, but for the last bits of the model's arithmetic, which differ between batch sizes.
+    targets = np.random.default_rng(3).standard_normal((3, face.info.embedding_dim)).astype(np.float32)
+    targets /= np.linalg.norm(targets, axis=1, keepdims=True)
+    bim = BIM(eps=24, steps=10, cap=PerImageCap(caps), cap_every=3)
+    together = bim(x, [Victim(face, targets)], targeted=True, quantize=True)
+    solo = replace(bim, cap=_MeanChangeCap(1.5))
+    alone = solo(x[2:], [Victim(face, targets[2:])], targeted=True, quantize=True)
+    assert np.abs(alone.images[0] - together.images[2]).mean() < 0.05
+    with pytest.raises(InputError, match="3 caps for a batch of 1"):
+        PerImageCap(caps).bind(x[:1])
+
+
+def test_per_image_map_passes_the_dot_product_test_and_reads_only_each_extent() -> None:
+    rng = np.random.default_rng(2)
+    extents = [(20, 30), (32, 18), (9, 9)]
+    per = PerImage([Resize(e, (16, 16)) for e in extents], extents)
+    assert per.size == (32, 30)
+    x = rng.standard_normal((3, 32, 30, 3)).astype(np.float32)
+    y = rng.standard_normal((3, 16, 16, 3)).astype(np.float32)
+    lhs = np.vdot(per.forward(x).astype(np.float64), y)
+    rhs = np.vdot(x.astype(np.float64), per.adjoint(y))
+    assert lhs == pytest.approx(rhs, rel=1e-5)
+    back = per.adjoint(y)
+    for k, (h, w) in enumerate(extents):  # the padding is never read, so its gradient is 0
+        assert not back[k, h:].any() and not back[k, :, w:].any()
+        np.testing.assert_allclose(
+            per.forward(x)[k], Resize((h, w), (16, 16)).forward(x[k : k + 1, :h, :w])[0]
+        )
+    with pytest.raises(InputError, match="expected"):
+        per.forward(x[:2])
 
 
 def test_luminance_and_chroma_budgets(face: AttackSession) -> None:

@@ -13,7 +13,7 @@ Typical use::
     result.images, result.success["faceres"], result.history["faceres"]
 """
 
-from .base import AttackResult, BoundCap, GradientAttack, VisibilityCap
+from .base import AttackResult, BoundCap, GradientAttack, PerImageCap, VisibilityCap
 from .boosters import (
     EOT,
     Blur,
@@ -36,7 +36,7 @@ from .criteria import (
     default_criterion,
 )
 from .ensemble import Ensemble, Gradient, Victim
-from .linear import LinearMap, Resize, ResizePad, Upsample, resize_matrix
+from .linear import LinearMap, PerImage, Resize, ResizePad, Upsample, resize_matrix
 from .pgd import BIM, FGSM, IFGSM, L2PGD, MIFGSM, PGD, LinfPGD
 
 __all__ = [
@@ -64,6 +64,8 @@ __all__ = [
     "Misclassified",
     "ModelState",
     "PastThresholds",
+    "PerImage",
+    "PerImageCap",
     "Resize",
     "ResizePad",
     "SimilarityAbove",

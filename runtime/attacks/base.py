@@ -406,6 +406,54 @@ class BoundCap(ABC):
         """Called with the attack's final images (a place to keep the figures of the result)."""
 
 
+@dataclass(frozen=True)
+class PerImageCap(VisibilityCap):
+    """One cap per image of the batch (None: that image has none), e.g. each face of a group photo
+    against its own JPEG re-encode. Each image's cap binds to, and scores, that image alone."""
+
+    caps: tuple[VisibilityCap | None, ...]
+
+    def __post_init__(self) -> None:
+        live = [c for c in self.caps if c is not None]
+        object.__setattr__(self, "exponent", max((c.exponent for c in live), default=1.0))
+        object.__setattr__(self, "margin", max((c.margin for c in live), default=0.02))
+
+    def bind(self, x0: Float32Array) -> BoundCap:
+        if x0.shape[0] != len(self.caps):
+            raise InputError(f"PerImageCap has {len(self.caps)} caps for a batch of {x0.shape[0]} images")
+        return _BoundPerImage(
+            [None if c is None else c.bind(x0[k : k + 1]) for k, c in enumerate(self.caps)],
+            self.exponent,
+            self.margin,
+        )
+
+
+class _BoundPerImage(BoundCap):
+    def __init__(self, bound: list[BoundCap | None], exponent: float, margin: float) -> None:
+        self.bound, self.exponent, self.margin = bound, exponent, margin
+        self._zero = np.zeros(1, dtype=np.intp)
+
+    def _scores(self, images: Float32Array, idx: NDArray[np.intp], exact: bool) -> NDArray[np.float64]:
+        out = np.zeros(len(idx))
+        for k, i in enumerate(idx):
+            cap = self.bound[int(i)]
+            if cap is not None:
+                score = cap.exact if exact else cap.fast
+                out[k] = score(images[k : k + 1], self._zero)[0]
+        return out
+
+    def fast(self, images: Float32Array, idx: NDArray[np.intp]) -> NDArray[np.float64]:
+        return self._scores(images, idx, exact=False)
+
+    def exact(self, images: Float32Array, idx: NDArray[np.intp]) -> NDArray[np.float64]:
+        return self._scores(images, idx, exact=True)
+
+    def checked(self, images: Float32Array) -> None:
+        for k, cap in enumerate(self.bound):
+            if cap is not None:
+                cap.checked(images[k : k + 1])
+
+
 class _Budget:
     """The feasible set: L2 ball, per-pixel L-inf box (luminance and chroma apart when ``chroma`` < 1),
     pixel range [0, 255], SSIM floor, visibility cap, quantisation."""
@@ -733,12 +781,12 @@ def _coarse_basis(factor: float, size: tuple[int, int]) -> Upsample | None:
 
 
 def _mapped_size(input_map: LinearMap, x0: Float32Array) -> tuple[int, int]:
-    """``H x W`` of what ``input_map`` makes of one image (one probe forward, a few microseconds)."""
-    probe = input_map.forward(x0[:1])
-    if probe.ndim != 4 or probe.shape[0] != 1 or probe.shape[3] != x0.shape[3]:
+    """``H x W`` of what ``input_map`` makes of the images (one probe forward, once per attack call: a
+    map may treat each image differently, :class:`~.linear.PerImage`)."""
+    probe = input_map.forward(x0)
+    if probe.ndim != 4 or probe.shape[0] != x0.shape[0] or probe.shape[3] != x0.shape[3]:
         raise InputError(
-            "input_map must map [N, H, W, C] to [N, h, w, C], "
-            f"got {list(x0[:1].shape)} -> {list(probe.shape)}"
+            f"input_map must map [N, H, W, C] to [N, h, w, C], got {list(x0.shape)} -> {list(probe.shape)}"
         )
     return int(probe.shape[1]), int(probe.shape[2])
 

@@ -177,3 +177,43 @@ class ResizePad(LinearMap):
 def _check_hw(images: Float32Array, hw: tuple[int, int], what: str) -> None:
     if images.ndim != 4 or images.shape[1:3] != hw:
         raise InputError(f"{what}: expected [N, {hw[0]}, {hw[1]}, C], got {list(images.shape)}")
+
+
+class PerImage(LinearMap):
+    """Each image of a padded batch through its own map: ``[N, H, W, C]`` -> ``[N, h, w, C]``.
+
+    Image ``k`` holds its own ``extents[k]`` pixels in its top-left corner (the rest is padding that no
+    map reads, so its gradient is 0), and ``maps[k]`` takes those ``[1, h_k, w_k, C]`` to ``[1, h, w, C]``.
+    This lets one attack call run images of different sizes, e.g. the face regions of a group photo,
+    each with its own crop warp, through the victims as one batch.
+    """
+
+    def __init__(self, maps: list[LinearMap], extents: list[tuple[int, int]]) -> None:
+        if not maps or len(maps) != len(extents):
+            raise InputError(f"PerImage needs one extent per map, got {len(maps)} and {len(extents)}")
+        self.maps, self.extents = maps, extents
+        self.size = (max(h for h, _ in extents), max(w for _, w in extents))
+
+    def forward(self, images: Float32Array) -> Float32Array:
+        self._check(images)
+        return np.concatenate(
+            [m.forward(np.ascontiguousarray(images[k : k + 1, :h, :w])) for k, (m, (h, w)) in self._each()]
+        )
+
+    def adjoint(self, grad: Float32Array) -> Float32Array:
+        if grad.shape[0] != len(self.maps):
+            raise InputError(f"PerImage adjoint: expected {len(self.maps)} images, got {grad.shape[0]}")
+        out = np.zeros((grad.shape[0], *self.size, grad.shape[3]), np.float32)
+        for k, (m, (h, w)) in self._each():
+            out[k, :h, :w] = m.adjoint(np.ascontiguousarray(grad[k : k + 1]))[0]
+        return out
+
+    def _each(self) -> list[tuple[int, tuple[LinearMap, tuple[int, int]]]]:
+        return list(enumerate(zip(self.maps, self.extents, strict=True)))
+
+    def _check(self, images: Float32Array) -> None:
+        if images.ndim != 4 or images.shape[0] != len(self.maps) or images.shape[1:3] != self.size:
+            raise InputError(
+                f"PerImage: expected [{len(self.maps)}, {self.size[0]}, {self.size[1]}, C], "
+                f"got {list(images.shape)}"
+            )
