@@ -10,7 +10,9 @@ from __future__ import annotations
 import glob
 import json
 import math
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -245,7 +247,13 @@ def _suffix_matches(path: str, fmt: str) -> bool:
 
 @dataclass
 class _Models:
-    """The recognizers, detector and target of a run, loaded when the first photo has been decoded."""
+    """The recognizers, detector and target of a run.
+
+    :meth:`start` opens them on background threads (the recognizers on one, the detector on another)
+    while the first photo is decoded and prepared, so the first attack step comes sooner; :meth:`load`
+    waits for them and raises what loading raised. A run whose every input fails to decode never
+    waits: the threads are daemons, and an error exits at once.
+    """
 
     names: list[str] | None
     device: str
@@ -255,16 +263,43 @@ class _Models:
     detector: cloaking.Detector | None = None
     target: dict[str, Any] | None = None
     loaded: bool = False
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _errors: list[BaseException] = field(default_factory=list)
+
+    def start(self) -> None:
+        if self._threads or self.loaded:
+            return
+        jobs = [self._open_recognizers] + ([self._open_detector] if self.need_detector else [])
+        self._threads = [threading.Thread(target=self._catching(job), daemon=True) for job in jobs]
+        for thread in self._threads:
+            thread.start()
 
     def load(self) -> None:
         if self.loaded:
             return
-        self.recognizers = cloaking.load_recognizers(self.names, device=self.device)
-        if self.need_detector:
-            self.detector = cloaking.load_detector(device=self.device)
+        self.start()
+        for thread in self._threads:
+            thread.join()
+        if self._errors:
+            raise self._errors[0]
         if self.target_photo is not None:
             self.target = cloaking.target_embeddings(self.target_photo, self.recognizers, self.detector)
         self.loaded = True
+
+    def _catching(self, job: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                job()
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread by load()
+                self._errors.append(exc)
+
+        return run
+
+    def _open_recognizers(self) -> None:
+        self.recognizers = cloaking.load_recognizers(self.names, device=self.device)
+
+    def _open_detector(self) -> None:
+        self.detector = cloaking.load_detector(device=self.device)
 
 
 def cloak(
@@ -344,8 +379,9 @@ def cloak(
     device, quiet = _global(ctx)
     outcomes: list[Outcome] = []
     # Everything that can be checked without a model is checked first: options, every input's header,
-    # every output path. Models load only once a photo has been decoded, so a run that can only fail
-    # fails at once instead of after the models (seconds) or after a whole cloak (up to a minute).
+    # every output path, so a run that can only fail fails at once instead of after the models
+    # (seconds) or after a whole cloak (up to a minute). The models then open in the background while
+    # the first photo is decoded; a photo that fails to decode does not wait for them.
     with clean_errors():
         if face is not None and face < 1:
             raise InputError(f"--face counts from 1, got {face}")
@@ -365,6 +401,8 @@ def cloak(
             typer.echo(f"note: {note}", err=True)
     runs = _Models(names, device, not no_align or target_identity is not None, target_photo)
     todo = [f for f in files if f in planned]
+    if todo:
+        runs.start()
     console = Console(stderr=True)
     with clean_errors(), progress_bar(console, hidden=quiet or not todo) as progress:
         task = progress.add_task("cloaking", total=len(todo), detail="")
@@ -381,7 +419,7 @@ def cloak(
                 keep_location=keep_location,
                 runs=runs,
                 on_progress=lambda p, name=source.name: progress.update(
-                    task, detail=f"{name}: face {p.face}/{p.faces}, step {p.step}/{p.steps}"
+                    task, detail=f"{name}: {p.label}, step {p.step}/{p.steps}"
                 ),
             )
             outcomes.append(outcome)
@@ -416,12 +454,12 @@ def _cloak_one(
     """Cloak, save and verify one file; an input error becomes the outcome (nothing is written then)."""
     try:
         loaded = load_image(source)
+        # The visibility cap holds on the pixels as the output file will store them.
+        as_saved = lossy_round_trip(loaded, fmt=output_format(loaded, destination, out_format))
     except UncnnError as exc:
         return Outcome(str(source), error=str(exc), exit_code=exc.exit_code)
     runs.load()  # outside the per-file handling: a bad --models or a broken model concerns every input
     try:
-        # The visibility cap holds on the pixels as the output file will store them.
-        as_saved = lossy_round_trip(loaded, fmt=output_format(loaded, destination, out_format))
         result = cloaking.cloak_image(
             loaded,
             recognizers=runs.recognizers,

@@ -69,6 +69,8 @@ from .attacks import (
     Jpeg,
     LinearMap,
     PastThresholds,
+    PerImage,
+    PerImageCap,
     Resize,
     Transform,
     TranslationInvariance,
@@ -424,12 +426,21 @@ class CloakResult:
 
 @dataclass(frozen=True)
 class CloakProgress:
-    """A progress event: ``face`` of ``faces`` (1-based) is at ``step`` of at most ``steps``."""
+    """A progress event: ``face`` of ``faces`` (1-based) is at ``step`` of at most ``steps``; with
+    ``batch`` > 1, faces ``face`` to ``face + batch - 1`` are attacked together."""
 
     face: int
     faces: int
     step: int
     steps: int
+    batch: int = 1
+
+    @property
+    def label(self) -> str:
+        """``face 2/3`` or, for a batch, ``faces 1-6/6``."""
+        if self.batch <= 1:
+            return f"face {self.face}/{self.faces}"
+        return f"faces {self.face}-{self.face + self.batch - 1}/{self.faces}"
 
 
 ProgressCallback = Callable[[CloakProgress], None]
@@ -743,6 +754,13 @@ MIN_CAP: Final = visibility.Visibility(0.01, 0.25, 0.0, 1.0, math.inf)
 """The least cap a face gets, for faces so flat that their JPEG re-encode is all but lossless."""
 
 
+BATCH_FACES: Final = 8
+"""Most faces one batched attack call takes (:class:`_BatchRunner`)."""
+BATCH_PIXELS: Final = 1_500_000
+"""Most pixels (faces times the largest region's area) of one batched attack call. The loop keeps
+about a dozen float32 copies of its images, so a batch stays near 200 MB whatever the photo holds."""
+
+
 SEARCH_PIXELS: Final = 60_000
 """The in-loop cap samples a face region larger than this on every ``stride``-th row and column, so
 that one evaluation costs about as much as on a region of this size; the result is checked on every
@@ -794,6 +812,9 @@ class FaceCap(VisibilityCap):
     saved: Callable[[Uint8Array], Uint8Array] | None = field(default=None, compare=False)
     """The output encoder's round trip, applied to the attacked region before measuring (its blocks
     start on the JPEG grid, so they are the saved photo's), so the cap holds on the file as saved."""
+    extent: tuple[int, int] | None = None
+    """The attacked region's own ``H x W`` when its images come padded in a batch of larger ones
+    (:class:`~uncnn_rt.runtime.attacks.PerImage`): the padding is cut off before ``saved``."""
     exponent: float = 0.85  # FLIP grows about as c^0.7 (its colour error's power), CIEDE2000 as c
 
     def bind(self, x0: Float32Array) -> BoundCap:
@@ -819,6 +840,8 @@ class _BoundFaceCap(BoundCap):
         return max(flip / self.cap.flip, float(de.mean(dtype=np.float64)) / self.cap.ciede2000)
 
     def _face(self, image: Float32Array) -> Uint8Array:
+        if self.cap.extent is not None:
+            image = image[: self.cap.extent[0], : self.cap.extent[1]]
         pixels = image_ops.to_uint8(image)
         if self.cap.saved is not None:
             pixels = self.cap.saved(pixels)
@@ -887,6 +910,7 @@ def cloak_image(
     seed: int = 0,
     progress: ProgressCallback | None = None,
     saved: Callable[[Uint8Array], Uint8Array] | None = None,
+    faces_per_batch: int | None = None,
 ) -> CloakResult:
     """Cloak the faces of a decoded photo; see the module docstring for the method and the modes.
 
@@ -905,6 +929,9 @@ def cloak_image(
         progress: called after each attack step.
         saved: the pixels as the output file will hold them (encoded and decoded, e.g. a JPEG's); the
             visibility figures and caps are checked on them. Default: the pixels as they are (lossless).
+        faces_per_batch: most faces attacked together in one batched attack call (each keeps its own
+            reference, budget, momentum, early stop and cap; :class:`_BatchRunner`); 1 attacks them one
+            after another. Default :data:`BATCH_FACES`, within :data:`BATCH_PIXELS`.
 
     Raises:
         NoFaceError: no face found (and not ``no_align``).
@@ -933,34 +960,22 @@ def cloak_image(
     rng = np.random.default_rng(seed)
     attack = _attack(settings)
     targeted = target is not None
-    owned: dict[int, Float32Array] = {}  # per face, its share of the budget on its region
-    clean, references, outcomes, steps_run = {}, {}, {}, {}
-    for order, i in enumerate(chosen):
-        mask = _shaped(
-            _exclusive_mask(i, chosen, warps, regions[i], settings),
-            original,
-            regions[i],
-            visible[i],
-            settings,
-        )
-        owned[i] = mask
-        clean[i] = embed(original, sites[i], recognizers)
-        references[i] = clean[i] if target is None else {n: np.asarray(target[n], np.float32) for n in names}
-        victims = [Victim(r, references[i][r.name][None], name=r.name) for r in recognizers]
-        result = _on_face(attack, settings, warps[i], regions[i], limits[i], saved)(
-            photo[regions[i].slices][None].astype(np.float32),
-            victims,
-            targeted=targeted,
-            mask=mask,
-            quantize=True,
-            stop_when=PastThresholds(targeted=targeted, margin=settings.stop_margin),
-            seed=rng,
-            input_map=CropMap(warps[i], regions[i]),
-            luminance_only=loaded.is_grayscale,
-            on_step=_reporter(progress, order + 1, len(chosen), settings.steps),
-        )
-        photo[regions[i].slices] = result.to_uint8()[0]
-        outcomes[i], steps_run[i] = _outcomes(result, recognizers), int(result.steps[0])
+    clean = {i: embed(original, sites[i], recognizers) for i in chosen}
+    aimed = None if target is None else {n: np.asarray(target[n], np.float32) for n in names}
+    references = {i: clean[i] if aimed is None else aimed for i in chosen}
+    # Per face, its share of the budget on its region: every pixel belongs to at most one face.
+    owned = {}
+    for i in chosen:
+        mask = _exclusive_mask(i, chosen, warps, regions[i], settings)
+        owned[i] = _shaped(mask, original, regions[i], visible[i], settings)
+    run = _BatchRunner(
+        attack, settings, recognizers, original, targeted=targeted, saved=saved, rng=rng,
+        luminance_only=loaded.is_grayscale, progress=progress, faces_per_batch=faces_per_batch,
+    )  # fmt: skip
+    jobs = [_Job(i, warps[i], regions[i], owned[i], limits[i], references[i]) for i in chosen]
+    outcomes, steps_run = {}, dict.fromkeys(chosen, 0)
+    for job, (_, outcome, taken) in run(jobs, photo, settings.steps):
+        outcomes[job.face], steps_run[job.face] = outcome, taken
 
     # Recognizers align the cloaked photo themselves, and landmarks found on it differ a little from the
     # clean photo's. Each refinement round re-detects the faces as the verify step will and continues the
@@ -979,36 +994,20 @@ def cloak_image(
                 redo.append((i, moved))
         if not redo:
             break
-        for order, (i, moved) in enumerate(redo):
+        jobs = []
+        for i, moved in redo:
             warp = Warp(moved.crop_to_photo, (height, width), size)
             region = _union(regions[i], region_box(warp, height, width))
             fresh = _shaped(face_mask(warp, region, settings.feather), original, region, visible[i], settings)
-            mine = np.maximum(_paste(owned[i], regions[i], region), fresh)
+            earlier = _paste(owned[i], regions[i], region)
+            mine = np.maximum(earlier, fresh)
             for j in chosen:
                 if j != i and _overlaps(regions[j], region):
                     mine[_paste(owned[j], regions[j], region) > 0] = 0.0
-            own = (photo[region.slices].astype(np.float32) - original[region.slices]) * (
-                _paste(owned[i], regions[i], region)[..., None] > 0
-            )
-            victims = [Victim(r, references[i][r.name][None], name=r.name) for r in recognizers]
-            result = _on_face(
-                replace(attack, steps=settings.refine_steps), settings, warp, region, limits[i], saved
-            )(
-                (photo[region.slices] - own)[None].astype(np.float32),
-                victims,
-                targeted=targeted,
-                mask=mine,
-                quantize=True,
-                stop_when=PastThresholds(targeted=targeted, margin=settings.stop_margin),
-                seed=rng,
-                input_map=CropMap(warp, region),
-                luminance_only=loaded.is_grayscale,
-                on_step=_reporter(progress, order + 1, len(redo), settings.refine_steps),
-                init=own[None],
-            )
-            photo[region.slices] = result.to_uint8()[0]
+            jobs.append(_Job(i, warp, region, mine, limits[i], references[i], prior=earlier > 0))
             owned[i], regions[i] = mine, region
-            outcomes[i], steps_run[i] = _outcomes(result, recognizers), steps_run[i] + int(result.steps[0])
+        for job, (_, outcome, taken) in run(jobs, photo, settings.refine_steps):
+            outcomes[job.face], steps_run[job.face] = outcome, steps_run[job.face] + taken
 
     if settings.ssim_min is not None and any(
         _overlaps(regions[i], regions[j]) for a, i in enumerate(chosen) for j in chosen[a + 1 :]
@@ -1054,21 +1053,177 @@ def cloak_image(
     )
 
 
-def _reporter(progress: ProgressCallback | None, face: int, faces: int, steps: int) -> Callable[[int], None]:
-    def report(done: int) -> None:
-        if progress is not None:
-            progress(CloakProgress(face, faces, done, steps))
+@dataclass(frozen=True)
+class _Job:
+    """One face's share of an attack call: where it is attacked, with what budget, against what."""
 
-    return report
+    face: int
+    """Index of the face in the photo's detections."""
+    warp: Warp
+    region: Box
+    mask: Float32Array
+    """``[h, w]`` on ``region``: the face's share of the budget (0 where another face owns the pixel)."""
+    limits: FaceLimits | None
+    references: dict[str, Float32Array]
+    prior: NDArray[np.bool_] | None = None
+    """Where, on ``region``, the face's perturbation so far lies; the attack continues from it."""
 
 
-def _outcomes(result: AttackResult, recognizers: Sequence[AttackSession]) -> tuple[ModelOutcome, ...]:
+_Done = tuple[Uint8Array, tuple[ModelOutcome, ...], int]
+"""A job's result: its region's cloaked pixels, each recognizer's outcome, the steps it took."""
+
+
+class _BatchRunner:
+    """Runs the faces of a photo through the attack in batches: one call per batch, every face's crop
+    through each recognizer in one run per step.
+
+    Faces of one batch have regions of different sizes; each comes padded to the batch's largest
+    (edge pixels, zero budget) in the top-left corner of its image, and reaches the models through its
+    own crop warp (:class:`~uncnn_rt.runtime.attacks.PerImage`). The loop already keeps everything per
+    image: reference, budget, momentum, early stop, verdict; the visibility cap is each face's own
+    (:class:`~uncnn_rt.runtime.attacks.PerImageCap`). What a batch shares is the step's random draws
+    (one alignment jitter, one JPEG quality, one recognizer). Batches run one after another, each from
+    the photo as the batches before it left it; within a batch every face starts from the same photo.
+
+    A coarse grid (its step converts per face to photo pixels) and an SSIM floor (padding would count
+    in it) keep one face per call.
+    """
+
+    def __init__(
+        self,
+        attack: MIFGSM,
+        settings: CloakSettings,
+        recognizers: Sequence[AttackSession],
+        original: Uint8Array,
+        *,
+        targeted: bool,
+        saved: Callable[[Uint8Array], Uint8Array] | None,
+        rng: np.random.Generator,
+        luminance_only: bool,
+        progress: ProgressCallback | None,
+        faces_per_batch: int | None,
+    ) -> None:
+        if faces_per_batch is not None and faces_per_batch < 1:
+            raise InputError(f"faces_per_batch must be >= 1, got {faces_per_batch}")
+        self.attack, self.settings, self.recognizers, self.original = attack, settings, recognizers, original
+        self.targeted, self.saved, self.rng = targeted, saved, rng
+        self.luminance_only, self.progress = luminance_only, progress
+        batchable = settings.ssim_min is None and settings.coarse <= 1.0 and not settings.scales
+        self.most = (BATCH_FACES if faces_per_batch is None else faces_per_batch) if batchable else 1
+
+    def batches(self, jobs: Sequence[_Job]) -> list[list[_Job]]:
+        """Jobs packed in order into batches of at most ``most`` faces and :data:`BATCH_PIXELS` padded
+        pixels (a batch always takes at least one face)."""
+        out: list[list[_Job]] = []
+        for job in jobs:
+            if out:
+                last = [*out[-1], job]
+                h, w = max(j.region.height for j in last), max(j.region.width for j in last)
+                if len(last) <= self.most and len(last) * h * w <= BATCH_PIXELS:
+                    out[-1] = last
+                    continue
+            out.append([job])
+        return out
+
+    def __call__(self, jobs: Sequence[_Job], photo: Uint8Array, steps: int) -> list[tuple[_Job, _Done]]:
+        """Attack ``jobs`` for at most ``steps`` steps each, batch after batch: each batch starts from
+        ``photo`` as the batches before it left it, and pastes its faces' regions into it."""
+        done: list[tuple[_Job, _Done]] = []
+        batches = self.batches(jobs)
+        first = 1
+        for batch in batches:
+            results = self._run(batch, photo, steps, first, len(jobs))
+            for job, result in zip(batch, results, strict=True):
+                photo[job.region.slices] = result[0]
+                done.append((job, result))
+            first += len(batch)
+        return done
+
+    def _run(self, batch: list[_Job], photo: Uint8Array, steps: int, first: int, faces: int) -> list[_Done]:
+        settings, attack = self.settings, replace(self.attack, steps=steps)
+        starts, priors = [], []
+        for job in batch:
+            pixels = photo[job.region.slices].astype(np.float32)
+            prior = None
+            if job.prior is not None:
+                prior = (pixels - self.original[job.region.slices]) * job.prior[..., None]
+            starts.append(pixels if prior is None else pixels - prior)
+            priors.append(prior)
+        single = len(batch) == 1
+        if single:
+            job = batch[0]
+            attack = _on_face(attack, settings, job.warp, job.region, job.limits, self.saved)
+            input_map: LinearMap = CropMap(job.warp, job.region)
+            shape = (job.region.height, job.region.width)
+        else:
+            extents = [(j.region.height, j.region.width) for j in batch]
+            input_map = PerImage([CropMap(j.warp, j.region) for j in batch], extents)
+            shape = input_map.size
+            caps = tuple(
+                _face_cap(j.region, j.limits, self.saved, extent=(j.region.height, j.region.width))
+                for j in batch
+            )
+            attack = replace(attack, cap=None if all(c is None for c in caps) else PerImageCap(caps))
+        init = None
+        if any(p is not None for p in priors):
+            init = np.stack(
+                [
+                    _pad(np.zeros_like(s) if p is None else p, shape, "constant")
+                    for s, p in zip(starts, priors, strict=True)
+                ]
+            )
+        victims = [
+            Victim(r, np.stack([j.references[r.name] for j in batch]), name=r.name) for r in self.recognizers
+        ]
+        progress = self.progress
+
+        def report(step: int) -> None:
+            if progress is not None:
+                progress(CloakProgress(first, faces, step, steps, batch=len(batch)))
+
+        result = attack(
+            np.stack([_pad(s, shape, "edge") for s in starts]),
+            victims,
+            targeted=self.targeted,
+            mask=np.stack([_pad(j.mask, shape, "constant") for j in batch]),
+            quantize=True,
+            stop_when=PastThresholds(targeted=self.targeted, margin=settings.stop_margin),
+            seed=self.rng,
+            input_map=input_map,
+            luminance_only=self.luminance_only,
+            on_step=report,
+            init=init,
+        )
+        images = result.to_uint8()
+        return [
+            (
+                images[k, : j.region.height, : j.region.width],
+                _outcomes(result, self.recognizers, k),
+                int(result.steps[k]),
+            )
+            for k, j in enumerate(batch)
+        ]
+
+
+def _pad(values: NDArray[Any], shape: tuple[int, int], how: str) -> NDArray[Any]:
+    """``values`` (``[h, w]`` or ``[h, w, C]``) padded at the bottom and right to ``shape``: repeating the
+    edge pixels (``edge``) or with zeros (``constant``)."""
+    rows, cols = shape[0] - values.shape[0], shape[1] - values.shape[1]
+    if rows == 0 and cols == 0:
+        return values
+    width = ((0, rows), (0, cols)) + ((0, 0),) * (values.ndim - 2)
+    return np.asarray(np.pad(values, width, mode=how))  # type: ignore[call-overload]
+
+
+def _outcomes(
+    result: AttackResult, recognizers: Sequence[AttackSession], k: int = 0
+) -> tuple[ModelOutcome, ...]:
     return tuple(
         ModelOutcome(
             name=r.name,
             threshold=r.info.threshold,
-            similarity=float(result.objective[r.name][0]),
-            passed=bool(result.success[r.name][0]) if r.name in result.success else False,
+            similarity=float(result.objective[r.name][k]),
+            passed=bool(result.success[r.name][k]) if r.name in result.success else False,
         )
         for r in recognizers
     )
@@ -1167,8 +1322,8 @@ def _on_face(
 ) -> MIFGSM:
     """The attack with its coarse grid converted from crop pixels to this face's photo pixels, and
     this face's visibility cap on the attacked ``region`` (measured after ``saved``)."""
-    if limits is not None:
-        cap = FaceCap(_within(region, limits.region), limits.flip, limits.ciede2000, saved)
+    cap = _face_cap(region, limits, saved)
+    if cap is not None:
         attack = replace(attack, cap=cap)
     if settings.coarse <= 1.0 and not settings.scales:
         return attack
@@ -1178,6 +1333,19 @@ def _on_face(
         coarse=max(1.0, settings.coarse * scale),
         scales=tuple(max(1.0, c * scale) for c in settings.scales),
     )
+
+
+def _face_cap(
+    region: Box,
+    limits: FaceLimits | None,
+    saved: Callable[[Uint8Array], Uint8Array] | None,
+    *,
+    extent: tuple[int, int] | None = None,
+) -> FaceCap | None:
+    """The cap of :class:`FaceLimits` on an attack of ``region`` (None without limits)."""
+    if limits is None:
+        return None
+    return FaceCap(_within(region, limits.region), limits.flip, limits.ciede2000, saved, extent=extent)
 
 
 def _shaped(
