@@ -10,10 +10,12 @@ Per-attack device buffers live in a :class:`Stepper`, which one attack owns for 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal, NamedTuple
@@ -325,8 +327,7 @@ class AttackSession:
         self._lower = self.placement.primary == CPU_PROVIDER and optimization != "disable"
         source: Path | onnx.ModelProto = self.path
         if self._lower:
-            lowered, self.lowered = lower_for_cpu(self._load())
-            source = lowered if self.lowered else self.path
+            source, self.lowered = derived_graph(self.path, "cpu", lambda: lower_for_cpu(self._load()))
         try:
             self._session = self._open(source)
         except Exception as exc:  # onnxruntime raises bare RuntimeError subclasses for any load failure
@@ -412,10 +413,14 @@ class AttackSession:
         """
         with self._forward_lock:
             if self._forward_session is None:
-                model = prune_to_outputs(self._load(), (OUTPUT_FEATURES, OUTPUT_OBJECTIVE))
-                if self._lower:
-                    model, _ = lower_for_cpu(model)
-                self._forward_session = self._open(model)
+
+                def build() -> tuple[onnx.ModelProto, int]:
+                    model = prune_to_outputs(self._load(), (OUTPUT_FEATURES, OUTPUT_OBJECTIVE))
+                    return lower_for_cpu(model)[0] if self._lower else model, 1
+
+                kind = "forward-cpu" if self._lower else "forward"
+                source, _ = derived_graph(self.path, kind, build)
+                self._forward_session = self._open(source)
             return self._forward_session
 
     def _open(self, model: Path | onnx.ModelProto) -> ort.InferenceSession:
@@ -584,6 +589,93 @@ def prune_to_outputs(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.Mod
     del graph.initializer[:]
     graph.initializer.extend(initializers)
     return model
+
+
+CACHE_ENV: Final = "UNCNN_RT_CACHE"
+"""Folder of the derived-graph cache (:func:`derived_graph`); ``off`` turns it off. Default:
+``$XDG_CACHE_HOME/uncnn-rt/graphs``, else ``~/.cache/uncnn-rt/graphs``."""
+_DERIVED_VERSION: Final = 1
+"""Part of every cache key: raise it when :func:`lower_for_cpu` or :func:`prune_to_outputs` change what
+they make of a graph, so that no older rewrite is used."""
+
+
+def graph_cache_dir() -> Path | None:
+    """Where :func:`derived_graph` keeps its files, or None when :data:`CACHE_ENV` turns it off."""
+    text = os.environ.get(CACHE_ENV)
+    if text is not None:
+        return None if text.strip().lower() in ("", "off", "0", "none") else Path(text)
+    base = os.environ.get("XDG_CACHE_HOME")
+    return (Path(base) if base else Path.home() / ".cache") / "uncnn-rt" / "graphs"
+
+
+def derived_graph(
+    source: Path, kind: str, build: Callable[[], tuple[onnx.ModelProto, int]]
+) -> tuple[Path | onnx.ModelProto, int]:
+    """A rewrite of the graph at ``source`` (``kind`` names it: ``cpu``, ``forward``...), from the cache
+    when it holds one for this file, else ``build()``'s, written to the cache for the next process.
+
+    ``build`` returns the rewritten graph and how many rewrites it made (0: the file itself serves, and
+    is returned as its own path). Rewriting means loading the graph with the ``onnx`` package, whose
+    import alone costs about half a second (``ml_dtypes``), before protobuf surgery on megabytes of
+    weights; a cached rewrite is one file for onnxruntime to open. Entries are keyed by the source's
+    resolved path, size and modification time and :data:`_DERIVED_VERSION`; each is written to a
+    temporary name and renamed, so concurrent processes never read half a file. A cache that cannot be
+    written is skipped, and the rewrite is handed back as a graph.
+    """
+    folder = graph_cache_dir()
+    entry = None
+    if folder is not None:
+        stat = source.stat()
+        key = f"{_DERIVED_VERSION}|{kind}|{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        entry = folder / f"{source.stem}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.{kind}"
+        try:
+            note = json.loads(entry.with_suffix(entry.suffix + ".json").read_text())
+            count = int(note["rewrites"])
+            graph = entry.with_suffix(entry.suffix + ".onnx")
+            if count == 0:
+                return source, 0
+            if graph.is_file():
+                return graph, count
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    model, count = build()
+    if entry is None:
+        return (model if count else source), count
+    try:
+        import onnx
+
+        folder.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
+        graph = entry.with_suffix(entry.suffix + ".onnx")
+        if count:
+            _atomic(graph, lambda tmp: onnx.save(model, str(tmp)))
+        note_path = entry.with_suffix(entry.suffix + ".json")
+        _atomic(note_path, lambda tmp: tmp.write_text(json.dumps({"source": str(source), "rewrites": count})))
+        _forget_older(folder, source, kind, keep=note_path)  # type: ignore[arg-type]
+    except OSError:
+        return (model if count else source), count
+    return (graph if count else source), count
+
+
+def _forget_older(folder: Path, source: Path, kind: str, keep: Path) -> None:
+    """Remove the cache entries of earlier versions of ``source`` (a replaced or edited file)."""
+    for note in folder.glob(f"{source.stem}-*.{kind}.json"):
+        if note == keep:
+            continue
+        try:
+            if json.loads(note.read_text()).get("source") == str(source):
+                note.with_suffix(".onnx").unlink(missing_ok=True)
+                note.unlink(missing_ok=True)
+        except (OSError, ValueError, AttributeError):
+            continue
+
+
+def _atomic(path: Path, write: Callable[[Path], object]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def open_session(

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +31,14 @@ from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
 
 from uncnn_rt.runtime import contract
-from uncnn_rt.runtime.sessions import clear_session_cache
+from uncnn_rt.runtime.sessions import CACHE_ENV, clear_session_cache
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The derived-graph cache of this test run lives in a fresh folder (the CLI's subprocesses inherit
+    it), so tests neither read a user's ``~/.cache`` nor leave graphs of temporary models in it."""
+    if CACHE_ENV not in os.environ:
+        os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="uncnn-rt-test-cache-")
 
 
 @dataclass(frozen=True)

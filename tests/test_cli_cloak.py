@@ -10,6 +10,7 @@ import io
 import itertools
 import json
 import struct
+import threading
 import zlib
 from dataclasses import replace
 from pathlib import Path
@@ -342,13 +343,31 @@ def test_an_output_that_is_the_input_or_unwritable_is_refused_before_the_models_
 
 
 @pytest.mark.parametrize("name", sorted(BAD_INPUTS))
-def test_a_bad_input_fails_before_the_models_load(model_loads: list[str], tmp_path: Path, name: str) -> None:
+def test_a_bad_input_fails_without_waiting_for_the_models(
+    patched: FakeDetector, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str
+) -> None:
+    """The models open in the background while the photo decodes; a photo that cannot be decoded
+    fails while they are still loading (here: held until the command has returned)."""
+    gate, loaded = threading.Event(), threading.Event()
+    load = cloak_cmd.cloaking.load_recognizers
+
+    def held(names: list[str] | None = None, *, device: str = "auto") -> list[AttackSession]:
+        gate.wait(timeout=60)
+        try:
+            return load(names, device=device)
+        finally:
+            loaded.set()
+
+    monkeypatch.setattr(cloak_cmd.cloaking, "load_recognizers", held)
     make, _ = BAD_INPUTS[name]
     (tmp_path / name).write_bytes(make())
+    flat = name == "wall.png"  # a flat photo decodes fine; only the detector can tell it has no face
+    if flat:
+        gate.set()
     result = invoke("cloak", str(tmp_path / name))
     assert result.exit_code == 2, result.output
-    # A flat photo decodes fine; only the detector can tell it has no face.
-    assert model_loads == ([] if name != "wall.png" else ["recognizers"])
+    assert loaded.is_set() == flat
+    gate.set()
 
 
 def test_not_protected_names_the_faces_and_models_and_the_next_mode(

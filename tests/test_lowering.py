@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -135,3 +136,45 @@ def test_cpu_sessions_run_the_lowered_graph_with_the_files_results(prelu_attack_
 
 def test_disabled_optimisation_runs_the_file_as_it_is(prelu_attack_graph: Path) -> None:
     assert AttackSession(prelu_attack_graph, device="cpu", optimization="disable").lowered == 0
+
+
+def test_rewrites_are_cached_so_later_sessions_skip_the_onnx_work(
+    prelu_attack_graph: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first session writes its lowered graph and its forward-only graph to the cache; a later one
+    (another process, in real use) opens them without rewriting anything, with the same results. An
+    edited file gets fresh entries, and its old ones go."""
+    from uncnn_rt.runtime import sessions
+
+    monkeypatch.setenv(sessions.CACHE_ENV, str(tmp_path / "cache"))
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (2, 24, 24, 3)).astype(np.float32)
+    references = rng.standard_normal((2, 8)).astype(np.float32)
+    first = AttackSession(prelu_attack_graph, device="cpu")
+    expected, forward = first.run(images, references), first.features(images)
+    notes = sorted(p.name.split(".", 1)[1] for p in (tmp_path / "cache").glob("*.json"))
+    assert notes == ["cpu.json", "forward-cpu.json"]
+
+    def no_rewrites(*args: object) -> None:
+        raise AssertionError("rewrote a graph the cache holds")
+
+    monkeypatch.setattr(sessions, "lower_for_cpu", no_rewrites)
+    monkeypatch.setattr(sessions, "prune_to_outputs", no_rewrites)
+    again = AttackSession(prelu_attack_graph, device="cpu")
+    assert again.lowered == 2
+    np.testing.assert_array_equal(again.run(images, references).grad, expected.grad)
+    np.testing.assert_array_equal(again.features(images), forward)
+    monkeypatch.undo()
+
+    monkeypatch.setenv(sessions.CACHE_ENV, str(tmp_path / "cache"))
+    edited = tmp_path / "edited.onnx"
+    edited.write_bytes(prelu_attack_graph.read_bytes())
+    AttackSession(edited, device="cpu")
+    os.utime(edited, ns=(edited.stat().st_atime_ns, edited.stat().st_mtime_ns + 10**9))
+    AttackSession(edited, device="cpu")
+    assert len(list((tmp_path / "cache").glob("edited-*.cpu.json"))) == 1
+    assert len(list((tmp_path / "cache").glob("edited-*.cpu.onnx"))) == 1
+
+    monkeypatch.setenv(sessions.CACHE_ENV, "off")
+    assert sessions.graph_cache_dir() is None
+    assert AttackSession(prelu_attack_graph, device="cpu").lowered == 2
