@@ -290,7 +290,7 @@ class _Models:
         def run() -> None:
             try:
                 job()
-            except BaseException as exc:  # noqa: BLE001 - handed to the main thread by load()
+            except BaseException as exc:  # handed to the main thread by load()
                 self._errors.append(exc)
 
         return run
@@ -475,7 +475,12 @@ def _cloak_one(
         )
         start = time.perf_counter()
         written = save_image(
-            result.image, loaded, destination, format=out_format, strip_location=not keep_location
+            result.image,
+            loaded,
+            destination,
+            format=out_format,
+            quality=result.output_quality,
+            strip_location=not keep_location,
         )
         saving = time.perf_counter() - start
         report = verify(loaded, written, result, recognizers=runs.recognizers, detector=runs.detector)
@@ -509,10 +514,20 @@ def cloak_details(
         "schedule": settings.schedule,
         "schedule_floor": settings.schedule_floor,
         "models": list(result.models),
+        "output_quality": result.output_quality,
         "cloak_seconds": round(result.seconds + extra_seconds, 3),
         "steps_run": {f"face {f.number}": f.steps for f in result.faces},
-        "notes": list(loaded.notes),
+        "notes": list(loaded.notes) + _quality_note(result),
     }
+
+
+def _quality_note(result: cloaking.CloakResult) -> list[str]:
+    if result.output_quality is None:
+        return []
+    return [
+        f"written at quality {result.output_quality}: at the photo's own, the encoder alone would take more "
+        f"than {cloaking.ENCODER_SHARE:.0%} of a face's visibility cap, leaving the cloak no room"
+    ]
 
 
 def visibility_details(

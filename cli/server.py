@@ -585,7 +585,9 @@ def cloak_work(
     job.check()
     job.emit(Stage("verifying"))
     start = time.perf_counter()
-    data = encode_image(result.image, loaded, fmt=fmt, strip_location=not options.keep_location)
+    data = encode_image(
+        result.image, loaded, fmt=fmt, quality=result.output_quality, strip_location=not options.keep_location
+    )
     encoding = time.perf_counter() - start
     report = verify(loaded, data, result, recognizers=recognizers, detector=detector)
     filename = default_output_path(upload.filename, fmt).name

@@ -78,7 +78,7 @@ from .attacks import (
     VisibilityCap,
 )
 from .errors import InputError, ModelError
-from .imageio import LoadedImage
+from .imageio import LoadedImage, LossyOutput
 from .sessions import AttackSession, open_session
 from .warp import Box, Warp, feather_mask
 
@@ -418,6 +418,9 @@ class CloakResult:
     models: tuple[str, ...]
     crop_size: int
     seconds: float
+    output_quality: int | None = None
+    """The quality the output must be written at for the caps to hold (:func:`room_for_the_cloak`), or
+    None: the format's default for this photo (also when the output is lossless)."""
 
     @property
     def passed(self) -> bool:
@@ -754,6 +757,14 @@ MIN_CAP: Final = visibility.Visibility(0.01, 0.25, 0.0, 1.0, math.inf)
 """The least cap a face gets, for faces so flat that their JPEG re-encode is all but lossless."""
 
 
+ENCODER_SHARE: Final = 0.5
+"""Most of a face's cap (FLIP and CIEDE2000 each) that the output encoder's own loss may take: a lossy
+output whose round trip of the clean photo takes more is written at a higher quality
+(:func:`room_for_the_cloak`)."""
+OUTPUT_QUALITIES: Final = (90, 95, 98, 100)
+"""The higher qualities :func:`room_for_the_cloak` tries, in order."""
+
+
 BATCH_FACES: Final = 8
 """Most faces one batched attack call takes (:class:`_BatchRunner`)."""
 BATCH_PIXELS: Final = 1_500_000
@@ -794,6 +805,30 @@ def face_limits(original: Uint8Array, region: Box, settings: CloakSettings) -> F
     if settings.cap_ciede2000 is not None:
         de = min(de, settings.cap_ciede2000)
     return FaceLimits(region, flip, de, ref)
+
+
+def room_for_the_cloak(original: Uint8Array, limits: Sequence[FaceLimits], saved: LossyOutput) -> LossyOutput:
+    """``saved`` at the lowest quality, its own or one of :data:`OUTPUT_QUALITIES` above it, whose round
+    trip of the clean photo takes at most :data:`ENCODER_SHARE` of every face's cap (else the highest).
+
+    A cap is the photo's own JPEG re-encode at the mode's quality (and at most a CIEDE2000 mean of 1.3
+    in ``mid``). Written at a quality near that one, or a noisy photo written at q95, the file's own
+    encoding loss can take all of it: the cloak would have to be 0. Measured on strided samples of
+    each face region, like the in-loop cap."""
+    trial = saved
+    for quality in (saved.quality, *(q for q in OUTPUT_QUALITIES if q > saved.quality)):
+        trial = saved.at(quality)
+        shown = trial(original)
+        if all(_encoder_fits(original, shown, lim) for lim in limits):
+            return trial
+    return trial
+
+
+def _encoder_fits(original: Uint8Array, shown: Uint8Array, limits: FaceLimits) -> bool:
+    region = limits.region
+    stride = visibility.search_stride(region.height, region.width, SEARCH_PIXELS)
+    flip, de = visibility.colour_difference(original[region.slices], shown[region.slices], stride=stride)
+    return flip <= ENCODER_SHARE * limits.flip and de <= ENCODER_SHARE * limits.ciede2000
 
 
 @dataclass(frozen=True)
@@ -955,6 +990,11 @@ def cloak_image(
     regions = {i: region_box(warps[i], height, width) for i in chosen}
     visible = {i: visible_region(sites[i], regions[i], original.shape) for i in chosen}
     limits = {i: face_limits(original, visible[i], settings) for i in chosen}
+    output_quality = None
+    if isinstance(saved, LossyOutput):
+        roomy = room_for_the_cloak(original, [lim for lim in limits.values() if lim is not None], saved)
+        if roomy.quality != saved.quality:
+            saved, output_quality = roomy, roomy.quality
 
     photo = original.copy()
     rng = np.random.default_rng(seed)
@@ -1050,6 +1090,7 @@ def cloak_image(
         models=tuple(names),
         crop_size=size,
         seconds=time.perf_counter() - start,
+        output_quality=output_quality,
     )
 
 

@@ -534,9 +534,10 @@ def default_conditions(jpeg_quality: int = 75, downscale: float = 0.5) -> tuple[
     return as_saved_condition(), jpeg_condition(jpeg_quality), downscale_condition(downscale)
 
 
-def saved_pixels(pixels: Uint8Array, like: LoadedImage) -> Uint8Array:
-    """``pixels`` encoded as ``uncnn-rt cloak`` saves them for ``like`` (its format), and decoded."""
-    data = encode_image(pixels, like, fmt=output_format(like))
+def saved_pixels(pixels: Uint8Array, like: LoadedImage, quality: int | None = None) -> Uint8Array:
+    """``pixels`` encoded as ``uncnn-rt cloak`` saves them for ``like`` (its format, at ``quality`` when
+    the cloak chose one), and decoded."""
+    data = encode_image(pixels, like, fmt=output_format(like), quality=quality)
     return load_image(data, name=like.name).rgb
 
 
@@ -987,6 +988,8 @@ class Cloaked:
 
     image: Uint8Array = field(repr=False)
     steps: float | None = None
+    quality: int | None = None
+    """The quality the cloak must be saved at (:attr:`~.cloak.CloakResult.output_quality`), if it chose."""
 
 
 class CloakFunction(Protocol):
@@ -1018,7 +1021,7 @@ def cloak_function(
             saved=lossy_round_trip(photo, fmt=output_format(photo)),
         )
         steps = float(np.mean([f.steps for f in result.faces])) if result.faces else None
-        return Cloaked(result.image, steps)
+        return Cloaked(result.image, steps, result.output_quality)
 
     return run
 
@@ -1256,7 +1259,7 @@ def _evaluate_mode(
             seconds += time.perf_counter() - start
             if result.steps is not None:
                 steps.append(result.steps)
-            saved = saved_pixels(result.image, photo.image)
+            saved = saved_pixels(result.image, photo.image, result.quality)
             ssim, psnr = image_quality(photo.image.rgb, saved)
             ssims.append(ssim)
             psnrs.append(psnr)
@@ -1368,7 +1371,7 @@ def evaluate_group_photos(
             seconds += time.perf_counter() - start
             if result.steps is not None:
                 steps.append(result.steps)
-            saved = saved_pixels(result.image, photo)
+            saved = saved_pixels(result.image, photo, result.quality)
             ssim, psnr = image_quality(photo.rgb, saved)
             ssims.append(ssim)
             psnrs.append(psnr)

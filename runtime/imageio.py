@@ -38,8 +38,7 @@ import stat
 import struct
 import warnings
 import zlib
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -684,32 +683,40 @@ def jpeg_output_quality(like: LoadedImage) -> int:
     return min(max(like.jpeg_quality, low), high)
 
 
-def lossy_round_trip(
-    like: LoadedImage, *, fmt: str, quality: int | None = None
-) -> Callable[[NDArray[np.uint8]], NDArray[np.uint8]] | None:
-    """What :func:`encode_image` loses, as a function of pixels ``[h, w, 3]`` (any piece of the photo
-    whose top-left corner lies on the 16-pixel JPEG grid gets the saved file's blocks), or None for a
-    lossless output. Metadata, alpha and grey conversion are left out: they do not change the RGB a
+@dataclass(frozen=True)
+class LossyOutput:
+    """What :func:`encode_image` loses when it writes ``format`` at ``quality``, as a function of pixels
+    ``[h, w, 3]``: any piece of the photo whose top-left corner lies on the 16-pixel JPEG grid gets the
+    saved file's blocks. Metadata, alpha and grey conversion are left out: they do not change the RGB a
     viewer sees of an opaque colour photo."""
-    name = normalise_format(fmt)
-    if name == "JPEG":
-        # The quality and chroma of encode_image; progressive and optimised coding change no pixel.
-        params: dict[str, Any] = {
-            "quality": _quality(quality, jpeg_output_quality(like), 1, 100),
-            "subsampling": 0,
-        }
-    elif name == "WEBP" and not (quality is None and like.lossless):
-        params = {"quality": _quality(quality, DEFAULT_WEBP_QUALITY, 0, 100)}
-    else:
-        return None
 
-    def round_trip(pixels: NDArray[np.uint8]) -> NDArray[np.uint8]:
+    format: str
+    quality: int
+
+    def __call__(self, pixels: NDArray[np.uint8]) -> NDArray[np.uint8]:
+        # The quality and chroma of encode_image; progressive and optimised coding change no pixel.
+        params: dict[str, Any] = {"quality": self.quality}
+        if self.format == "JPEG":
+            params["subsampling"] = 0
         buffer = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(pixels), mode="RGB").save(buffer, format=name, **params)
+        Image.fromarray(np.ascontiguousarray(pixels), mode="RGB").save(buffer, format=self.format, **params)
         with Image.open(io.BytesIO(buffer.getvalue())) as decoded:
             return np.asarray(decoded.convert("RGB"), dtype=np.uint8)
 
-    return round_trip
+    def at(self, quality: int) -> LossyOutput:
+        """The same output at another quality."""
+        return replace(self, quality=_quality(quality, self.quality, 1 if self.format == "JPEG" else 0, 100))
+
+
+def lossy_round_trip(like: LoadedImage, *, fmt: str, quality: int | None = None) -> LossyOutput | None:
+    """The loss of writing ``like``'s cloak as ``fmt`` (at ``quality``, else :func:`encode_image`'s
+    default for ``like``), or None for a lossless output."""
+    name = normalise_format(fmt)
+    if name == "JPEG":
+        return LossyOutput(name, _quality(quality, jpeg_output_quality(like), 1, 100))
+    if name == "WEBP" and not (quality is None and like.lossless):
+        return LossyOutput(name, _quality(quality, DEFAULT_WEBP_QUALITY, 0, 100))
+    return None
 
 
 def save_image(

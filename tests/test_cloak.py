@@ -68,12 +68,12 @@ def similarity(scale: float, angle_deg: float, tx: float, ty: float) -> NDArray[
     return np.array([[scale * c, -scale * s, tx], [scale * s, scale * c, ty]])
 
 
-def encode(array: NDArray[np.uint8], fmt: str = "PNG", mode: str | None = None) -> bytes:
+def encode(array: NDArray[np.uint8], fmt: str = "PNG", mode: str | None = None, **params: object) -> bytes:
     image = Image.fromarray(array)
     if mode is not None:
         image = image.convert(mode)
     buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
+    image.save(buffer, format=fmt, **params)
     return buffer.getvalue()
 
 
@@ -603,6 +603,33 @@ def test_mid_cap_holds_on_the_saved_astronaut(tmp_path: Path) -> None:
     q75 = visibility.envelope(visibility.region_ladder(loaded.rgb, region))[75]
     assert limits.flip == pytest.approx(q75.flip, rel=0.03)
     assert limits.ciede2000 == pytest.approx(min(q75.ciede2000_mean, 1.3), rel=0.03)
+
+
+@pytest.mark.slow
+def test_a_low_quality_jpeg_is_written_at_a_quality_that_leaves_the_cloak_room(tmp_path: Path) -> None:
+    """A q60 JPEG saved at its own quality (75 at least) loses as much to the encoder as its whole mid
+    cap allows, so a cloak held to the cap would be 0. The cloak chooses a higher quality, whose loss
+    takes at most ENCODER_SHARE of the cap, and the file written at it holds a real cloak within the cap."""
+    recognizers, detector = _shipped()
+    loaded = load_image(encode(data.astronaut(), "JPEG", quality=60), name="astronaut.jpg")
+    saved = lossy_round_trip(loaded, fmt="JPEG")
+    assert saved is not None and saved.quality == 75
+    region = visibility.face_region(detector.detect(loaded.rgb)[0].box, loaded.rgb.shape)
+    limits = cloak.face_limits(loaded.rgb, region, cloak.MODES["mid"])
+    assert limits is not None
+    own = visibility.colour_difference(loaded.rgb[region.slices], saved(loaded.rgb)[region.slices])
+    assert own[1] > 0.9 * limits.ciede2000  # at q75 the encoder takes (nearly) all of the cap
+    result = cloak.cloak_image(loaded, recognizers=recognizers, detector=detector, mode="mid", saved=saved)
+    assert result.output_quality is not None and result.output_quality > 75
+    written = load_image(
+        save_image(result.image, loaded, tmp_path / "a.jpg", quality=result.output_quality)
+    ).rgb
+    figures = visibility.measure(loaded.rgb[region.slices], written[region.slices])
+    assert figures.flip <= limits.flip and figures.ciede2000_mean <= limits.ciede2000
+    clean = load_image(save_image(loaded.rgb, loaded, tmp_path / "c.jpg", quality=result.output_quality)).rgb
+    encoder = visibility.colour_difference(loaded.rgb[region.slices], clean[region.slices])
+    assert encoder[0] <= cloak.ENCODER_SHARE * limits.flip * 1.1  # strided estimate in the choice
+    assert figures.flip > 1.3 * encoder[0]  # the file holds a cloak, not just its own re-encode
 
 
 COLOUR = SHARED / "faces" / "colour"

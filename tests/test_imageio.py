@@ -455,6 +455,25 @@ def test_jpeg_output_quality_is_kept_in_range() -> None:
     assert imageio.jpeg_output_quality(png) == imageio.DEFAULT_JPEG_QUALITY
 
 
+@pytest.mark.parametrize(("fmt", "source"), [("JPEG", "JPEG"), ("WEBP", "JPEG"), ("PNG", "PNG")])
+def test_the_lossy_round_trip_is_what_the_written_file_holds(fmt: str, source: str) -> None:
+    rgb = astronaut()[100:260, 150:310]
+    loaded = imageio.load_image(encode(Image.fromarray(rgb), source, quality=80), name="me.jpg")
+    cloaked = np.clip(loaded.rgb.astype(int) + np.random.default_rng(1).integers(-3, 4, rgb.shape), 0, 255)
+    cloaked = cloaked.astype(np.uint8)
+    saved = imageio.lossy_round_trip(loaded, fmt=fmt)
+    if fmt == "PNG":
+        assert saved is None
+        return
+    assert saved is not None and saved.format == fmt
+    for output in (saved, saved.at(97)):
+        written = imageio.encode_image(cloaked, loaded, fmt=fmt, quality=output.quality)
+        np.testing.assert_array_equal(output(cloaked), imageio.load_image(written).rgb)
+    assert saved.quality == (80 if fmt == "JPEG" else imageio.DEFAULT_WEBP_QUALITY)
+    with pytest.raises(InputError, match="quality must be in"):
+        saved.at(101)
+
+
 def test_pixels_are_rounded_and_checked() -> None:
     loaded = imageio.load_image(encode(Image.fromarray(astronaut()[:16, :16]), "PNG"), name="a.png")
     noisy = loaded.rgb.astype(np.float32) + np.float32(0.49)
