@@ -31,8 +31,15 @@ SHORT = {"as_saved": "saved"}
 
 
 def _pct(rate: dict[str, Any]) -> str:
-    value = rate["rate"]
-    return "-" if value is None else f"{100 * value:.1f}% ({rate['protected']}/{rate['of']})"
+    value, hits = rate["rate"], rate.get("protected", rate.get("unlinked"))
+    return "-" if value is None else f"{100 * value:.1f}% ({hits}/{rate['of']})"
+
+
+def _protocols(report: dict[str, Any]) -> tuple[str, ...]:
+    """P1 and P2, and P3 in reports that have it (written since linkability was measured)."""
+    first = report["modes"][0]["summary"]
+    conditions = next(iter(first.values()))["conditions"] if first else {}
+    return tuple(p for p in ("p1", "p2", "p3") if all(p in c for c in conditions.values()))
 
 
 def _short(name: str) -> str:
@@ -58,12 +65,13 @@ def mode_table(report: dict[str, Any], mode: dict[str, Any]) -> str:
             "",
         ]
     header = ["rows", "eligible"]
-    header += [f"P1 {_short(c)}" for c in conditions] + [f"P2 {_short(c)}" for c in conditions]
+    protocols = _protocols(report)
+    header += [f"{p.upper()} {_short(c)}" for p in protocols for c in conditions]
     header += ["mean SSIM", "s/photo", "self-sim"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for kind, summary in mode["summary"].items():
         cells = [f"**{kind} (pooled)**", ""]
-        cells += [_pct(summary["conditions"][c][p]) for p in ("p1", "p2") for c in conditions]
+        cells += [_pct(summary["conditions"][c][p]) for p in protocols for c in conditions]
         attacks = [q for q in mode["quality"] if _kind_of(mode, q["attack"]) == kind]
         seconds = sum(q["seconds_per_photo"] for q in attacks) / max(len(attacks), 1)
         cells += [f"{summary['ssim_mean']:.4f}", f"{seconds:.1f}", ""]
@@ -79,7 +87,7 @@ def mode_table(report: dict[str, Any], mode: dict[str, Any]) -> str:
         per = score["conditions"]
         sim = per["as_saved"]["mean_self_similarity"]
         cells = [name, str(score["eligible"])]
-        cells += [_pct(per[c][p]) for p in ("p1", "p2") for c in conditions]
+        cells += [_pct(per[c][p]) for p in protocols for c in conditions]
         cells += [
             f"{q['ssim_mean']:.4f}",
             f"{q['seconds_per_photo']:.1f}",
@@ -131,7 +139,8 @@ def summary_rows(paths: list[Path]) -> str:
         conditions = [c["name"] for c in report["conditions"]]
         if not out:
             head = ["run", "eps", "steps", "SSIM floor", "scored"]
-            head += [f"{p.upper()} {_short(c)}" for p in ("p1", "p2") for c in conditions]
+            protocols = _protocols(report)
+            head += [f"{p.upper()} {_short(c)}" for p in protocols for c in conditions]
             head += ["mean SSIM", "s/photo"]
             out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for mode in report["modes"]:
@@ -151,7 +160,7 @@ def summary_rows(paths: list[Path]) -> str:
                 ]
                 cells += [
                     "-" if (r := summary["conditions"][c][p]["rate"]) is None else f"{100 * r:.1f}%"
-                    for p in ("p1", "p2")
+                    for p in protocols
                     for c in conditions
                 ]
                 cells += [f"{summary['ssim_mean']:.3f}", f"{seconds:.1f}"]

@@ -3,8 +3,9 @@
 Runs ``uncnn-rt eval``'s protocol (runtime/evaluate.py) on the first identities of
 ``../shared/faces/colour`` (``--limit`` photos, whole identities), as saved and after JPEG 75, with a
 mode's settings changed by a JSON object of ``CloakSettings`` fields, and prints one JSON line: pooled
-white-box and leave-one-out P1/P2 as ``[protected, eligible]``, the median (and worst) face FLIP and
-CIEDE2000 mean of the saved white-box cloaks, the same photos' JPEG ladder, and seconds per photo.
+white-box and leave-one-out P1/P2 as ``[protected, eligible]`` and P3 as ``[unlinked, eligible]``, the
+median (and worst) face FLIP and CIEDE2000 mean of the saved white-box cloaks, the same photos' JPEG
+ladder, and seconds per photo.
 ``bench/RESULTS.md`` (run 15) lists the probes behind the modes' recipe.
 
 Usage::
@@ -73,7 +74,7 @@ def main() -> None:
     }
     for kind, summary in mode["summary"].items():
         out[kind] = {
-            condition: {p: (r[p]["protected"], r[p]["of"]) for p in ("p1", "p2")}
+            condition: {p: (r[p]["unlinked" if p == "p3" else "protected"], r[p]["of"]) for p in ev.PROTOCOLS}
             for condition, r in summary["conditions"].items()
         }
     white = mode["quality"][0]["visibility"]

@@ -41,7 +41,10 @@ P1 (probe cloaked): the cloaked photo searched against everyone's clean photos.
 P2 (gallery cloaked): the clean photo searched against a gallery in which the other photos of its
 identity are cloaked and everyone else's are clean.
 
-Both are measured on the cloaked file as saved, after JPEG re-encoding (--jpeg) and after a downscale
+P3 (linkability): the cloaked photo searched against everyone's other cloaked photos, as a tracker
+that collects only cloaked photos would; a photo is unlinked when it no longer finds its identity.
+
+All three are measured on the cloaked file as saved, after JPEG re-encoding (--jpeg) and after a downscale
 and back up (--downscale), each re-embedded through the same face pipeline. White-box: cloaked with
 the ensemble, scored on each member. Leave-one-out transfer: cloaked without member m, scored on m.
 External: other shipped recognizers and --evaluator, scored on the white-box cloaks (a duplicate of
@@ -364,12 +367,12 @@ def print_report(report: ev.EvalReport, console: Console | None = None) -> None:
     for column in ("role", "threshold", "recognized clean"):
         table.add_column(column, justify="left" if column == "role" else "right")
     for c in names[1:]:
-        table.add_column(f"control P1/P2\n{_short(c, described)}", justify="right")
+        table.add_column(f"control P1/P2/P3\n{_short(c, described)}", justify="right")
     for e in report.evaluators:
         role = "ensemble" if e.in_ensemble else "external"
         if e.duplicate_of:
             role += f", = {e.duplicate_of} (not independent)"
-        cells = [_pct(e.controls[c][0]) + " / " + _pct(e.controls[c][1]) for c in names[1:]]
+        cells = [" / ".join(_pct(rate) for rate in e.controls[c]) for c in names[1:]]
         table.add_row(
             e.name,
             role,
@@ -401,7 +404,8 @@ def _print_mode(
     )
 
     table = Table(
-        title="Protection: share of photos recognized when clean that no longer are", title_justify="left"
+        title="Protection: share of photos recognized when clean that no longer are (P3: unlinked)",
+        title_justify="left",
     )
     _name_column(table, "evaluator", [_evaluator_label(s) for s in mode.scores])
     for column in ("kind", "cloaked with", "eligible"):
@@ -415,7 +419,7 @@ def _print_mode(
         for s in scores:
             label = s.evaluator + (f" (= {s.duplicate_of})" if s.duplicate_of else "")
             attack = "ensemble" if s.attack == ev.WHITE_BOX_LABEL else s.attack
-            cells = [_pct(getattr(s.conditions[c], p)) for p in ev.PROTOCOLS for c in names]
+            cells = [_pct(s.conditions[c].rate(p)) for p in ev.PROTOCOLS for c in names]
             sim = s.conditions[names[0]].self_similarity
             table.add_row(
                 label,

@@ -83,10 +83,13 @@ Uint8Array = NDArray[np.uint8]
 SCHEMA: Final = "uncnn-rt.eval/1"
 IMAGE_SUFFIXES: Final = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".tif", ".tiff", ".bmp")
 AS_SAVED: Final = "as_saved"
-PROTOCOLS: Final = ("p1", "p2")
+PROTOCOLS: Final = ("p1", "p2", "p3")
 Kind = Literal["white-box", "leave-one-out", "external"]
 KINDS: Final[tuple[Kind, ...]] = ("white-box", "leave-one-out", "external")
 WHITE_BOX_LABEL: Final = "white-box"
+
+_WORD: Final = {"p1": "protected", "p2": "protected", "p3": "unlinked"}
+"""What a probe that the protocol no longer matches is called in reports."""
 
 PROTOCOL_TEXT: Final = {
     "recognized": "the nearest other gallery photo (cosine) is the same identity and its similarity is at "
@@ -94,6 +97,9 @@ PROTOCOL_TEXT: Final = {
     "p1": "probe cloaked: the cloaked photo vs every clean photo except its own clean original",
     "p2": "gallery cloaked: the clean photo vs a gallery where the other photos of its identity are "
     "their cloaked versions and everyone else's are clean",
+    "p3": "linkability: the cloaked photo vs everyone else's cloaked photos (a tracker that collects only "
+    "cloaked photos); a probe counts as unlinked when its nearest cloaked photo is not the same identity "
+    "at the threshold; under a condition both sides are transformed",
     "conditions": "the cloaked photo as saved (input's format), then JPEG of the saved pixels, then a "
     "downscale of the saved pixels and back to full size (bilinear); each re-embedded through the same "
     "face pipeline; only cloaked photos are transformed",
@@ -590,13 +596,15 @@ class ProtocolOutcome:
     """Recognized when clean (and a face was found in the clean photo)."""
     p1_recognized: NDArray[np.bool_]
     p2_recognized: NDArray[np.bool_]
+    p3_recognized: NDArray[np.bool_]
+    """The cloaked probe matched the same identity among the other cloaked photos (linked)."""
     lost: NDArray[np.bool_]
     """No face found in the cloaked photo."""
     self_similarity: Float64Array
     """Cosine of the cloaked probe to its own clean embedding (NaN when lost)."""
 
     def protection(self, protocol: str) -> Rate:
-        still = self.p1_recognized if protocol == "p1" else self.p2_recognized
+        still = {"p1": self.p1_recognized, "p2": self.p2_recognized, "p3": self.p3_recognized}[protocol]
         return Rate(int(np.sum(self.eligible & ~still)), int(np.sum(self.eligible)))
 
 
@@ -607,7 +615,7 @@ def run_protocols(
     threshold: float,
     probes: Sequence[int],
 ) -> ProtocolOutcome:
-    """P1 and P2 for ``probes`` (indices into the dataset).
+    """P1, P2 and P3 for ``probes`` (indices into the dataset).
 
     Args:
         clean: ``[N, D]`` unit embeddings of the clean photos (NaN rows: no face found).
@@ -633,9 +641,11 @@ def run_protocols(
     eligible = baseline & np.isfinite(c[index]).all(axis=1)
     p1 = recognized(excluding_self(x[index] @ c.T), own, labels, threshold)
     p2 = recognized(excluding_self(np.where(same, c[index] @ x.T, clean_sims)), own, labels, threshold)
+    # Photos never cloaked (NaN rows, e.g. identities left out by a limit) are not in P3's gallery.
+    p3 = recognized(excluding_self(x[index] @ x.T), own, labels, threshold)
     lost = np.asarray(~np.isfinite(x[index]).all(axis=1), np.bool_)
     self_similarity = np.einsum("nd,nd->n", x[index], c[index])
-    return ProtocolOutcome(tuple(int(i) for i in index), eligible, p1, p2, lost, self_similarity)
+    return ProtocolOutcome(tuple(int(i) for i in index), eligible, p1, p2, p3, lost, self_similarity)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -657,11 +667,17 @@ class ConditionScore:
     lost: int
     self_similarity: float | None
     """Mean cosine of the eligible cloaked probes to their own clean embeddings."""
+    p3: Rate = Rate(0, 0)
+    """Probes unlinked: not matched to their identity among the other cloaked photos."""
+
+    def rate(self, protocol: str) -> Rate:
+        return {"p1": self.p1, "p2": self.p2, "p3": self.p3}[protocol]
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "p1": self.p1.to_dict(),
             "p2": self.p2.to_dict(),
+            "p3": self.p3.to_dict("unlinked"),
             "lost_faces": self.lost,
             "mean_self_similarity": _round(self.self_similarity),
         }
@@ -798,7 +814,7 @@ def pooled(scores: Sequence[Score], condition: str, protocol: str) -> Rate:
     total = Rate(0, 0)
     for s in scores:
         c = s.conditions[condition]
-        total = total + (c.p1 if protocol == "p1" else c.p2)
+        total = total + c.rate(protocol)
     return total
 
 
@@ -892,7 +908,9 @@ class ModeReport:
             out[kind] = {
                 "evaluators": [s.evaluator for s in scores],
                 "ssim_mean": _round(_weighted_ssim(quality)),
-                "conditions": {c: {p: pooled(scores, c, p).to_dict() for p in PROTOCOLS} for c in conditions},
+                "conditions": {
+                    c: {p: pooled(scores, c, p).to_dict(_WORD[p]) for p in PROTOCOLS} for c in conditions
+                },
             }
         return out
 
@@ -921,7 +939,7 @@ class EvaluatorInfo:
     baseline: Rate
     """Photos recognized when clean (of the photos with a face)."""
     no_face: int
-    controls: dict[str, tuple[Rate, Rate]]
+    controls: dict[str, tuple[Rate, Rate, Rate]]
     """Per condition, (P1, P2) protection of the transform alone (uncloaked photos), over the probes."""
 
     def to_dict(self) -> dict[str, Any]:
@@ -932,7 +950,10 @@ class EvaluatorInfo:
             "duplicate_of": self.duplicate_of,
             "baseline": self.baseline.to_dict("recognized"),
             "no_face": self.no_face,
-            "control": {c: {"p1": p1.to_dict(), "p2": p2.to_dict()} for c, (p1, p2) in self.controls.items()},
+            "control": {
+                c: {p: r.to_dict(_WORD[p]) for p, r in zip(PROTOCOLS, rates, strict=True)}
+                for c, rates in self.controls.items()
+            },
         }
 
 
@@ -1169,7 +1190,11 @@ def evaluate(
             outcome = run_protocols(
                 clean[e.name], control_views[cond.name][e.name], labels, e.threshold, probes
             )
-            controls[cond.name] = (outcome.protection("p1"), outcome.protection("p2"))
+            controls[cond.name] = (
+                outcome.protection("p1"),
+                outcome.protection("p2"),
+                outcome.protection("p3"),
+            )
         baseline = run_protocols(clean[e.name], clean[e.name], labels, e.threshold, found)
         evaluators.append(
             EvaluatorInfo(
@@ -1315,6 +1340,7 @@ def _evaluate_mode(
                 per[cond.name] = ConditionScore(
                     p1=outcome.protection("p1"),
                     p2=outcome.protection("p2"),
+                    p3=outcome.protection("p3"),
                     lost=int((outcome.lost & outcome.eligible).sum()),
                     self_similarity=float(sims.mean()) if sims.size else None,
                 )

@@ -28,8 +28,12 @@ _KIND_LABELS: Final = {
     "leave-one-out": "leave-one-out transfer",
     "external": "external (independent)",
 }
-_PROTOCOL_STYLE: Final = {"p1": ("o", "-"), "p2": ("s", "--")}
-_PROTOCOL_LABELS: Final = {"p1": "P1 probe cloaked", "p2": "P2 gallery cloaked"}
+_PROTOCOL_STYLE: Final = {"p1": ("o", "-"), "p2": ("s", "--"), "p3": ("^", ":")}
+_PROTOCOL_LABELS: Final = {
+    "p1": "P1 probe cloaked",
+    "p2": "P2 gallery cloaked",
+    "p3": "P3 unlinked among cloaked photos",
+}
 
 
 class MissingExtraError(UncnnError):
@@ -231,7 +235,7 @@ def protection_bars(report: EvalReport | Mapping[str, Any], mode: str, path: str
     described = {c["name"]: c["description"] for c in data["conditions"]}
     conditions = list(described)
     scores = chosen[0]["scores"]
-    fig, axes = plt.subplots(1, 2, figsize=(max(9.0, 0.9 * len(scores) + 5), 5.4), sharey=True)
+    fig, axes = plt.subplots(1, len(PROTOCOLS), figsize=(max(12.0, 1.3 * len(scores) + 7), 5.4), sharey=True)
     width = 0.8 / len(conditions)
     shades = ("#08306b", "#4292c6", "#9ecae1", "#deebf7")
     for ax, protocol in zip(axes, PROTOCOLS, strict=True):
@@ -256,7 +260,7 @@ def protection_bars(report: EvalReport | Mapping[str, Any], mode: str, path: str
         ax.set_ylim(0, 102)
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("protection (%)")
-    axes[1].legend(fontsize=7, loc="upper right")
+    axes[-1].legend(fontsize=7, loc="upper right")
     fig.suptitle(f"Protection per recognizer, mode {mode}", fontsize=10)
     fig.tight_layout()
     return _save(plt, fig, path)

@@ -136,19 +136,19 @@ def test_identity_cloak_protects_nobody(tmp_path: Path) -> None:
     s = score(report)
     assert s.eligible == 8
     saved = s.conditions[ev.AS_SAVED]
-    assert (saved.p1, saved.p2) == (ev.Rate(0, 8), ev.Rate(0, 8))
+    assert (saved.p1, saved.p2, saved.p3) == (ev.Rate(0, 8), ev.Rate(0, 8), ev.Rate(0, 8))
     assert saved.self_similarity == pytest.approx(1.0, abs=1e-6)
     # An unchanged photo under a transform is exactly the control: the transform's own effect.
     (info,) = report.evaluators
     for name, c in s.conditions.items():
-        assert (c.p1, c.p2) == info.controls[name]
+        assert (c.p1, c.p2, c.p3) == info.controls[name]
 
 
 def test_noise_protects_everyone_in_every_condition(tmp_path: Path) -> None:
     report = run(write_dataset(tmp_path), noise_cloak)
     s = score(report)
     for c in s.conditions.values():
-        assert (c.p1, c.p2) == (ev.Rate(8, 8), ev.Rate(8, 8))
+        assert (c.p1, c.p2, c.p3) == (ev.Rate(8, 8), ev.Rate(8, 8), ev.Rate(8, 8))
         assert c.self_similarity is not None and abs(c.self_similarity) < 0.3
     (quality,) = report.modes[0].quality
     assert quality.photos == 8 and quality.ssim_mean < 0.5 and quality.linf_max > 100
@@ -190,6 +190,10 @@ def test_run_protocols_directly() -> None:
     # P2: photo 4's only same-identity gallery photo (3) is lost; photo 3's (4) is clean.
     assert out.p2_recognized.tolist() == [True, True, True, True, False]
     assert out.lost.tolist() == [False, False, False, True, False]
+    # P3, among the cloaked photos only: photos 1 and 2 still find each other; 0 moved away, 3 is lost,
+    # and 4's only same-identity photo (3) is lost.
+    assert out.p3_recognized.tolist() == [False, True, True, False, False]
+    assert out.protection("p3") == ev.Rate(3, 5)
 
 
 def test_attacks_white_box_leave_one_out_and_external(tmp_path: Path) -> None:
@@ -296,6 +300,7 @@ def test_json_schema_is_stable(tmp_path: Path) -> None:
     assert mode["scores"][0]["conditions"]["jpeg75"] == {
         "p1": {"protected": 8, "of": 8, "rate": 1.0},
         "p2": {"protected": 8, "of": 8, "rate": 1.0},
+        "p3": {"unlinked": 8, "of": 8, "rate": 1.0},
         "lost_faces": 0,
         "mean_self_similarity": mode["scores"][0]["conditions"]["jpeg75"]["mean_self_similarity"],
     }
