@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import json
 import math
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -40,7 +41,14 @@ from uncnn_rt.runtime.imageio import (
     save_image,
 )
 from uncnn_rt.runtime.sessions import open_session
-from uncnn_rt.runtime.verify import VerifyReport, classify_image, compare_faces, verify
+from uncnn_rt.runtime.verify import (
+    SetLinkability,
+    VerifyReport,
+    classify_image,
+    compare_faces,
+    set_linkability,
+    verify,
+)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -371,7 +379,13 @@ def cloak(
         typer.Option(help="Comma-separated recognizers \\[default: the shipped default ensemble]."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report instead of tables.")] = False,
-    seed: Annotated[int, typer.Option(help="Seed of the random draws (equal seeds, equal outputs).")] = 0,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            help="Seed of the random draws: equal seeds, equal outputs \\[default: a fresh one per run, "
+            "reported as seed in --json, so that a tracker cannot predict the cloak]."
+        ),
+    ] = None,
     keep_location: Annotated[
         bool, typer.Option("--keep-location", help="Keep GPS/location EXIF (stripped by default).")
     ] = False,
@@ -399,6 +413,8 @@ def cloak(
     if not quiet and not as_json:
         for note in notes:
             typer.echo(f"note: {note}", err=True)
+    if seed is None:
+        seed = secrets.randbelow(2**31)
     runs = _Models(names, device, not no_align or target_identity is not None, target_photo)
     todo = [f for f in files if f in planned]
     if todo:
@@ -427,11 +443,27 @@ def cloak(
     order = {str(p): i for i, p in enumerate(files)}
     outcomes.sort(key=lambda o: order.get(o.input, -1))
     code = _exit_code(outcomes)
+    linkability = set_linkability([o.report for o in outcomes if o.report is not None], runs.recognizers)
     if as_json:
-        typer.echo(json.dumps({"files": [o.to_dict() for o in outcomes], "exit_code": code}, indent=2))
+        report: dict[str, Any] = {"files": [o.to_dict() for o in outcomes], "exit_code": code}
+        if linkability is not None:
+            report["set"] = linkability.to_dict()
+        typer.echo(json.dumps(report, indent=2))
     else:
         _print_outcomes(outcomes, quiet=quiet)
+        if linkability is not None and not quiet:
+            typer.echo(_set_line(linkability))
     raise typer.Exit(code)
+
+
+def _set_line(linkability: SetLinkability) -> str:
+    """The set report of a run of several photos, taken as one person's (their largest faces)."""
+    per = ", ".join(f"{name} {k}" for name, k in linkability.linked_pairs.items())
+    return (
+        f"set of {linkability.photos} photos (largest face of each, as one person's): "
+        f"{linkability.linked_photos} still match another cloaked photo of the set under some model "
+        f"(linked pairs of {linkability.pairs}: {per}); a tracker holding only these cloaks could group them"
+    )
 
 
 cloak.__doc__ = CLOAK_HELP
@@ -514,6 +546,7 @@ def cloak_details(
         "schedule": settings.schedule,
         "schedule_floor": settings.schedule_floor,
         "models": list(result.models),
+        "seed": result.seed,
         "output_quality": result.output_quality,
         "cloak_seconds": round(result.seconds + extra_seconds, 3),
         "steps_run": {f"face {f.number}": f.steps for f in result.faces},

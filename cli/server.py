@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -511,7 +512,10 @@ CLOAK_OPTIONS: Final = {
     "largest": ("boolean", "cloak only the largest face"),
     "no_align": ("boolean", "no face detection: the image's centred square is the face"),
     "models": ("string", "comma-separated recognizers (default: the server's ensemble)"),
-    "seed": ("integer", "seed of the random draws (equal seeds, equal outputs)"),
+    "seed": (
+        "integer",
+        "seed of the random draws (equal seeds, equal outputs; default: a fresh one, in the report)",
+    ),
     "format": ("string", "output format: jpg, png or webp (default: the input's)"),
     "keep_location": ("boolean", "keep GPS EXIF (stripped by default)"),
 }
@@ -547,7 +551,7 @@ class CloakOptions:
             largest=fields.flag("largest"),
             no_align=fields.flag("no_align"),
             models=split_models(fields.text("models")),
-            seed=fields.integer("seed") or 0,
+            seed=_seed(fields.integer("seed")),
             format=fields.text("format"),
             keep_location=fields.flag("keep_location"),
         )
@@ -960,6 +964,11 @@ def _cloak_json(cloaked: Cloaked) -> dict[str, Any]:
         "media_type": cloaked.media_type,
         "filename": cloaked.filename,
     }
+
+
+def _seed(given: int | None) -> int:
+    """The request's seed, or a fresh one (reported back), so that cloaks cannot be predicted."""
+    return secrets.randbelow(2**31) if given is None else given
 
 
 def _event_json(event: Event, retry_after: Callable[[], int]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,10 @@ class FaceCheck:
     """Whether the detector found the face again (else the original alignment is used)."""
     iou: float | None
     models: tuple[ModelCheck, ...]
+    embeddings: dict[str, Float32Array] = field(default_factory=dict, repr=False, compare=False)
+    """Per recognizer, the unit embedding of the face in the saved file (for :func:`set_linkability`)."""
+    area: float = 0.0
+    """The face's box area in the photo (the set report takes each photo's largest face)."""
 
     @property
     def protected(self) -> bool:
@@ -181,7 +185,17 @@ def verify(
             else:
                 protected = after_sim < threshold
             checks.append(ModelCheck(r.name, threshold, before_sim, after_sim, protected))
-        faces.append(FaceCheck(face.number, face.site.box, redetected, overlap, tuple(checks)))
+        faces.append(
+            FaceCheck(
+                face.number,
+                face.site.box,
+                redetected,
+                overlap,
+                tuple(checks),
+                embeddings=after,
+                area=face.site.area if math.isfinite(face.site.area) else 0.0,
+            )
+        )
     ssim, psnr = image_quality(original.rgb, cloaked.rgb)
     return VerifyReport(
         path=Path(written) if isinstance(written, (str, Path)) else None,
@@ -292,3 +306,47 @@ def classify_image(
     labels = session.info.labels or tuple(f"class {i}" for i in range(probs.shape[0]))
     order = np.argsort(-probs, kind="stable")[:top]
     return [(labels[i], float(probs[i])) for i in order]
+
+
+@dataclass(frozen=True)
+class SetLinkability:
+    """How many of a set's cloaked photos still match one another: a tracker holding only the cloaked
+    photos of one person groups the pairs that match (P3 of ``uncnn-rt eval``, on one set)."""
+
+    photos: int
+    pairs: int
+    linked_pairs: dict[str, int]
+    """Per recognizer with a threshold, the pairs of photos whose faces match at its threshold."""
+    linked_photos: int
+    """Photos whose face matches another photo's under at least one recognizer."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "photos": self.photos,
+            "pairs": self.pairs,
+            "linked_pairs": dict(self.linked_pairs),
+            "linked_photos": self.linked_photos,
+        }
+
+
+def set_linkability(
+    reports: Sequence[VerifyReport], recognizers: Sequence[AttackSession]
+) -> SetLinkability | None:
+    """Among the saved photos of ``reports`` (each photo's largest face), the pairs that still match
+    under each recognizer; None for fewer than two photos with a face."""
+    faces = [max(r.faces, key=lambda f: f.area) for r in reports if r.faces]
+    if len(faces) < 2:
+        return None
+    linked: dict[str, int] = {}
+    touched = np.zeros(len(faces), bool)
+    for model in recognizers:
+        threshold = model.info.threshold
+        if threshold is None or any(model.name not in f.embeddings for f in faces):
+            continue
+        e = np.stack([f.embeddings[model.name] for f in faces]).astype(np.float64)
+        sims = e @ e.T
+        match = np.triu(sims >= threshold, k=1)
+        linked[model.name] = int(match.sum())
+        touched |= match.any(axis=0) | match.any(axis=1)
+    n = len(faces)
+    return SetLinkability(n, n * (n - 1) // 2, linked, int(touched.sum()))

@@ -298,6 +298,31 @@ def model_loads(patched: FakeDetector, monkeypatch: pytest.MonkeyPatch) -> list[
     return calls
 
 
+def test_several_photos_are_reported_as_a_set_with_their_linkability(
+    patched: FakeDetector, tmp_path: Path
+) -> None:
+    """Photos cloaked in one run are taken as one person's: the report says how many pairs of their
+    cloaked faces still match under each model, and how many photos are linked to another; each run
+    draws a fresh seed unless one is given, and reports it."""
+    for name in ("a.png", "b.png", "c.png"):
+        write(tmp_path / name, photo(), "PNG")
+    paths = [str(tmp_path / n) for n in ("a.png", "b.png", "c.png")]
+    weak = invoke("cloak", *paths, "-o", f"{tmp_path / 'weak'}/", "--eps", "0", "--json", "--seed", "3")
+    data = json.loads(weak.stdout)
+    # Equal photos with no cloak: every pair matches under every model.
+    assert data["set"] == {
+        "photos": 3, "pairs": 3, "linked_pairs": {"linear_face": 3, "linear_face_24": 3}, "linked_photos": 3,
+    }  # fmt: skip
+    assert {f["seed"] for f in data["files"]} == {3}
+    table = invoke("cloak", *paths, "-o", f"{tmp_path / 'table'}/", "--eps", "0")
+    assert "set of 3 photos" in table.stdout and "3 still match another cloaked photo" in table.stdout
+    seeds = {json.loads(invoke("cloak", paths[0], "-o", str(tmp_path / f"s{k}.png"), "--json").stdout)
+             ["files"][0]["seed"] for k in range(3)}  # fmt: skip
+    assert len(seeds) == 3  # no --seed: a fresh one each run
+    single = json.loads(invoke("cloak", paths[0], "-o", str(tmp_path / "one.png"), "--json").stdout)
+    assert "set" not in single
+
+
 def test_an_output_ending_in_a_slash_is_a_new_folder_even_for_one_input(
     patched: FakeDetector, tmp_path: Path
 ) -> None:

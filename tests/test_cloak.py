@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import LinearGraph
+from conftest import LinearGraph, build_linear_face
 from numpy.typing import NDArray
 from PIL import Image
 from skimage import data
 from skimage.metrics import structural_similarity
 
-from uncnn_rt.runtime import cloak, image_ops, visibility, zoo
+from uncnn_rt.runtime import cloak, evaluate, image_ops, visibility, zoo
 from uncnn_rt.runtime.align import blazeface_template
 from uncnn_rt.runtime.attacks import MIFGSM, Resize, Victim
 from uncnn_rt.runtime.errors import InputError, ModelError
@@ -98,6 +98,8 @@ STRONG: dict[str, object] = {
         step_size=2.5,
         chroma=1.0,
         jnd_floor=None,
+        check_every=3,
+        refine_steps=12,
     ),
     "eps": 32,
     "steps": 20,
@@ -373,6 +375,36 @@ def test_a_thirty_face_photo_is_attacked_in_bounded_batches(
     once = replace(cloak.settings_for(STRONG["mode"]), refine_rounds=0)  # type: ignore[arg-type]
     run(loaded, recognizers, detector, **{**STRONG, "mode": once, "steps": 1}, progress=events.append)
     assert max(e.batch for e in events) <= 3
+
+
+def test_plain_untargeted_cloaks_link_and_scattered_ones_do_not(tmp_path: Path) -> None:
+    """Two people, five photos each, a linear recognizer of 64 dimensions (threshold 0.5). Untargeted
+    cloaks with a large budget all leave their clean embeddings (P1: 10 of 10 protected), but the same
+    way, towards the opposite of the person's embedding, so one person's cloaks still find each other
+    (P3: none unlinked). With each photo's own random direction as the scatter term, they leave just
+    as well and no longer find each other (P3: 10 of 10)."""
+    graph = build_linear_face(tmp_path / "f64.onnx", size=16, dim=64, seed=3, threshold=0.5)
+    model = AttackSession(graph.path, device="cpu")
+    rng = np.random.default_rng(0)
+    people = [rng.uniform(40, 215, (16, 16, 3)) for _ in range(2)]
+    photos = [np.clip(p[None] + rng.normal(0, 3, (5, 16, 16, 3)), 0, 255).round() for p in people]
+    x = np.concatenate(photos).astype(np.float32)
+    labels = np.repeat([0, 1], 5)
+    clean = model.features(x)
+    attack = MIFGSM(eps=128, steps=40, momentum=1.0, random_start=True)
+    directions = [
+        cloak.scatter_directions({"f": c}, cloak.scatter_rng(0, x[k], 0))["f"] for k, c in enumerate(clean)
+    ]
+    t = np.stack(directions)
+    assert np.abs(np.einsum("nd,nd->n", t, clean)).max() < 1e-5  # orthogonal to each clean embedding
+    for steer, unlinked in ((None, 0), (-3.0 * t, 10)):
+        result = attack(x, [Victim(model, clean, steer=steer)], quantize=True, seed=0)
+        outcome = evaluate.run_protocols(clean, result.features[model.name], labels, 0.5, range(10))
+        assert outcome.protection("p1") == evaluate.Rate(10, 10)
+        assert outcome.protection("p3") == evaluate.Rate(unlinked, 10)
+        # The steer changes the gradient only: objectives and verdicts are the clean reference's.
+        own = np.einsum("nd,nd->n", result.features[model.name], clean)
+        np.testing.assert_allclose(result.objective[model.name], own, atol=1e-5)
 
 
 def test_overlapping_faces_keep_the_budget(recognizers: list[AttackSession]) -> None:

@@ -38,12 +38,19 @@ class Victim:
             embedding (face, targeted), or a one-hot / weight vector over classes (classifier).
         weight: the model's share of the ensemble gradient (after per-model normalisation).
         name: the key of this victim in criteria and results (default: the model's metadata name).
+        steer: ``[N, D]``, or None: the gradient follows the objective of ``references + steer`` while
+            the objective, the criteria and the results stay those of ``references``. The contract's
+            objective is linear in the reference (``features . reference``), so one run of the graph
+            fed ``references + steer`` gives both: its gradient, and ``features . references``
+            recomputed from its features. E.g. an untargeted cloak with ``steer = -b t`` also moves
+            towards a direction ``t`` of its own (:mod:`uncnn_rt.runtime.cloak`, ``scatter``).
     """
 
     session: AttackSession
     references: ArrayLike
     weight: float = 1.0
     name: str | None = None
+    steer: ArrayLike | None = None
 
     @property
     def key(self) -> str:
@@ -58,6 +65,14 @@ class _Member:
     weight: float
     stepper: Stepper
     resize: Resize | None
+    steered: bool = False
+    """The stepper runs ``references + steer``: objectives are recomputed from the features."""
+
+    def objective(self, features: Float32Array, run: Float32Array) -> Float32Array:
+        """The objective of ``references`` from a run's features (``run``: the run's own objective)."""
+        if not self.steered:
+            return run
+        return np.asarray(np.einsum("nd,nd->n", features, self.references), dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -104,14 +119,19 @@ class Ensemble:
             s = victim.session.info.canonical_size
             zeros = np.zeros((batch, s, s, 3), np.float32)
             _, refs = victim.session.check_batch(zeros, victim.references)
+            run = refs
+            if victim.steer is not None:
+                _, steer = victim.session.check_batch(zeros, victim.steer)
+                run = np.ascontiguousarray(refs + steer, dtype=np.float32)
             self.members.append(
                 _Member(
                     key=key,
                     session=victim.session,
                     references=refs,
                     weight=float(victim.weight),
-                    stepper=victim.session.stepper(refs),
+                    stepper=victim.session.stepper(run),
                     resize=None if size == (s, s) else Resize(size, (s, s)),
+                    steered=victim.steer is not None,
                 )
             )
 
@@ -130,7 +150,7 @@ class Ensemble:
         for m in self.members:
             x = view if m.resize is None else m.resize.forward(view)
             features, objective = m.stepper.forward(x)
-            states[m.key] = self._state(m, features, objective)
+            states[m.key] = self._state(m, features, m.objective(features, objective))
         return states
 
     def gradient(
@@ -175,6 +195,7 @@ class Ensemble:
                     continue
                 xm = x if m.resize is None else m.resize.forward(x)
                 features, obj, g = m.stepper(xm)
+                obj = m.objective(features, obj)
                 if m.resize is not None:
                     g = m.resize.adjoint(g)
                 g = unit_mean_magnitude(g)
