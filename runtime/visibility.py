@@ -414,13 +414,25 @@ def colour_difference(
     return FlipReference(a, stride=stride).mean(b), float(de.mean())
 
 
+PHOTO_BAND_PIXELS: Final = 1_000_000
+""":func:`photo_figures` computes FLIP in bands of rows of about this many pixels (each with its filters'
+reach of rows on either side), so that a 12-megapixel photo needs the memory of a one-megapixel one."""
+
+
 def photo_figures(
-    original: NDArray[np.generic], test: NDArray[np.generic], *, ssim: float, psnr: float
+    original: NDArray[np.generic],
+    test: NDArray[np.generic],
+    *,
+    ssim: float,
+    psnr: float,
+    band_pixels: int = PHOTO_BAND_PIXELS,
 ) -> Visibility:
     """The whole photo's figures, computed where the photos differ: FLIP's error is 0 farther than its
     filters reach from every changed pixel, so FLIP and CIEDE2000 are computed on the changed box grown
     by twice that reach and summed over the photo (``ssim`` and ``psnr`` of the whole photo are given,
-    e.g. by :func:`uncnn_rt.runtime.cloak.image_quality`)."""
+    e.g. by :func:`uncnn_rt.runtime.cloak.image_quality`). A lossy save changes every pixel, so the box
+    is often the whole photo: it is taken in bands of rows (``band_pixels``), each error row from the
+    rows within its filters' reach, as on the whole box."""
     a, b = np.asarray(original), np.asarray(test)
     if a.shape != b.shape or a.ndim != 3:
         raise InputError(
@@ -445,14 +457,23 @@ def photo_figures(
         grown(int(rows[0]), int(rows[-1]) + 1, reach, height),
         grown(int(cols[0]), int(cols[-1]) + 1, reach, width),
     )
-    error = flip_map(a[t0:b0, l0:r0], b[t0:b0, l0:r0])[t1 - t0 : b1 - t0, l1 - l0 : r1 - l0]
-    de = ciede2000(srgb_to_lab(a[t1:b1, l1:r1]), srgb_to_lab(b[t1:b1, l1:r1])).ravel()
+    rows_per_band = max(1, band_pixels // max(r0 - l0, 1))
+    error_sum, de_sum, pieces = 0.0, 0.0, []
+    for start in range(t1, b1, rows_per_band):
+        stop = min(b1, start + rows_per_band)
+        lo, hi = max(t0, start - 2 * reach), min(b0, stop + 2 * reach)
+        band = flip_map(a[lo:hi, l0:r0], b[lo:hi, l0:r0])[start - lo : stop - lo, l1 - l0 : r1 - l0]
+        error_sum += float(band.sum(dtype=np.float64))
+        de_band = ciede2000(srgb_to_lab(a[start:stop, l1:r1]), srgb_to_lab(b[start:stop, l1:r1])).ravel()
+        de_sum += float(de_band.sum())
+        pieces.append(de_band.astype(np.float32))  # kept for the percentile, at half the memory
+    de = np.concatenate(pieces)
     total = height * width
     # The 95th percentile over the photo: the box's values plus a zero for every pixel outside it.
     zeros = total - de.size
     rank = 0.95 * (total - 1) - zeros
     p95 = 0.0 if rank < 0 else float(np.quantile(de, rank / max(de.size - 1, 1)))
-    return Visibility(float(error.sum(dtype=np.float64)) / total, float(de.sum()) / total, p95, ssim, psnr)
+    return Visibility(error_sum / total, de_sum / total, p95, ssim, psnr)
 
 
 def search_stride(height: int, width: int, pixels: int = 60_000) -> int:

@@ -153,6 +153,14 @@ def test_photo_figures_equal_the_whole_photo_computation() -> None:
     assert got.ciede2000_mean == pytest.approx(float(de.mean()), rel=1e-9)
     assert got.ciede2000_p95 == pytest.approx(float(np.percentile(de, 95)), abs=1e-9)
     assert (got.ssim, got.psnr) == (0.5, 30.0)
+    # A change everywhere (a lossy save), in bands of 8 rows: the same figures as on the whole photo.
+    saved = noisy(rgb, 2, grey=False)
+    whole = visibility.photo_figures(rgb, saved, ssim=0.5, psnr=30.0)
+    banded = visibility.photo_figures(rgb, saved, ssim=0.5, psnr=30.0, band_pixels=8 * 256)
+    assert banded.flip == pytest.approx(whole.flip, rel=1e-6)
+    assert whole.flip == pytest.approx(visibility.flip(rgb, saved), rel=1e-5)
+    assert banded.ciede2000_mean == pytest.approx(whole.ciede2000_mean, rel=1e-12)
+    assert banded.ciede2000_p95 == whole.ciede2000_p95
 
 
 def test_face_region_grows_the_box_and_stays_in_the_photo() -> None:
