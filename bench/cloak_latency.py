@@ -17,10 +17,24 @@ is its own. The photos are skimage's astronaut (one face) scaled up and padded o
   and CPU seconds next to wall seconds (CPU / wall near 2 means both cores were ours; far below 2, the
   machine was busy with other work and the wall figures overstate the cost).
 
+Two more cases need ``../shared`` (skipped without it):
+
+- ``group``: a 6-face photo (``--group``, the dev set's ``bbt4.jpg``) cloaked with its faces in one
+  batched attack, the same photo one face after another (``faces_per_batch=1``, the loop before
+  batching), and the same photo with only its largest face cloaked (``largest``): the ratios of the
+  first two to the third, with each run's protected faces and steps;
+- ``folder``: 20 photos of ``../shared/faces/colour`` (``--folder-photos``) cloaked by one
+  ``uncnn-rt cloak DIR -o OUT/`` command and by 20 separate commands: seconds per photo and photos
+  per minute of each, and their ratio.
+
+``first step``: in the cold CLI run, seconds from the process's start to the end of the first attack
+step (``UNCNN_RT_CACHE`` warm: the derived graphs cached by the run before).
+
 Usage::
 
-    .venv/bin/python bench/cloak_latency.py              # both cases, default mode, 3 runs
+    .venv/bin/python bench/cloak_latency.py              # every case, default mode, 3 runs
     .venv/bin/python bench/cloak_latency.py --mode high --runs 5 --threads 2
+    .venv/bin/python bench/cloak_latency.py --cases group folder
 """
 
 from __future__ import annotations
@@ -37,6 +51,9 @@ import time
 from pathlib import Path
 
 CASES = {"1080p": (1920, 1080, 1080), "12mp": (4000, 3000, 3000)}
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "faces"
+GROUP = SHARED / "dev" / "photos" / "bbt4.jpg"
+COLOUR = SHARED / "colour" / "identities"
 
 
 def make_photo(case: str, folder: Path) -> Path:
@@ -102,29 +119,115 @@ def measure(case: str, mode: str, runs: int, device: str) -> dict[str, object]:
     }
 
 
+def measure_group(photo: Path, mode: str, runs: int, device: str) -> dict[str, object]:
+    """Run in a child process: the group photo batched, one face at a time, and its largest face."""
+    from uncnn_rt.runtime import cloak
+    from uncnn_rt.runtime.imageio import load_image, lossy_round_trip
+
+    recognizers = cloak.load_recognizers(device=device)
+    detector = cloak.load_detector(device=device)
+    loaded = load_image(photo)
+    saved = lossy_round_trip(loaded, fmt="JPEG")
+    variants = {"batched": {}, "one at a time": {"faces_per_batch": 1}, "largest face": {"largest": True}}
+    out: dict[str, object] = {"photo": photo.name, "size": f"{loaded.width}x{loaded.height}"}
+    for name, options in variants.items():
+        walls, cpus, protected, steps = [], [], [], []
+        for run in range(runs):
+            wall, cpu = time.perf_counter(), time.process_time()
+            result = cloak.cloak_image(
+                loaded, recognizers=recognizers, detector=detector, mode=mode, seed=run, saved=saved,
+                **options,  # type: ignore[arg-type]
+            )  # fmt: skip
+            walls.append(time.perf_counter() - wall)
+            cpus.append(time.process_time() - cpu)
+            protected.append(sum(f.passed for f in result.faces))
+            steps.append([f.steps for f in result.faces])
+        out[name] = {
+            "faces": len(result.faces),
+            "s": round(statistics.median(walls), 2),
+            "cpu_s": round(statistics.median(cpus), 2),
+            "protected": protected,
+            "steps": steps[0],
+        }
+    return out
+
+
+def folder_case(mode: str, count: int) -> str:
+    """One ``cloak DIR`` command against ``count`` separate commands on the same colour photos."""
+    photos = sorted(COLOUR.glob("*/*.jpg"))[:count]
+    if len(photos) < count:
+        return f"folder: skipped ({COLOUR} holds {len(photos)} photos, {count} asked)"
+    folder = Path(tempfile.mkdtemp(prefix="cloak_folder_"))
+    inputs = folder / "in"
+    inputs.mkdir()
+    for k, p in enumerate(photos):
+        (inputs / f"{k:02d}_{p.name}").write_bytes(p.read_bytes())
+    cli = [sys.executable, "-m", "uncnn_rt", "--quiet", "cloak"]
+    start = time.perf_counter()
+    one = subprocess.run([*cli, str(inputs), "--mode", mode, "-o", f"{folder / 'one'}/"], capture_output=True)
+    together = time.perf_counter() - start
+    if one.returncode not in (0, 4):
+        return f"folder: the folder command failed ({one.returncode}): {one.stderr.decode()[-500:]}"
+    start = time.perf_counter()
+    for path in sorted(inputs.iterdir()):
+        out = folder / "each" / path.name
+        done = subprocess.run([*cli, str(path), "--mode", mode, "-o", str(out)], capture_output=True)
+        if done.returncode not in (0, 4):
+            return f"folder: a separate command failed ({done.returncode}): {done.stderr.decode()[-500:]}"
+    separate = time.perf_counter() - start
+    return (
+        f"folder {count} colour photos: one command {together / count:.2f} s/photo "
+        f"({60 * count / together:.1f} photos/min), {count} commands {separate / count:.2f} s/photo "
+        f"({60 * count / separate:.1f} photos/min): the folder is {separate / together:.2f}x faster per photo"
+    )
+
+
 _RUN_CLI = """
 import resource, subprocess, sys, time
-start = time.perf_counter()
-done = subprocess.run([sys.executable, "-c", "from uncnn_rt.cli.app import main; main()", *sys.argv[1:]],
+start = time.time()
+done = subprocess.run([sys.executable, "-c", sys.argv[1], *sys.argv[2:]],
                       capture_output=True, text=True, check=False)
-seconds = time.perf_counter() - start
-print(done.returncode, seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+seconds = time.time() - start
+first = [line.split()[1] for line in done.stderr.splitlines() if line.startswith("first-step ")]
+first_step = float(first[0]) - start if first else float("nan")
+print(done.returncode, seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, first_step)
 print(done.stderr[-2000:], file=sys.stderr)
+"""
+# The command itself, with the end of its first attack step written to stderr (wall-clock time).
+_CLI_WITH_FIRST_STEP = """
+import sys, time
+import uncnn_rt.runtime.attacks.base as base
+call, seen = base.GradientAttack.__call__, []
+def timed(self, *args, **kwargs):
+    report = kwargs.get("on_step")
+    def on_step(done):
+        if not seen:
+            seen.append(1)
+            print("first-step", time.time(), file=sys.stderr, flush=True)
+        if report is not None:
+            report(done)
+    kwargs["on_step"] = on_step
+    return call(self, *args, **kwargs)
+base.GradientAttack.__call__ = timed
+from uncnn_rt.cli.app import main
+main()
 """
 
 
-def cold_cli(photo: str, mode: str) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of one ``uncnn-rt cloak`` command in a fresh process (measured by a
-    wrapper process whose only child is the command, so no other process's peak is counted)."""
+def cold_cli(photo: str, mode: str) -> tuple[float, float, float]:
+    """Wall seconds, peak RSS (MB) and seconds to the end of the first attack step of one ``uncnn-rt
+    cloak`` command in a fresh process (measured by a wrapper process whose only child is the command,
+    so no other process's peak is counted)."""
     out = Path(photo).with_name("cold.cloaked.jpg")
     args = ["--quiet", "cloak", photo, "--mode", mode, "-o", str(out), "--json"]
     done = subprocess.run(
-        [sys.executable, "-c", _RUN_CLI, *args], capture_output=True, text=True, check=False
-    )
-    code, seconds, rss = done.stdout.split()
+        [sys.executable, "-c", _RUN_CLI, _CLI_WITH_FIRST_STEP, *args], capture_output=True, text=True,
+        check=False,
+    )  # fmt: skip
+    code, seconds, rss, first = done.stdout.split()
     if int(code) not in (0, 4):
         raise SystemExit(f"uncnn-rt cloak failed ({code}): {done.stderr.strip()}")
-    return float(seconds), float(rss)
+    return float(seconds), float(rss), float(first)
 
 
 def main() -> None:
@@ -133,9 +236,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="pin to this many CPU cores (taskset-like)")
-    parser.add_argument("--cases", nargs="*", default=list(CASES))
+    parser.add_argument("--cases", nargs="*", default=[*CASES, "group", "folder"])
+    parser.add_argument("--group", type=Path, default=GROUP, help="the group photo of the group case")
+    parser.add_argument("--folder-photos", type=int, default=20)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child == "group":
+        print(json.dumps(measure_group(args.group, args.mode, args.runs, args.device)))
+        return
     if args.child:
         print(json.dumps(measure(args.child, args.mode, args.runs, args.device)))
         return
@@ -149,21 +257,38 @@ def main() -> None:
     print(f"cloak latency, mode {args.mode}, {cores} CPU cores, load average {load:.1f}")
     print("targets: 1080p cloak <= 3 s median; 12 MP peak memory <= 1 GB\n")
     for case in args.cases:
+        if case == "folder":
+            print(folder_case(args.mode, args.folder_photos))
+            continue
+        if case == "group" and not args.group.is_file():
+            print(f"group: skipped ({args.group} is absent)")
+            continue
         child = subprocess.run(
             [sys.executable, __file__, "--child", case, "--mode", args.mode, "--runs", str(args.runs),
-             "--device", args.device],
+             "--device", args.device, "--group", str(args.group)],
             capture_output=True, text=True, check=False,
         )  # fmt: skip
         if child.returncode != 0:
             print(f"{case}: failed\n{child.stderr.strip()[-2000:]}")
             continue
         row = json.loads(child.stdout.strip().splitlines()[-1])
-        cold_s, cold_rss = cold_cli(str(row["photo"]), args.mode)
+        if case == "group":
+            base = row["largest face"]
+            for name in ("batched", "one at a time", "largest face"):
+                r = row[name]
+                print(
+                    f"group {row['photo']} {row['size']}  {name:13s}: {r['faces']} faces {r['s']:.2f} s "
+                    f"(cpu {r['cpu_s']:.2f} s) = {r['s'] / base['s']:.2f}x the largest face alone  "
+                    f"protected {r['protected']} faces  steps {r['steps']}"
+                )
+            continue
+        cold_s, cold_rss, first_step = cold_cli(str(row["photo"]), args.mode)
         print(
             f"{case:6s} {row['size']:>9s}  faces {row['faces']}  cloak {row['cloak_s']:.2f} s median "
             f"(cpu {row['cloak_cpu_s']:.2f} s)  verify {row['verify_s']:.2f} s  "
             f"model load {row['load_s']:.2f} s  "
-            f"cold CLI {cold_s:.2f} s  peak RSS {row['peak_rss_mb']:.0f} MB (CLI {cold_rss:.0f} MB)  "
+            f"cold CLI {cold_s:.2f} s (first step at {first_step:.2f} s)  "
+            f"peak RSS {row['peak_rss_mb']:.0f} MB (CLI {cold_rss:.0f} MB)  "
             f"steps {row['steps']}  protected {row['protected']}  SSIM {row['ssim']}"
         )
 
