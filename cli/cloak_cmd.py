@@ -60,6 +60,11 @@ CAP_HELP = (
     "Visibility cap per face region, overriding the mode: jpegQ (at most the photo's own JPEG re-encode at "
     "quality Q, in FLIP and CIEDE2000), KxjpegQ (K times its figures) or none."
 )
+SCATTER_HELP = (
+    "Weight of each face's own random direction in every recognizer's space (0, the default: off). The "
+    "cloaks of one person's photos then scatter instead of still matching one another (P3 of eval); "
+    "under the cap it costs some P1 (bench/RESULTS.md, run 16)."
+)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 CLASSIFIER = "efficientnet_lite0"
@@ -358,6 +363,10 @@ def cloak(
             "larger: smoother, cheaper in SSIM but more visible per grey level under FLIP)."
         ),
     ] = None,
+    scatter: Annotated[
+        float | None,
+        typer.Option(help=SCATTER_HELP),
+    ] = None,
     face: Annotated[
         int | None, typer.Option(help="Cloak only face N (1 = leftmost, as numbered in the report).")
     ] = None,
@@ -400,7 +409,7 @@ def cloak(
         if face is not None and face < 1:
             raise InputError(f"--face counts from 1, got {face}")
         settings = cloaking.settings_for(
-            mode, eps=eps, steps=steps, ssim_min=ssim_min, coarse=coarse, cap=cap
+            mode, eps=eps, steps=steps, ssim_min=ssim_min, coarse=coarse, cap=cap, scatter=scatter
         )
         out_format = None if fmt is None else normalise_format(fmt)
         names = split_models(models)
@@ -542,6 +551,7 @@ def cloak_details(
         "ssim_min": settings.ssim_min,
         "cap": settings.cap_label,
         "coarse": settings.coarse,
+        "scatter": settings.scatter,
         "scales": list(settings.scales),
         "schedule": settings.schedule,
         "schedule_floor": settings.schedule_floor,

@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from uncnn_rt.cli.cloak_cmd import CAP_HELP
+from uncnn_rt.cli.cloak_cmd import CAP_HELP, SCATTER_HELP
 from uncnn_rt.cli.errors import clean_errors
 from uncnn_rt.cli.progress import progress_bar
 from uncnn_rt.runtime import cloak as cloaking
@@ -128,6 +128,10 @@ def run_eval(
         float | None,
         typer.Option(help="Perturbation grid step in crop pixels, overriding every mode's (1: per pixel)."),
     ] = None,
+    scatter: Annotated[
+        float | None,
+        typer.Option(help=SCATTER_HELP),
+    ] = None,
     models: Annotated[
         str | None,
         typer.Option(
@@ -216,7 +220,9 @@ def run_eval(
             raise InputError("--threshold is the threshold of --evaluator; give --evaluator too")
         mode_names = _split(modes, "--modes") if modes is not None else [mode]
         settings = {
-            name: cloaking.settings_for(name, eps=eps, steps=steps, ssim_min=ssim_min, coarse=coarse, cap=cap)
+            name: cloaking.settings_for(
+                name, eps=eps, steps=steps, ssim_min=ssim_min, coarse=coarse, cap=cap, scatter=scatter
+            )
             for name in mode_names
         }
         if plots is not None:

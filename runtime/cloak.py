@@ -193,6 +193,8 @@ class CloakSettings:
             parts.append(f"visible at most as {scale}JPEG q{self.cap_jpeg}{de}")
         if self.ssim_min is not None:
             parts.append(f"SSIM >= {self.ssim_min:g}")
+        if self.scatter > 0:
+            parts.append(f"scatter {self.scatter:g}")
         return f"{self.mode}: " + ", ".join(parts)
 
     @property
@@ -271,10 +273,12 @@ def settings_for(
     ssim_min: float | None = None,
     coarse: float | None = None,
     cap: str | None = None,
+    scatter: float | None = None,
 ) -> CloakSettings:
     """A mode's settings (a name of :data:`MODES`, or settings) with explicit overrides (``ssim_min <= 0``
     turns the floor off; ``coarse`` replaces the mode's grids by one, 1 stepping per photo pixel;
-    ``cap`` is :func:`parse_cap`'s text, ``none`` turning the visibility cap off)."""
+    ``cap`` is :func:`parse_cap`'s text, ``none`` turning the visibility cap off; ``scatter`` the weight of
+    each face's own random direction, 0 off)."""
     if isinstance(mode, CloakSettings):
         settings = mode
     elif mode in MODES:
@@ -308,7 +312,11 @@ def settings_for(
             cap_scale=scale,
             cap_ciede2000=None if quality is None else settings.cap_ciede2000,
         )
-    if (eps, steps, ssim_min, coarse, cap) != (None,) * 5 and not settings.mode.endswith("(custom)"):
+    if scatter is not None:
+        if not 0 <= scatter <= 10 or math.isnan(scatter):
+            raise InputError(f"scatter must be in 0..10, got {scatter}")
+        settings = replace(settings, scatter=float(scatter))
+    if (eps, steps, ssim_min, coarse, cap, scatter) != (None,) * 6 and not settings.mode.endswith("(custom)"):
         settings = replace(settings, mode=f"{settings.mode} (custom)")
     return settings
 

@@ -321,6 +321,10 @@ def test_several_photos_are_reported_as_a_set_with_their_linkability(
     assert len(seeds) == 3  # no --seed: a fresh one each run
     single = json.loads(invoke("cloak", paths[0], "-o", str(tmp_path / "one.png"), "--json").stdout)
     assert "set" not in single
+    scattered = invoke(
+        "cloak", paths[0], "-o", str(tmp_path / "sc.png"), "--scatter", "0.5", "--json", *STRONG
+    )
+    assert json.loads(scattered.stdout)["files"][0]["scatter"] == 0.5
 
 
 def test_an_output_ending_in_a_slash_is_a_new_folder_even_for_one_input(

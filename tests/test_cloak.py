@@ -186,7 +186,9 @@ def test_settings_for_applies_overrides_and_rejects_bad_values() -> None:
     assert custom.refine_steps == 3  # a refinement round never takes more steps than the user allowed
     assert cloak.settings_for("mid", coarse=1).coarse == 1.0
     assert cloak.settings_for("mid", coarse=1).scales == ()  # one grid: per pixel means per pixel
-    for bad in ({"eps": -1}, {"eps": 300}, {"steps": 0}, {"ssim_min": 1.5}, {"coarse": 0.5}):
+    scattered = cloak.settings_for("mid", scatter=0.5)
+    assert scattered.scatter == 0.5 and "scatter 0.5" in scattered.describe() and mid.scatter == 0
+    for bad in ({"eps": -1}, {"eps": 300}, {"steps": 0}, {"ssim_min": 1.5}, {"coarse": 0.5}, {"scatter": -1}):
         with pytest.raises(InputError):
             cloak.settings_for("mid", **bad)  # type: ignore[arg-type]
     with pytest.raises(InputError, match="unknown mode"):
