@@ -13,6 +13,8 @@ Data flow (see ``DESIGN.md``, "Data flow of cloak")::
                 delta <- project(delta + alpha * mask * sign(momentum(g)))
                          (L-inf eps * mask, pixel range, SSIM floor of the region)
 
+The faces of a photo are attacked together, one batch per step through each recognizer
+(:class:`_BatchRunner`), each face with its own reference, budget, momentum, early stop and cap.
 ``Q`` rounds to whole grey levels, so the loop sees exactly the uint8 pixels that are saved. The
 untargeted objective is each recognizer's cosine similarity to the face's own clean embedding
 (descended); with a target identity it is the similarity to the target's embedding (ascended).
