@@ -95,7 +95,7 @@ def measure(case: str, mode: str, runs: int, device: str) -> dict[str, object]:
         result = cloak.cloak_image(
             loaded, recognizers=recognizers, detector=detector, mode=mode, seed=run, saved=saved
         )
-        out = save_image(result.image, loaded, folder / f"out_{run}.jpg")
+        out = save_image(result.image, loaded, folder / f"out_{run}.jpg", quality=result.output_quality)
         cloak_wall.append(time.perf_counter() - wall)
         cloak_cpu.append(time.process_time() - cpu)
         wall = time.perf_counter()

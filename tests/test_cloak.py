@@ -613,7 +613,7 @@ def _saved_face_figures(
     loaded: LoadedImage, result: cloak.CloakResult, path: Path
 ) -> list[tuple[visibility.Visibility, cloak.FaceLimits]]:
     """Each face's figures measured afresh on the written file, with the face's cap."""
-    written = load_image(save_image(result.image, loaded, path)).rgb
+    written = load_image(save_image(result.image, loaded, path, quality=result.output_quality)).rgb
     out = []
     for face in result.faces:
         assert face.visible_region is not None and face.limits is not None
