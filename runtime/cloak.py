@@ -864,16 +864,18 @@ def room_for_the_cloak(original: Uint8Array, limits: Sequence[FaceLimits], saved
     trial = saved
     for quality in (saved.quality, *(q for q in OUTPUT_QUALITIES if q > saved.quality)):
         trial = saved.at(quality)
-        shown = trial(original)
-        if all(_encoder_fits(original, shown, lim) for lim in limits):
+        if all(_encoder_fits(original, trial, lim) for lim in limits):
             return trial
     return trial
 
 
-def _encoder_fits(original: Uint8Array, shown: Uint8Array, limits: FaceLimits) -> bool:
-    region = limits.region
-    stride = visibility.search_stride(region.height, region.width, SEARCH_PIXELS)
-    flip, de = visibility.colour_difference(original[region.slices], shown[region.slices], stride=stride)
+def _encoder_fits(original: Uint8Array, saved: LossyOutput, limits: FaceLimits) -> bool:
+    """Whether ``saved``'s loss on the clean face region takes at most ENCODER_SHARE of its cap; only
+    the region's JPEG window is encoded (:func:`visibility.jpeg_window`), not the whole photo."""
+    window, inner = visibility.jpeg_window(original.shape, limits.region)
+    crop = np.ascontiguousarray(original[window.slices])
+    stride = visibility.search_stride(inner.height, inner.width, SEARCH_PIXELS)
+    flip, de = visibility.colour_difference(crop[inner.slices], saved(crop)[inner.slices], stride=stride)
     return flip <= ENCODER_SHARE * limits.flip and de <= ENCODER_SHARE * limits.ciede2000
 
 

@@ -561,6 +561,20 @@ def region_report(
     )
 
 
+def jpeg_window(shape: Sequence[int], region: Box, block: int = 16) -> tuple[Box, Box]:
+    """The window of the photo a region's JPEG re-encode needs, and the region inside it.
+
+    The window starts on the JPEG grid (16-pixel MCUs with 4:2:0 chroma), so its blocks are the whole
+    photo's; one block of margin keeps the region clear of the window's own edges, so the region's
+    pixels come out of the window's encoding as they come out of the whole photo's.
+    """
+    height, width = int(shape[0]), int(shape[1])
+    top, left = max(0, (region.top - block) // block * block), max(0, (region.left - block) // block * block)
+    bottom, right = min(height, region.bottom + block), min(width, region.right + block)
+    inner = Box(region.top - top, region.left - left, region.bottom - top, region.right - left)
+    return Box(top, left, bottom, right), inner
+
+
 def region_ladder(
     original: Uint8Array,
     region: Box,
@@ -574,11 +588,7 @@ def region_ladder(
     The encoded window starts on the JPEG grid (16-pixel MCUs with 4:2:0 chroma), so its blocks are the
     whole photo's; one block of margin keeps the region clear of the window's own edges.
     """
-    height, width = original.shape[:2]
-    top, left = max(0, (region.top - block) // block * block), max(0, (region.left - block) // block * block)
-    bottom, right = min(height, region.bottom + block), min(width, region.right + block)
-    window = Box(top, left, bottom, right)
-    inner = Box(region.top - top, region.left - left, region.bottom - top, region.right - left)
+    window, inner = jpeg_window(original.shape, region, block)
     crop = np.ascontiguousarray(original[window.slices])
     ref = crop[inner.slices]
     ladder = jpeg_ladder(crop, qualities)

@@ -14,7 +14,7 @@ from numpy.typing import NDArray
 from PIL import Image, ImageCms, JpegImagePlugin
 from skimage import data
 
-from uncnn_rt.runtime import imageio
+from uncnn_rt.runtime import imageio, visibility
 from uncnn_rt.runtime.errors import (
     DecodeError,
     EmptyFileError,
@@ -25,6 +25,7 @@ from uncnn_rt.runtime.errors import (
     UnreadableFileError,
     UnsupportedImageError,
 )
+from uncnn_rt.runtime.warp import Box
 
 DEV_PHOTOS = Path(__file__).resolve().parents[1] / ".." / "shared" / "faces" / "dev" / "photos"
 GPS = {1: "N", 2: (52.0, 31.0, 12.0), 3: "E", 4: (13.0, 24.0, 0.0)}
@@ -470,6 +471,12 @@ def test_the_lossy_round_trip_is_what_the_written_file_holds(fmt: str, source: s
         written = imageio.encode_image(cloaked, loaded, fmt=fmt, quality=output.quality)
         np.testing.assert_array_equal(output(cloaked), imageio.load_image(written).rgb)
     assert saved.quality == (80 if fmt == "JPEG" else imageio.DEFAULT_WEBP_QUALITY)
+    # A region's JPEG window (visibility.jpeg_window) loses what the whole photo loses there.
+    if fmt == "JPEG":
+        region = Box(37, 51, 121, 140)
+        window, inner = visibility.jpeg_window(cloaked.shape, region)
+        alone = saved(np.ascontiguousarray(cloaked[window.slices]))[inner.slices]
+        np.testing.assert_array_equal(alone, saved(cloaked)[region.slices])
     with pytest.raises(InputError, match="quality must be in"):
         saved.at(101)
 
