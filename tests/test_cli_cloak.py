@@ -31,8 +31,9 @@ from uncnn_rt.runtime.sessions import AttackSession
 from uncnn_rt.runtime.verify import FaceCheck, ModelCheck, VerifyReport
 
 # Per pixel (--coarse 1), no visibility cap: the linear fixture models weigh crop pixels independently
-# (white-noise weights), so they need a budget no visibility cap would grant.
-STRONG = ["--eps", "32", "--steps", "20", "--ssim-min", "0", "--coarse", "1", "--cap", "none"]
+# (white-noise weights), so they need a budget no visibility cap would grant. The seed is pinned: without
+# --seed the CLI draws a fresh one per run, and about 1 seed in 40 leaves linear_face_24 matched (exit 4).
+STRONG = ["--eps", "32", "--steps", "20", "--ssim-min", "0", "--coarse", "1", "--cap", "none", "--seed", "0"]
 
 
 @pytest.fixture
