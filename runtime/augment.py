@@ -43,12 +43,12 @@ from typing import Any, Final, Literal, TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
-from . import zoo
-from .attacks import BIM, FGSM, MIFGSM, PGD, GradientAttack, LinearMap, Resize, Victim
-from .errors import InputError, ModelError, OutputPathError, UncnnError
-from .fileio import atomic_write_bytes
-from .imageio import LoadedImage, encode_image, load_image
-from .sessions import AttackSession, open_session
+from uncnn_rt.runtime import zoo
+from uncnn_rt.runtime.attacks import BIM, FGSM, MIFGSM, PGD, GradientAttack, LinearMap, Resize, Victim
+from uncnn_rt.runtime.errors import InputError, ModelError, OutputPathError, UncnnError
+from uncnn_rt.runtime.fileio import atomic_write_bytes
+from uncnn_rt.runtime.imageio import LoadedImage, encode_image, load_image
+from uncnn_rt.runtime.sessions import AttackSession, open_session
 
 Float32Array = NDArray[np.float32]
 T = TypeVar("T")
@@ -852,7 +852,7 @@ def augment(
     spec = WorkerSpec(str(path), device, config.threads)
     outcomes: Iterable[Outcome]
     if engine == "ray":
-        from .ray_engine import run_on_ray
+        from uncnn_rt.runtime.ray_engine import run_on_ray
 
         outcomes = run_on_ray(spec, config, tasks, target, workers=workers, address=ray_address)
     else:

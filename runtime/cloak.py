@@ -60,9 +60,14 @@ from typing import Any, Final, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from . import image_ops, visibility, zoo
-from .align import CANONICAL_SIZE, transform_for_blazeface, transform_for_box, transform_for_whole_image
-from .attacks import (
+from uncnn_rt.runtime import image_ops, visibility, zoo
+from uncnn_rt.runtime.align import (
+    CANONICAL_SIZE,
+    transform_for_blazeface,
+    transform_for_box,
+    transform_for_whole_image,
+)
+from uncnn_rt.runtime.attacks import (
     EOT,
     MIFGSM,
     AttackResult,
@@ -80,10 +85,10 @@ from .attacks import (
     Victim,
     VisibilityCap,
 )
-from .errors import InputError, ModelError
-from .imageio import LoadedImage, LossyOutput
-from .sessions import AttackSession, open_session
-from .warp import Box, Warp, feather_mask
+from uncnn_rt.runtime.errors import InputError, ModelError
+from uncnn_rt.runtime.imageio import LoadedImage, LossyOutput
+from uncnn_rt.runtime.sessions import AttackSession, open_session
+from uncnn_rt.runtime.warp import Box, Warp, feather_mask
 
 Float32Array = NDArray[np.float32]
 Float64Array = NDArray[np.float64]
@@ -511,7 +516,7 @@ def load_recognizers(names: Sequence[str] | None = None, *, device: str = "auto"
 def load_detector(*, device: str = "auto") -> Detector:
     """The shipped BlazeFace detector (:class:`uncnn_rt.runtime.detect.FaceDetector`)."""
     try:
-        from .detect import FaceDetector
+        from uncnn_rt.runtime.detect import FaceDetector
     except ImportError as exc:  # the detector module ships with the face pipeline
         raise ModelError(f"the face detector is not available in this installation ({exc})") from exc
     detector: Detector = FaceDetector(device=device)

@@ -75,8 +75,8 @@ import onnxruntime as ort
 from numpy.typing import NDArray
 from PIL import Image
 
-from .errors import InputError, ModelError
-from .sessions import resolve_device, stop_spinning
+from uncnn_rt.runtime.errors import InputError, ModelError
+from uncnn_rt.runtime.sessions import resolve_device, stop_spinning
 
 Float32Array = NDArray[np.float32]
 Float64Array = NDArray[np.float64]
@@ -413,7 +413,7 @@ class _OutputSlot:
 
 def default_model_path() -> Path:
     """The shipped ``blazeface`` model; a :class:`ModelError` when it is not shipped."""
-    from .zoo import get_model
+    from uncnn_rt.runtime.zoo import get_model
 
     try:
         entry = get_model("blazeface")

@@ -55,10 +55,10 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from . import image_ops, visibility, zoo
-from .align import CANONICAL_SIZE, canonical_to_arcface112
-from .attacks import Resize
-from .cloak import (
+from uncnn_rt.runtime import image_ops, visibility, zoo
+from uncnn_rt.runtime.align import CANONICAL_SIZE, canonical_to_arcface112
+from uncnn_rt.runtime.attacks import Resize
+from uncnn_rt.runtime.cloak import (
     MATCH_IOU,
     CloakSettings,
     Detector,
@@ -69,12 +69,12 @@ from .cloak import (
     sites_from_detections,
     visible_region,
 )
-from .contract import META_KIND, META_THRESHOLD
-from .errors import InputError, ModelError
-from .imageio import LoadedImage, encode_image, load_image, lossy_round_trip, output_format
-from .sessions import AttackSession, open_session, resolve_device, stop_spinning
-from .verify import best_match
-from .warp import Box, Warp, invert_affine
+from uncnn_rt.runtime.contract import META_KIND, META_THRESHOLD
+from uncnn_rt.runtime.errors import InputError, ModelError
+from uncnn_rt.runtime.imageio import LoadedImage, encode_image, load_image, lossy_round_trip, output_format
+from uncnn_rt.runtime.sessions import AttackSession, open_session, resolve_device, stop_spinning
+from uncnn_rt.runtime.verify import best_match
+from uncnn_rt.runtime.warp import Box, Warp, invert_affine
 
 Float32Array = NDArray[np.float32]
 Float64Array = NDArray[np.float64]

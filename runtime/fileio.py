@@ -6,7 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import OutputPathError
+from uncnn_rt.runtime.errors import OutputPathError
 
 
 def _read_umask() -> int:

@@ -15,7 +15,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, ImageFilter
 
-from .errors import InputError
+from uncnn_rt.runtime.errors import InputError
 
 Float32Array = NDArray[np.float32]
 Float64Array = NDArray[np.float64]

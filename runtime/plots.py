@@ -14,8 +14,8 @@ from typing import Any, Final
 import numpy as np
 from numpy.typing import NDArray
 
-from .errors import UncnnError
-from .evaluate import AS_SAVED, KINDS, PROTOCOLS, EvalReport, Sample
+from uncnn_rt.runtime.errors import UncnnError
+from uncnn_rt.runtime.evaluate import AS_SAVED, KINDS, PROTOCOLS, EvalReport, Sample
 
 AMPLIFY: Final = 10
 """The difference image shows ``128 + AMPLIFY * (cloaked - original)``."""

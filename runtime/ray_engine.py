@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from .augment import AugmentConfig, Outcome, Task, WorkerSpec, run_task
-from .sessions import open_session
+from uncnn_rt.runtime.augment import AugmentConfig, Outcome, Task, WorkerSpec, run_task
+from uncnn_rt.runtime.sessions import open_session
 
 BATCH: int = 4
 """Images per actor call."""
@@ -43,7 +43,7 @@ def _ray() -> Any:
         import ray
         import ray.data
     except ImportError as exc:
-        from .plots import MissingExtraError
+        from uncnn_rt.runtime.plots import MissingExtraError
 
         raise MissingExtraError(
             "--engine ray needs Ray Data, which the [ray] extra installs: pip install 'uncnn-rt[ray]'"

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from .attacks import Misclassified, Victim
-from .augment import (
+from uncnn_rt.runtime.attacks import Misclassified, Victim
+from uncnn_rt.runtime.augment import (
     ATTACKS,
     MODEL_KEY,
     Item,
@@ -38,10 +38,10 @@ from .augment import (
     resolve_model,
     worker_session,
 )
-from .errors import InputError, ModelError, UncnnError
-from .fileio import atomic_write_bytes
-from .imageio import load_image
-from .sessions import AttackSession, open_session
+from uncnn_rt.runtime.errors import InputError, ModelError, UncnnError
+from uncnn_rt.runtime.fileio import atomic_write_bytes
+from uncnn_rt.runtime.imageio import load_image
+from uncnn_rt.runtime.sessions import AttackSession, open_session
 
 DEFAULT_EPS: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0)
 
@@ -250,7 +250,7 @@ def measure_robustness(
 
 def plot_robustness(report: RobustnessReport, path: str | Path) -> Path:
     """A PNG of accuracy against eps, one line per attack, the clean accuracy dashed (needs matplotlib)."""
-    from .plots import require_matplotlib
+    from uncnn_rt.runtime.plots import require_matplotlib
 
     require_matplotlib()
     import matplotlib.pyplot as plt

@@ -24,7 +24,7 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import ArrayLike, NDArray
 
-from .contract import (
+from uncnn_rt.runtime.contract import (
     CONTRACT_VERSION,
     INPUT_IMAGE,
     INPUT_REFERENCE,
@@ -44,8 +44,8 @@ from .contract import (
     ModelKind,
     Preprocessing,
 )
-from .errors import ContractError, DeviceError, InputError, ModelError
-from .lowering import lower_for_cpu
+from uncnn_rt.runtime.errors import ContractError, DeviceError, InputError, ModelError
+from uncnn_rt.runtime.lowering import lower_for_cpu
 
 if TYPE_CHECKING:
     import onnx

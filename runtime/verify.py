@@ -25,7 +25,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from .cloak import (
+from uncnn_rt.runtime.cloak import (
     MATCH_IOU,
     CloakResult,
     Detector,
@@ -39,9 +39,9 @@ from .cloak import (
     select_faces,
     sites_from_detections,
 )
-from .errors import InputError
-from .imageio import LoadedImage, load_image
-from .sessions import AttackSession
+from uncnn_rt.runtime.errors import InputError
+from uncnn_rt.runtime.imageio import LoadedImage, load_image
+from uncnn_rt.runtime.sessions import AttackSession
 
 Float32Array = NDArray[np.float32]
 

@@ -33,9 +33,9 @@ from typing import Any, Final
 import numpy as np
 from numpy.typing import NDArray
 
-from . import image_ops
-from .errors import InputError, UncnnError
-from .warp import Box
+from uncnn_rt.runtime import image_ops
+from uncnn_rt.runtime.errors import InputError, UncnnError
+from uncnn_rt.runtime.warp import Box
 
 Float32Array = NDArray[np.float32]
 Float64Array = NDArray[np.float64]

@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelError
+from uncnn_rt.runtime.errors import ModelError
 
 MANIFEST_NAME = "manifest.json"
 

@@ -13,8 +13,8 @@ Typical use::
     result.images, result.success["faceres"], result.history["faceres"]
 """
 
-from .base import AttackResult, BoundCap, GradientAttack, PerImageCap, VisibilityCap
-from .boosters import (
+from uncnn_rt.runtime.attacks.base import AttackResult, BoundCap, GradientAttack, PerImageCap, VisibilityCap
+from uncnn_rt.runtime.attacks.boosters import (
     EOT,
     Blur,
     Downscale,
@@ -23,7 +23,7 @@ from .boosters import (
     Transform,
     TranslationInvariance,
 )
-from .criteria import (
+from uncnn_rt.runtime.attacks.criteria import (
     AllOf,
     AnyOf,
     Criterion,
@@ -35,9 +35,9 @@ from .criteria import (
     TargetReached,
     default_criterion,
 )
-from .ensemble import Ensemble, Gradient, Victim
-from .linear import LinearMap, PerImage, Resize, ResizePad, Upsample, resize_matrix
-from .pgd import BIM, FGSM, IFGSM, L2PGD, MIFGSM, PGD, LinfPGD
+from uncnn_rt.runtime.attacks.ensemble import Ensemble, Gradient, Victim
+from uncnn_rt.runtime.attacks.linear import LinearMap, PerImage, Resize, ResizePad, Upsample, resize_matrix
+from uncnn_rt.runtime.attacks.pgd import BIM, FGSM, IFGSM, L2PGD, MIFGSM, PGD, LinfPGD
 
 __all__ = [
     "BIM",

@@ -36,12 +36,12 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from .. import image_ops
-from ..errors import InputError
-from .boosters import EOT, InputDiversity, TranslationInvariance
-from .criteria import Criterion, ModelState, default_criterion
-from .ensemble import Ensemble, Victim, unit_mean_magnitude
-from .linear import LinearMap, Upsample
+from uncnn_rt.runtime import image_ops
+from uncnn_rt.runtime.attacks.boosters import EOT, InputDiversity, TranslationInvariance
+from uncnn_rt.runtime.attacks.criteria import Criterion, ModelState, default_criterion
+from uncnn_rt.runtime.attacks.ensemble import Ensemble, Victim, unit_mean_magnitude
+from uncnn_rt.runtime.attacks.linear import LinearMap, Upsample
+from uncnn_rt.runtime.errors import InputError
 
 Float32Array = NDArray[np.float32]
 BoolArray = NDArray[np.bool_]

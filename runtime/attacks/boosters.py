@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from .. import image_ops
-from ..errors import InputError
-from .linear import LinearMap, ResizePad
+from uncnn_rt.runtime import image_ops
+from uncnn_rt.runtime.attacks.linear import LinearMap, ResizePad
+from uncnn_rt.runtime.errors import InputError
 
 Float32Array = NDArray[np.float32]
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from ..contract import ModelKind
-from ..errors import InputError
+from uncnn_rt.runtime.contract import ModelKind
+from uncnn_rt.runtime.errors import InputError
 
 BoolArray = NDArray[np.bool_]
 Float32Array = NDArray[np.float32]

@@ -14,7 +14,7 @@ from functools import lru_cache
 import numpy as np
 from numpy.typing import NDArray
 
-from ..errors import InputError
+from uncnn_rt.runtime.errors import InputError
 
 Float32Array = NDArray[np.float32]
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
-from ..errors import InputError
-from .base import GradientAttack
+from uncnn_rt.runtime.attacks.base import GradientAttack
+from uncnn_rt.runtime.errors import InputError
 
 Float32Array = NDArray[np.float32]
 
