@@ -78,8 +78,8 @@ def peak_rss_mb() -> float:
 def measure(case: str, mode: str, runs: int, device: str) -> dict[str, object]:
     """Run in a child process: cloak and verify ``runs`` times with the models loaded once."""
     from uncnn_rt.runtime import cloak
+    from uncnn_rt.runtime.cloak.verify import verify
     from uncnn_rt.runtime.imageio import load_image, lossy_round_trip, save_image
-    from uncnn_rt.runtime.verify import verify
 
     folder = Path(tempfile.mkdtemp(prefix="cloak_bench_"))
     path = make_photo(case, folder)

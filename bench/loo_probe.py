@@ -26,18 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from uncnn_rt.runtime.cloak import (
-    MODES,
-    cloak_image,
-    crop_size_for,
-    default_recognizer_names,
-    embed,
-    find_faces,
-    image_quality,
-    load_recognizers,
-)
+from uncnn_rt.runtime.cloak import MODES, cloak_image, default_recognizer_names, load_recognizers
+from uncnn_rt.runtime.geometry.faces import crop_size_for, embed, find_faces
 from uncnn_rt.runtime.imageio import load_image
 from uncnn_rt.runtime.sessions import open_session
+from uncnn_rt.runtime.visibility import image_quality
 
 DEV = Path(__file__).resolve().parents[1].parent / "shared" / "faces" / "dev" / "identities"
 

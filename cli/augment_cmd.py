@@ -19,10 +19,11 @@ from rich.table import Table
 
 from uncnn_rt.cli.errors import clean_errors
 from uncnn_rt.cli.progress import progress_bar
-from uncnn_rt.runtime import augment as aug
-from uncnn_rt.runtime import contract
-from uncnn_rt.runtime import robustness as rob
+from uncnn_rt.runtime import contract, zoo
 from uncnn_rt.runtime.errors import InputError, ModelError
+from uncnn_rt.runtime.jobs import augment as aug
+from uncnn_rt.runtime.jobs import datasets, variants
+from uncnn_rt.runtime.jobs import robustness as rob
 
 EXIT_INPUT = 2
 
@@ -43,7 +44,7 @@ def _global(ctx: typer.Context) -> tuple[str, bool]:
 
 def attack_graph(model: str) -> Path:
     """The attack graph MODEL names, or a :class:`ModelError` that says how to make one from plain ONNX."""
-    path = aug.resolve_model(model)
+    path = zoo.resolve_model(model)
     import onnx
 
     try:
@@ -146,9 +147,9 @@ def augment(
             raise InputError(f"--engine must be one of {', '.join(aug.ENGINES)}, got {engine!r}")
         if not data.exists():
             raise InputError(f"{data}: no such file or folder")
-        config = aug.AugmentConfig(
+        config = variants.AugmentConfig(
             attack=attack,
-            eps=aug.parse_eps(eps),
+            eps=variants.parse_eps(eps),
             steps=steps,
             step_size=step_size,
             targeted=targeted,
@@ -158,7 +159,7 @@ def augment(
             threads=threads,
         )
         path = attack_graph(model)
-        total = aug.count_items(data)
+        total = datasets.count_items(data)
         with progress_bar(console, hidden=quiet) as progress:
             task = progress.add_task("augmenting", total=total, detail="")
 
@@ -252,7 +253,7 @@ def robustness(
 
             require_matplotlib()  # fail before the attacks, not after them
         path = attack_graph(model)
-        total = aug.count_items(data)
+        total = datasets.count_items(data)
         total = total if limit is None else min(total, limit)
         with progress_bar(console, hidden=quiet) as progress:
             task = progress.add_task("attacking", total=total, detail="")

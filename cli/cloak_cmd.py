@@ -26,6 +26,14 @@ from uncnn_rt.cli.errors import clean_errors
 from uncnn_rt.cli.progress import progress_bar
 from uncnn_rt.runtime import cloak as cloaking
 from uncnn_rt.runtime import visibility, zoo
+from uncnn_rt.runtime.cloak.verify import (
+    SetLinkability,
+    VerifyReport,
+    classify_image,
+    compare_faces,
+    set_linkability,
+    verify,
+)
 from uncnn_rt.runtime.errors import InputError, ModelError, OutputPathError, UncnnError
 from uncnn_rt.runtime.imageio import (
     DEFAULT_MAX_PIXELS,
@@ -41,14 +49,6 @@ from uncnn_rt.runtime.imageio import (
     save_image,
 )
 from uncnn_rt.runtime.sessions import open_session
-from uncnn_rt.runtime.verify import (
-    SetLinkability,
-    VerifyReport,
-    classify_image,
-    compare_faces,
-    set_linkability,
-    verify,
-)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -490,7 +490,7 @@ def _cloak_one(
     out_format: str | None,
     keep_location: bool,
     runs: _Models,
-    on_progress: cloaking.ProgressCallback,
+    on_progress: cloaking.CloakProgressCallback,
 ) -> Outcome:
     """Cloak, save and verify one file; an input error becomes the outcome (nothing is written then)."""
     try:

@@ -420,7 +420,7 @@ def _print_mode(
         for c in names:
             table.add_column(f"{protocol.upper()}\n{_short(c, described)}", justify="right")
     table.add_column("self-sim\nsaved", justify="right")
-    for kind in ev.KINDS:
+    for kind in ev.SCORE_KINDS:
         scores = mode.of_kind(kind)
         for s in scores:
             label = s.evaluator + (f" (= {s.duplicate_of})" if s.duplicate_of else "")

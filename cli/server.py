@@ -1,8 +1,8 @@
 """The HTTP service of ``uncnn-rt serve``: cloak, compare and classify over HTTP, and the page at ``/``.
 
 The endpoints run the same runtime calls as the CLI (:func:`~uncnn_rt.runtime.cloak.cloak_image`,
-:func:`~uncnn_rt.runtime.verify.verify`, :func:`~uncnn_rt.runtime.verify.compare_faces`,
-:func:`~uncnn_rt.runtime.verify.classify_image`) on sessions loaded once per process.
+:func:`~uncnn_rt.runtime.cloak.verify.verify`, :func:`~uncnn_rt.runtime.cloak.verify.compare_faces`,
+:func:`~uncnn_rt.runtime.cloak.verify.classify_image`) on sessions loaded once per process.
 
 **Privacy by construction.** A request body is read into memory (never more than the upload limit), the
 multipart parser is told to keep file parts in memory, images are decoded from bytes, the cloaked file is
@@ -46,6 +46,7 @@ from uncnn_rt import __version__
 from uncnn_rt.cli.cloak_cmd import CLASSIFIER, Outcome, cloak_details, split_models, visibility_details
 from uncnn_rt.runtime import cloak as cloaking
 from uncnn_rt.runtime import zoo
+from uncnn_rt.runtime.cloak.verify import classify_image, compare_faces, verify
 from uncnn_rt.runtime.errors import (
     ImageTooLargeError,
     InputError,
@@ -62,7 +63,6 @@ from uncnn_rt.runtime.imageio import (
     output_format,
 )
 from uncnn_rt.runtime.sessions import AttackSession, open_session
-from uncnn_rt.runtime.verify import classify_image, compare_faces, verify
 
 # uvicorn's own logger, so that startup lines and errors appear with uvicorn's (never an upload's content).
 log = logging.getLogger("uvicorn.error")

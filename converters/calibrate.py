@@ -25,8 +25,8 @@ from PIL import Image
 
 from uncnn_rt.runtime.contract import Preprocessing
 from uncnn_rt.runtime.errors import InputError
+from uncnn_rt.runtime.imageio import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 Embedder = Callable[[NDArray[np.float32]], NDArray[np.float32]]
 
 

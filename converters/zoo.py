@@ -38,7 +38,7 @@ from numpy.typing import NDArray
 from onnx import numpy_helper
 
 from uncnn_rt.converters import calibrate
-from uncnn_rt.runtime.contract import Preprocessing
+from uncnn_rt.runtime.contract import CANONICAL_SIZE, Preprocessing
 from uncnn_rt.runtime.errors import InputError, ModelError
 from uncnn_rt.runtime.zoo import sha256_file
 
@@ -46,13 +46,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "models"
 DEFAULT_CACHE = Path.home() / ".cache" / "uncnn-rt-zoo"
 DEFAULT_DEV = REPO_ROOT.parent / "shared" / "faces" / "dev" / "identities"
-CANONICAL_SIZE = 224
 TARGET_FMR = 0.01
 MIN_DEFAULT_RANK1 = 0.90
 LABELS_FILE = "imagenet_labels.txt"
 
 # The ArcFace 112x112 crop (the framing MobileFaceNet-family and insightface-style models are trained
-# on) expressed as a window of the canonical crop: uncnn_rt.runtime.align.canonical_to_arcface112
+# on) expressed as a window of the canonical crop: uncnn_rt.runtime.geometry.align.canonical_to_arcface112
 # maps the canonical crop onto it; its inverse takes the 112 square to about x -0.097..1.087,
 # y -0.279..0.918 of the canonical crop. The window reaches above the chip framing (forehead), which
 # the resize samples by repeating the crop's edge pixels.

@@ -27,6 +27,9 @@ OUTPUT_GRAD: Final = "grad"
 
 ModelKind = Literal["face", "classifier"]
 KINDS: Final[tuple[str, ...]] = ("face", "classifier")
+CANONICAL_SIZE: Final = 224
+"""Side of the canonical face crop every face model is framed in (BlazeFace's six landmarks at fixed
+places; :mod:`uncnn_rt.runtime.geometry.align`); a model's own input size is resampled from it."""
 
 # Keys of the ONNX ``metadata_props`` every attack graph carries. Values are strings;
 # structured values (preprocessing, labels) are JSON.

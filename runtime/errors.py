@@ -59,3 +59,8 @@ class OutputPathError(InputError):
 
 class AlignmentError(InputError):
     """Landmarks or boxes from which no similarity transform can be estimated (coincident, non-finite)."""
+
+
+class MissingExtraError(InputError):
+    """An optional dependency of the feature asked for is not installed; the message names the extra
+    (``pip install 'uncnn-rt[plot]'``)."""

@@ -56,36 +56,31 @@ import onnxruntime as ort
 from numpy.typing import NDArray
 
 from uncnn_rt.runtime import image_ops, visibility, zoo
-from uncnn_rt.runtime.align import CANONICAL_SIZE, canonical_to_arcface112
+from uncnn_rt.runtime.arrays import Float32Array, Float64Array, Uint8Array
 from uncnn_rt.runtime.attacks import Resize
-from uncnn_rt.runtime.cloak import (
-    MATCH_IOU,
-    CloakSettings,
-    Detector,
-    FaceSite,
-    cloak_image,
-    find_faces,
-    image_quality,
-    sites_from_detections,
-    visible_region,
-)
-from uncnn_rt.runtime.contract import META_KIND, META_THRESHOLD
+from uncnn_rt.runtime.cloak import CloakSettings, Detector, cloak_image
+from uncnn_rt.runtime.cloak.regions import visible_region
+from uncnn_rt.runtime.contract import CANONICAL_SIZE, META_KIND, META_THRESHOLD
 from uncnn_rt.runtime.errors import InputError, ModelError
-from uncnn_rt.runtime.imageio import LoadedImage, encode_image, load_image, lossy_round_trip, output_format
+from uncnn_rt.runtime.geometry.align import canonical_to_arcface112
+from uncnn_rt.runtime.geometry.faces import FaceSite, find_faces, rematch, sites_from_detections
+from uncnn_rt.runtime.geometry.warp import Box, Warp, invert_affine
+from uncnn_rt.runtime.imageio import (
+    IMAGE_SUFFIXES,
+    LoadedImage,
+    encode_image,
+    load_image,
+    lossy_round_trip,
+    output_format,
+)
 from uncnn_rt.runtime.sessions import AttackSession, open_session, resolve_device, stop_spinning
-from uncnn_rt.runtime.verify import best_match
-from uncnn_rt.runtime.warp import Box, Warp, invert_affine
-
-Float32Array = NDArray[np.float32]
-Float64Array = NDArray[np.float64]
-Uint8Array = NDArray[np.uint8]
+from uncnn_rt.runtime.visibility import image_quality
 
 SCHEMA: Final = "uncnn-rt.eval/1"
-IMAGE_SUFFIXES: Final = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".tif", ".tiff", ".bmp")
 AS_SAVED: Final = "as_saved"
 PROTOCOLS: Final = ("p1", "p2", "p3")
 Kind = Literal["white-box", "leave-one-out", "external"]
-KINDS: Final[tuple[Kind, ...]] = ("white-box", "leave-one-out", "external")
+SCORE_KINDS: Final[tuple[Kind, ...]] = ("white-box", "leave-one-out", "external")
 WHITE_BOX_LABEL: Final = "white-box"
 
 _WORD: Final = {"p1": "protected", "p2": "protected", "p3": "unlinked"}
@@ -900,7 +895,7 @@ class ModeReport:
     def summary(self, conditions: Sequence[str]) -> dict[str, Any]:
         """Pooled protection per kind (external: independent evaluators only), condition and protocol."""
         out: dict[str, Any] = {}
-        for kind in KINDS:
+        for kind in SCORE_KINDS:
             scores = self.of_kind(kind, independent_only=kind == "external")
             if not scores:
                 continue
@@ -1407,14 +1402,14 @@ def evaluate_group_photos(
             for cond in conds:
                 view = cond.apply(saved)
                 found = list(finder(view))
-                matched = [_match(site, found) for site in sites]
+                matched = [rematch(site, found) for site in sites]
                 for name, _kind in attack.scored:
                     e = by_name[name]
-                    after = e.embed([FaceView(view, site) for site, _ in matched])
-                    for k, (_, redetected) in enumerate(matched):
+                    after = e.embed([FaceView(view, again.site) for again in matched])
+                    for k, again in enumerate(matched):
                         sim = float(np.dot(after[k], embedded[name][k]))
                         key = (attack.label, name, cond.name)
-                        collected.setdefault(key, []).append((sim, redetected))
+                        collected.setdefault(key, []).append((sim, again.matched))
             if progress is not None:
                 progress(f"group photos, {attack.label}: {Path(photo.name).name}")
         quality.append(
@@ -1457,13 +1452,3 @@ def evaluate_group_photos(
             [(p.rgb, site) for p, sites in zip(photos, faces_of, strict=True) for site in sites]
         ),
     )
-
-
-def _match(site: FaceSite, found: Sequence[FaceSite]) -> tuple[FaceSite, bool]:
-    """The re-detected face overlapping ``site`` most (IoU >= ``MATCH_IOU``), else ``site`` itself."""
-    if site.box is None:
-        return site, True
-    best, best_iou = best_match(site, found)
-    if best is None or best_iou < MATCH_IOU:
-        return site, False
-    return best, True

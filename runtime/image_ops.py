@@ -15,10 +15,8 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, ImageFilter
 
+from uncnn_rt.runtime.arrays import Float32Array, Float64Array
 from uncnn_rt.runtime.errors import InputError
-
-Float32Array = NDArray[np.float32]
-Float64Array = NDArray[np.float64]
 
 # Wang et al. (2004) constants, as in scikit-image's structural_similarity with gaussian_weights=True.
 SSIM_SIGMA: Final = 1.5

@@ -46,6 +46,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from uncnn_rt.runtime.arrays import Uint8Array
 from uncnn_rt.runtime.errors import (
     DecodeError,
     EmptyFileError,
@@ -58,7 +59,9 @@ from uncnn_rt.runtime.errors import (
 )
 from uncnn_rt.runtime.fileio import atomic_write_bytes, check_writable_folder
 
-Uint8Array = NDArray[np.uint8]
+IMAGE_SUFFIXES: Final = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif")
+"""File suffixes taken as images when a folder is scanned (cloak, eval, augment, robustness, calibration);
+a file named otherwise is skipped there, though :func:`load_image` reads any format Pillow knows."""
 
 DEFAULT_MAX_PIXELS: Final = 100_000_000
 """Largest pixel count decoded (100 MP): a 12 MP phone photo is well inside, a 30000 x 30000 header is not.

@@ -14,8 +14,8 @@ from typing import Any, Final
 import numpy as np
 from numpy.typing import NDArray
 
-from uncnn_rt.runtime.errors import UncnnError
-from uncnn_rt.runtime.evaluate import AS_SAVED, KINDS, PROTOCOLS, EvalReport, Sample
+from uncnn_rt.runtime.errors import MissingExtraError, UncnnError
+from uncnn_rt.runtime.evaluate import AS_SAVED, PROTOCOLS, SCORE_KINDS, EvalReport, Sample
 
 AMPLIFY: Final = 10
 """The difference image shows ``128 + AMPLIFY * (cloaked - original)``."""
@@ -34,12 +34,6 @@ _PROTOCOL_LABELS: Final = {
     "p2": "P2 gallery cloaked",
     "p3": "P3 unlinked among cloaked photos",
 }
-
-
-class MissingExtraError(UncnnError):
-    """An optional dependency of this feature is not installed."""
-
-    exit_code = 2
 
 
 def require_matplotlib() -> None:
@@ -144,7 +138,7 @@ def _curves(
     """On ``ax``, pooled protection (%) under ``condition`` against ``x_of(mode, kind)``: a point per mode,
     a line per kind and protocol, P1 points labelled with the mode. Returns the x values drawn."""
     xs: list[float] = []
-    for kind in KINDS:
+    for kind in SCORE_KINDS:
         for protocol in PROTOCOLS:
             points = []
             for mode in data["modes"]:

@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Final, Literal, NamedTuple
 
 import numpy as np
 import onnxruntime as ort
-from numpy.typing import ArrayLike, NDArray
+from numpy.typing import ArrayLike
 
+from uncnn_rt.runtime.arrays import Float32Array
 from uncnn_rt.runtime.contract import (
     CONTRACT_VERSION,
     INPUT_IMAGE,
@@ -63,8 +64,6 @@ _OPTIMIZATION_LEVELS: Final = {
 # Execution providers whose tensors onnxruntime's Python API can allocate on the device (OrtValue "cuda").
 _CUDA_MEMORY_PROVIDERS: Final = frozenset({CUDA_PROVIDER, "TensorrtExecutionProvider"})
 _OUTPUTS: Final = (OUTPUT_FEATURES, OUTPUT_OBJECTIVE, OUTPUT_GRAD)
-
-Float32Array = NDArray[np.float32]
 
 
 class Evaluation(NamedTuple):

@@ -34,12 +34,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from uncnn_rt.runtime import image_ops
-from uncnn_rt.runtime.errors import InputError, UncnnError
-from uncnn_rt.runtime.warp import Box
-
-Float32Array = NDArray[np.float32]
-Float64Array = NDArray[np.float64]
-Uint8Array = NDArray[np.uint8]
+from uncnn_rt.runtime.arrays import Float32Array, Float64Array, Uint8Array
+from uncnn_rt.runtime.errors import InputError, MissingExtraError
+from uncnn_rt.runtime.geometry.warp import Box
 
 FLIP_PPD: Final = 67.0
 """Pixels per degree of visual angle: FLIP's default (a 0.7 m wide 4K monitor seen from 0.7 m)."""
@@ -62,10 +59,8 @@ _RGB_TO_XYZ: Final = np.array(
 _XYZ_TO_RGB: Final = np.linalg.inv(_RGB_TO_XYZ)
 
 
-class MissingFlipError(UncnnError):
+class MissingFlipError(MissingExtraError):
     """NVIDIA's ``flip-evaluator`` is needed (only for the reference figure) and not installed."""
-
-    exit_code = 2
 
 
 @cache
@@ -430,7 +425,7 @@ def photo_figures(
     """The whole photo's figures, computed where the photos differ: FLIP's error is 0 farther than its
     filters reach from every changed pixel, so FLIP and CIEDE2000 are computed on the changed box grown
     by twice that reach and summed over the photo (``ssim`` and ``psnr`` of the whole photo are given,
-    e.g. by :func:`uncnn_rt.runtime.cloak.image_quality`). A lossy save changes every pixel, so the box
+    e.g. by :func:`uncnn_rt.runtime.visibility.image_quality`). A lossy save changes every pixel, so the box
     is often the whole photo: it is taken in bands of rows (``band_pixels``), each error row from the
     rows within its filters' reach, as on the whole box."""
     a, b = np.asarray(original), np.asarray(test)
@@ -648,3 +643,53 @@ def luminance_jnd(rgb: NDArray[np.generic]) -> Float32Array:
     texture = JND_TEXTURE * gradient
     jnd = adaptation + texture - JND_OVERLAP * np.minimum(adaptation, texture)
     return np.asarray(jnd, dtype=np.float32)
+
+
+def changed_box(a: NDArray[np.generic], b: NDArray[np.generic]) -> Box | None:
+    """The smallest box holding every pixel where ``a`` and ``b`` ``[H, W, C]`` differ, or None."""
+    diff = np.any(a != b, axis=2)
+    rows, cols = np.flatnonzero(diff.any(axis=1)), np.flatnonzero(diff.any(axis=0))
+    if rows.size == 0:
+        return None
+    return Box(int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1)
+
+
+def image_quality(
+    original: NDArray[np.generic], other: NDArray[np.generic], *, strip: int = 128
+) -> tuple[float, float]:
+    """Whole-image ``(SSIM, PSNR)`` of ``other`` against ``original`` (``[H, W, 3]``, 0..255).
+
+    SSIM equals :func:`image_ops.ssim` on the whole image, but only windows that see a changed pixel are
+    computed (unchanged windows score exactly 1), in strips of rows, so a 12 MP photo needs tens of MB.
+    """
+    a, b = np.asarray(original), np.asarray(other)
+    if a.shape != b.shape or a.ndim != 3:
+        raise InputError(f"quality needs two [H, W, C] images of one shape, got {a.shape} and {b.shape}")
+    box = changed_box(a, b)
+    if box is None:
+        return 1.0, math.inf
+    height, width = a.shape[:2]
+    sq = 0.0
+    for r in range(box.top, box.bottom, strip):
+        d = a[r : min(r + strip, box.bottom), box.left : box.right].astype(np.float64)
+        d -= b[r : min(r + strip, box.bottom), box.left : box.right]
+        sq += float(np.square(d).sum())
+    mse = sq / a.size
+    psnr = math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+    radius = 5  # the 11-tap window of image_ops.ssim
+    if min(height, width) < 2 * radius + 1:
+        return 1.0 - float(mse > 0), psnr
+    # Window centres that can see a change, within the valid range [radius, H - radius).
+    c_top, c_bottom = max(radius, box.top - radius), min(height - radius, box.bottom + radius)
+    c_left, c_right = max(radius, box.left - radius), min(width - radius, box.right + radius)
+    total = (height - 2 * radius) * (width - 2 * radius) * a.shape[2]
+    counted = 0
+    summed = 0.0
+    cols = slice(c_left - radius, c_right + radius)
+    for r in range(c_top, c_bottom, strip):
+        r_end = min(r + strip, c_bottom)
+        rows = slice(r - radius, r_end + radius)
+        n = (r_end - r) * (c_right - c_left) * a.shape[2]
+        summed += float(image_ops.ssim(a[None, rows, cols], b[None, rows, cols])[0]) * n
+        counted += n
+    return (summed + (total - counted)) / total, psnr

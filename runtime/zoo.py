@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from uncnn_rt.runtime.errors import ModelError
+from uncnn_rt.runtime.errors import InputError, ModelError
+
+if TYPE_CHECKING:
+    from uncnn_rt.runtime.sessions import AttackSession
 
 MANIFEST_NAME = "manifest.json"
 
@@ -98,3 +102,65 @@ def verify(entry: ModelEntry) -> str | None:
     if actual != entry.sha256:
         return f"{entry.file}: sha256 {actual[:12]}... does not match the manifest's {entry.sha256[:12]}..."
     return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# resolving a model: the one way every command turns a name or a path into a model
+
+
+def resolve_model(model: str | Path) -> Path:
+    """The file of ``model``: a path to an ONNX file (an attack graph made by ``uncnn-rt convert
+    grad``, or a shipped one), or the name of a shipped model.
+
+    Raises:
+        ModelError: neither a file nor a shipped model's name.
+    """
+    path = Path(model)
+    if path.is_file():
+        return path.resolve()
+    if path.suffix == "" and "/" not in str(model):
+        return get_model(str(model)).path
+    raise ModelError(f"{model}: no such model file (or shipped model name)")
+
+
+def default_recognizer_names() -> list[str]:
+    """The shipped face recognizers flagged for the default ensemble."""
+    return [e.name for e in load_manifest() if e.kind == "face" and e.in_default_ensemble]
+
+
+def load_recognizers(names: Sequence[str] | None = None, *, device: str = "auto") -> list[AttackSession]:
+    """Open face recognizers: shipped names, or paths to face attack graphs (``uncnn-rt convert grad``),
+    in the order given; default: the shipped default ensemble. ``cloak``, ``compare``, ``eval`` and
+    ``serve`` all open their white-box models here.
+
+    Raises:
+        InputError: a name is neither a shipped face recognizer nor a file, or a file is not a face
+            model's attack graph.
+        ModelError: no recognizer is shipped, or a file is missing or broken.
+    """
+    from uncnn_rt.runtime.sessions import open_session
+
+    entries = {e.name: e for e in load_manifest() if e.kind == "face"}
+    if names is None:
+        chosen = [e.path for e in entries.values() if e.in_default_ensemble]
+        if not chosen:
+            raise ModelError(
+                "no face recognizers are shipped in this installation (build the zoo: "
+                "python -m uncnn_rt.converters.zoo build)"
+            )
+        return [open_session(path, device=device) for path in chosen]
+    if not names:
+        raise InputError("give at least one recognizer name")
+    unknown = [n for n in names if n not in entries and not Path(n).is_file()]
+    if unknown:
+        raise InputError(
+            f"unknown recognizer(s) {', '.join(unknown)}; shipped: {', '.join(sorted(entries)) or 'none'} "
+            "(or give the path of a face model's attack graph, made by uncnn-rt convert grad)"
+        )
+    sessions = []
+    for name in dict.fromkeys(names):
+        session = open_session(entries[name].path if name in entries else Path(name), device=device)
+        if session.info.kind != "face":
+            raise InputError(f"{name}: a {session.info.kind} model, not a face recognizer")
+        sessions.append(session)
+    return sessions

@@ -13,9 +13,9 @@ from numpy.typing import NDArray
 from PIL import Image
 from scipy import ndimage
 
-from uncnn_rt.runtime import align
 from uncnn_rt.runtime.errors import AlignmentError, InputError
-from uncnn_rt.runtime.warp import Warp, apply_affine
+from uncnn_rt.runtime.geometry import align
+from uncnn_rt.runtime.geometry.warp import Warp, apply_affine
 
 DEV_CHIPS = Path(__file__).resolve().parents[1] / ".." / "shared" / "faces" / "dev" / "identities"
 
@@ -188,7 +188,7 @@ def test_blazeface_template_is_where_the_detector_puts_keypoints_on_the_chips() 
     """Aligning detector keypoints to this template must reproduce the chip framing the recognizers
     were calibrated on: the detector's mean keypoints on the chips are within 1.5 px of it."""
     from uncnn_rt.runtime import zoo
-    from uncnn_rt.runtime.detect import FaceDetector
+    from uncnn_rt.runtime.geometry.detect import FaceDetector
 
     if not any(e.name == "blazeface" for e in zoo.load_manifest()):
         pytest.skip("the shipped BlazeFace detector is not in models/manifest.json")

@@ -20,10 +20,11 @@ from typer.testing import CliRunner
 from uncnn_rt.augment import AugmentConfig, augment, iter_dataset, plan_item, read_manifest
 from uncnn_rt.cli.app import app
 from uncnn_rt.runtime import zoo
-from uncnn_rt.runtime.augment import MANIFEST, SETTINGS, View
+from uncnn_rt.runtime.cloak.verify import classify_image
 from uncnn_rt.runtime.errors import InputError, OutputPathError
+from uncnn_rt.runtime.jobs.augment import MANIFEST, SETTINGS
+from uncnn_rt.runtime.jobs.variants import View
 from uncnn_rt.runtime.sessions import AttackSession, open_session
-from uncnn_rt.runtime.verify import classify_image
 
 # Square at the model's size, non-square (the model sees the centred square), and larger (resized).
 SIZES = ((16, 16), (20, 28), (16, 16), (32, 32), (28, 20), (16, 16))

@@ -11,7 +11,7 @@ from conftest import LinearGraph
 from test_augment import make_folder, written_files
 
 from uncnn_rt.augment import AugmentConfig, augment, read_manifest
-from uncnn_rt.runtime.augment import MANIFEST
+from uncnn_rt.runtime.jobs.augment import MANIFEST
 from uncnn_rt.runtime.sessions import open_session
 
 ray = pytest.importorskip("ray", reason="the [ray] extra (ray[data]) is not installed")

@@ -26,9 +26,9 @@ from typer.testing import CliRunner
 from uncnn_rt.cli import cloak_cmd, progress
 from uncnn_rt.cli.app import app
 from uncnn_rt.runtime import zoo
+from uncnn_rt.runtime.cloak.verify import FaceCheck, ModelCheck, VerifyReport
 from uncnn_rt.runtime.errors import InputError
 from uncnn_rt.runtime.sessions import AttackSession
-from uncnn_rt.runtime.verify import FaceCheck, ModelCheck, VerifyReport
 
 # Per pixel (--coarse 1), no visibility cap: the linear fixture models weigh crop pixels independently
 # (white-noise weights), so they need a budget no visibility cap would grant. The seed is pinned: without

@@ -23,13 +23,16 @@ from skimage import data
 from skimage.metrics import structural_similarity
 
 from uncnn_rt.runtime import cloak, evaluate, image_ops, visibility, zoo
-from uncnn_rt.runtime.align import blazeface_template
 from uncnn_rt.runtime.attacks import MIFGSM, Resize, Victim
+from uncnn_rt.runtime.cloak import photo as cloak_photo
+from uncnn_rt.runtime.cloak import regions
+from uncnn_rt.runtime.cloak.verify import classify_image, compare_faces, verify
 from uncnn_rt.runtime.errors import InputError, ModelError
+from uncnn_rt.runtime.geometry import faces
+from uncnn_rt.runtime.geometry.align import blazeface_template
+from uncnn_rt.runtime.geometry.warp import Box, Warp, apply_affine
 from uncnn_rt.runtime.imageio import LoadedImage, load_image, lossy_round_trip, save_image
 from uncnn_rt.runtime.sessions import AttackSession
-from uncnn_rt.runtime.verify import classify_image, compare_faces, verify
-from uncnn_rt.runtime.warp import Warp, apply_affine
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 DEV_PHOTOS = SHARED / "faces" / "dev" / "photos"
@@ -128,8 +131,8 @@ def run(
 
 def test_crop_map_is_the_adjoint_of_itself() -> None:
     warp = Warp(ONE_FACE, (160, 200), CROP)
-    region = cloak.region_box(warp, 160, 200)
-    crop_map = cloak.CropMap(warp, region)
+    region = regions.region_box(warp, 160, 200)
+    crop_map = regions.CropMap(warp, region)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, region.height, region.width, 3)).astype(np.float32)
     g = rng.normal(size=(2, CROP, CROP, 3)).astype(np.float32)
@@ -143,21 +146,21 @@ def test_crop_map_is_the_adjoint_of_itself() -> None:
 
 def test_region_box_holds_the_warp_box_with_margin_on_the_jpeg_grid() -> None:
     warp = Warp(ONE_FACE, (160, 200), CROP)
-    region = cloak.region_box(warp, 160, 200)
+    region = regions.region_box(warp, 160, 200)
     b = warp.box
-    assert region.top <= b.top - cloak.SSIM_MARGIN or region.top == 0
-    assert region.left <= b.left - cloak.SSIM_MARGIN or region.left == 0
-    assert region.bottom >= min(160, b.bottom + cloak.SSIM_MARGIN)
-    assert region.right >= min(200, b.right + cloak.SSIM_MARGIN)
-    assert region.top % cloak.JPEG_BLOCK == 0 and region.left % cloak.JPEG_BLOCK == 0
+    assert region.top <= b.top - regions.SSIM_MARGIN or region.top == 0
+    assert region.left <= b.left - regions.SSIM_MARGIN or region.left == 0
+    assert region.bottom >= min(160, b.bottom + regions.SSIM_MARGIN)
+    assert region.right >= min(200, b.right + regions.SSIM_MARGIN)
+    assert region.top % regions.JPEG_BLOCK == 0 and region.left % regions.JPEG_BLOCK == 0
 
 
 def test_texture_weight_is_low_on_flat_areas_and_full_on_texture() -> None:
     flat = np.full((40, 40, 3), 120, np.uint8)
     noisy = np.random.default_rng(0).integers(0, 256, (40, 40, 3)).astype(np.uint8)
-    np.testing.assert_allclose(cloak.texture_weight(flat, 0.3), 0.3)
-    assert cloak.texture_weight(noisy, 0.3).min() == pytest.approx(1.0)
-    np.testing.assert_array_equal(cloak.texture_weight(flat, 1.0), 1.0)
+    np.testing.assert_allclose(regions.texture_weight(flat, 0.3), 0.3)
+    assert regions.texture_weight(noisy, 0.3).min() == pytest.approx(1.0)
+    np.testing.assert_array_equal(regions.texture_weight(flat, 1.0), 1.0)
 
 
 def test_image_quality_equals_whole_image_ssim_and_psnr() -> None:
@@ -165,7 +168,7 @@ def test_image_quality_equals_whole_image_ssim_and_psnr() -> None:
     a = rng.integers(0, 256, (70, 90, 3)).astype(np.uint8)
     b = a.copy()
     b[20:40, 30:55] = np.clip(b[20:40, 30:55].astype(int) + rng.integers(-9, 10, (20, 25, 3)), 0, 255)
-    ssim, psnr = cloak.image_quality(a, b, strip=7)
+    ssim, psnr = visibility.image_quality(a, b, strip=7)
     assert ssim == pytest.approx(float(image_ops.ssim(a[None], b[None])[0]), abs=1e-9)
     assert ssim == pytest.approx(
         structural_similarity(a, b, channel_axis=-1, data_range=255, gaussian_weights=True,
@@ -173,7 +176,7 @@ def test_image_quality_equals_whole_image_ssim_and_psnr() -> None:
         abs=1e-7,
     )  # fmt: skip
     assert psnr == pytest.approx(float(image_ops.psnr(a[None], b[None])[0]))
-    assert cloak.image_quality(a, a) == (1.0, math.inf)
+    assert visibility.image_quality(a, a) == (1.0, math.inf)
 
 
 def test_settings_for_applies_overrides_and_rejects_bad_values() -> None:
@@ -241,7 +244,7 @@ def test_cloak_keeps_the_size_and_changes_only_the_face_region(recognizers: list
     # Nothing changes outside the crop's footprint (where the mask is 0), nor outside the region box.
     warp = Warp(face.site.crop_to_photo, loaded.rgb.shape, result.crop_size)
     outside = np.ones(loaded.rgb.shape[:2], bool)
-    outside[face.region.slices] = cloak.face_mask(warp, face.region) == 0
+    outside[face.region.slices] = regions.face_mask(warp, face.region) == 0
     assert np.all(delta[outside] == 0)
     assert face.linf == np.abs(delta).max()
 
@@ -347,7 +350,7 @@ def test_faces_attacked_in_one_batch_keep_their_own_budget_cap_and_verdict(
         assert face.visibility.flip > 0.5 * face.limits.flip
 
 
-def _in(region: cloak.Box, shape: tuple[int, ...]) -> NDArray[np.bool_]:
+def _in(region: Box, shape: tuple[int, ...]) -> NDArray[np.bool_]:
     mask = np.zeros(shape[:2], bool)
     mask[region.slices] = True
     return mask
@@ -372,7 +375,7 @@ def test_a_thirty_face_photo_is_attacked_in_bounded_batches(
     first_pass = {e.face: e.batch for e in events if e.steps == 2}
     assert sum(first_pass.values()) == 30 and max(first_pass.values()) <= cloak.BATCH_FACES
     assert peak < 200e6, f"peak traced memory {peak / 1e6:.0f} MB"
-    monkeypatch.setattr(cloak, "BATCH_PIXELS", 3 * 60 * 60)
+    monkeypatch.setattr(cloak_photo, "BATCH_PIXELS", 3 * 60 * 60)
     events.clear()
     once = replace(cloak.settings_for(STRONG["mode"]), refine_rounds=0)  # type: ignore[arg-type]
     run(loaded, recognizers, detector, **{**STRONG, "mode": once, "steps": 1}, progress=events.append)
@@ -414,7 +417,7 @@ def test_overlapping_faces_keep_the_budget(recognizers: list[AttackSession]) -> 
     detector = FakeDetector([similarity(3.0, 0.0, 40.0, 30.0), similarity(3.0, 10.0, 80.0, 40.0)])
     result = run(loaded, recognizers, detector, eps=5, steps=4, ssim_min=0.9)
     assert np.abs(result.image.astype(int) - loaded.rgb).max() <= 5
-    assert cloak.image_quality(loaded.rgb, result.image)[0] >= 0.9
+    assert visibility.image_quality(loaded.rgb, result.image)[0] >= 0.9
 
 
 class MovingDetector(FakeDetector):
@@ -466,8 +469,8 @@ def test_targeted_cloak_moves_towards_the_target(recognizers: list[AttackSession
     result = run(loaded, recognizers, FakeDetector([ONE_FACE]), target=target, eps=16, steps=10, ssim_min=0)
     assert result.targeted
     site = result.faces[0].site
-    before = cloak.embed(loaded.rgb, site, recognizers)
-    after = cloak.embed(result.image, site, recognizers)
+    before = faces.embed(loaded.rgb, site, recognizers)
+    after = faces.embed(result.image, site, recognizers)
     for name, reference in target.items():
         assert float(after[name] @ reference) > float(before[name] @ reference) + 0.05
         assert np.allclose(result.faces[0].references[name], reference)
@@ -506,7 +509,7 @@ def test_verify_reports_every_face_and_model_from_the_written_file(
     for check, outcome in zip(face.models, result.faces[0].outcomes, strict=True):
         assert check.after == pytest.approx(outcome.similarity, abs=1e-4)
     assert report.protected == result.passed
-    assert (report.ssim, report.psnr) == pytest.approx(cloak.image_quality(loaded.rgb, result.image))
+    assert (report.ssim, report.psnr) == pytest.approx(visibility.image_quality(loaded.rgb, result.image))
     assert report.to_dict()["faces"][0]["models"][0]["name"] == "linear_face"
 
 
@@ -693,7 +696,7 @@ def test_every_mode_meets_its_cap_on_colour_photos(mode: str, tmp_path: Path) ->
 
 
 # Faces of 60 to 110 pixels (the group photos, the 512-px astronaut) need the high mode's budget; see the
-# mode table in runtime/cloak.py.
+# mode table in runtime/cloak/photo.py.
 DEV_MODE = cloak.MODES["high"]
 # Share of face-model pairs of the dev group photos that the high mode protects: 76 of 92 (83%) when
 # measured; the cap leaves some small faces matched by some models.

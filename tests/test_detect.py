@@ -24,10 +24,10 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 from skimage import data
 
-from uncnn_rt.runtime import detect as D
 from uncnn_rt.runtime import zoo
-from uncnn_rt.runtime.detect import Detections, Face, FaceDetector, Window
 from uncnn_rt.runtime.errors import DeviceError, InputError, ModelError
+from uncnn_rt.runtime.geometry import detect as D
+from uncnn_rt.runtime.geometry.detect import Detections, Face, FaceDetector, Window
 
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "faces" / "dev" / "photos"
 CHIPS = PHOTOS.parent / "identities"

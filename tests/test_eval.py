@@ -25,12 +25,13 @@ from typer.testing import CliRunner
 
 from uncnn_rt.cli.app import app
 from uncnn_rt.runtime import evaluate as ev
-from uncnn_rt.runtime.align import transform_for_box, transform_for_whole_image
-from uncnn_rt.runtime.cloak import FaceSite, settings_for
-from uncnn_rt.runtime.errors import InputError
+from uncnn_rt.runtime.cloak import settings_for
+from uncnn_rt.runtime.errors import InputError, MissingExtraError
+from uncnn_rt.runtime.geometry.align import transform_for_box, transform_for_whole_image
+from uncnn_rt.runtime.geometry.faces import FaceSite
+from uncnn_rt.runtime.geometry.warp import Warp
 from uncnn_rt.runtime.imageio import LoadedImage, load_image
 from uncnn_rt.runtime.sessions import open_session
-from uncnn_rt.runtime.warp import Warp
 
 SIZE = 16
 THRESHOLD = 0.8
@@ -412,7 +413,7 @@ def test_runtime_imports_without_matplotlib(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     from uncnn_rt.runtime import plots
 
-    with pytest.raises(plots.MissingExtraError, match=r"\[plot\]"):
+    with pytest.raises(MissingExtraError, match=r"\[plot\]"):
         plots.require_matplotlib()
 
 

@@ -25,7 +25,7 @@ from uncnn_rt.runtime.errors import (
     UnreadableFileError,
     UnsupportedImageError,
 )
-from uncnn_rt.runtime.warp import Box
+from uncnn_rt.runtime.geometry.warp import Box
 
 DEV_PHOTOS = Path(__file__).resolve().parents[1] / ".." / "shared" / "faces" / "dev" / "photos"
 GPS = {1: "N", 2: (52.0, 31.0, 12.0), 3: "E", 4: (13.0, 24.0, 0.0)}

@@ -13,7 +13,7 @@ from skimage import color, data
 
 from uncnn_rt.runtime import visibility
 from uncnn_rt.runtime.errors import InputError
-from uncnn_rt.runtime.warp import Box
+from uncnn_rt.runtime.geometry.warp import Box
 
 
 def portrait(size: int = 200) -> NDArray[np.uint8]:

@@ -13,7 +13,7 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from uncnn_rt.runtime.errors import InputError
-from uncnn_rt.runtime.warp import (
+from uncnn_rt.runtime.geometry.warp import (
     Box,
     Warp,
     WarpBatch,

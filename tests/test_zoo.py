@@ -52,7 +52,7 @@ def astronaut_face() -> NDArray[np.float32]:
     from skimage import data
 
     head = Image.fromarray(data.astronaut()[75:195, 165:285])
-    return calibrate.canonical_crop(head, zoo.CANONICAL_SIZE)[None]
+    return calibrate.canonical_crop(head, C.CANONICAL_SIZE)[None]
 
 
 def _features(name: str, crops: NDArray[np.float32]) -> NDArray[np.float32]:

@@ -37,14 +37,12 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from uncnn_rt.runtime import image_ops
+from uncnn_rt.runtime.arrays import BoolArray, Float32Array
 from uncnn_rt.runtime.attacks.boosters import EOT, InputDiversity, TranslationInvariance
 from uncnn_rt.runtime.attacks.criteria import Criterion, ModelState, default_criterion
 from uncnn_rt.runtime.attacks.ensemble import Ensemble, Victim, unit_mean_magnitude
 from uncnn_rt.runtime.attacks.linear import LinearMap, Upsample
 from uncnn_rt.runtime.errors import InputError
-
-Float32Array = NDArray[np.float32]
-BoolArray = NDArray[np.bool_]
 
 # The SSIM floor's search for the largest kept share ``c`` of delta stops once a feasible share is
 # within 1% of the infeasible one above it, or leaves less than 1% of ``1 - floor`` unused; each guess

@@ -14,10 +14,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from uncnn_rt.runtime import image_ops
+from uncnn_rt.runtime.arrays import Float32Array
 from uncnn_rt.runtime.attacks.linear import LinearMap, ResizePad
 from uncnn_rt.runtime.errors import InputError
-
-Float32Array = NDArray[np.float32]
 
 
 @dataclass(frozen=True, kw_only=True)

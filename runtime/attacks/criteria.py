@@ -14,11 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
+from uncnn_rt.runtime.arrays import BoolArray, Float32Array
 from uncnn_rt.runtime.contract import ModelKind
 from uncnn_rt.runtime.errors import InputError
-
-BoolArray = NDArray[np.bool_]
-Float32Array = NDArray[np.float32]
 
 
 @dataclass(frozen=True)

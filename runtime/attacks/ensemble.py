@@ -19,13 +19,12 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from uncnn_rt.runtime.arrays import Float32Array
 from uncnn_rt.runtime.attacks.boosters import EOT, InputDiversity
 from uncnn_rt.runtime.attacks.criteria import ModelState
 from uncnn_rt.runtime.attacks.linear import LinearMap, Resize
 from uncnn_rt.runtime.errors import InputError
 from uncnn_rt.runtime.sessions import AttackSession, Stepper
-
-Float32Array = NDArray[np.float32]
 
 
 @dataclass(frozen=True)

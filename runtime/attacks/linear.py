@@ -14,9 +14,8 @@ from functools import lru_cache
 import numpy as np
 from numpy.typing import NDArray
 
+from uncnn_rt.runtime.arrays import Float32Array
 from uncnn_rt.runtime.errors import InputError
-
-Float32Array = NDArray[np.float32]
 
 
 @lru_cache(maxsize=64)

@@ -10,12 +10,10 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from numpy.typing import NDArray
 
+from uncnn_rt.runtime.arrays import Float32Array
 from uncnn_rt.runtime.attacks.base import GradientAttack
 from uncnn_rt.runtime.errors import InputError
-
-Float32Array = NDArray[np.float32]
 
 
 @dataclass(frozen=True, kw_only=True)

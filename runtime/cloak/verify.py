@@ -25,25 +25,22 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from uncnn_rt.runtime.cloak import (
-    MATCH_IOU,
-    CloakResult,
-    Detector,
+from uncnn_rt.runtime.arrays import Float32Array
+from uncnn_rt.runtime.cloak import CloakResult, Detector, NoFaceError
+from uncnn_rt.runtime.errors import InputError
+from uncnn_rt.runtime.geometry.faces import (
     FaceSite,
-    NoFaceError,
     box_iou,
     crop_size_for,
     embed,
     find_faces,
-    image_quality,
+    rematch,
     select_faces,
     sites_from_detections,
 )
-from uncnn_rt.runtime.errors import InputError
 from uncnn_rt.runtime.imageio import LoadedImage, load_image
 from uncnn_rt.runtime.sessions import AttackSession
-
-Float32Array = NDArray[np.float32]
+from uncnn_rt.runtime.visibility import image_quality
 
 __all__ = [
     "FaceCheck",
@@ -168,9 +165,9 @@ def verify(
         found = sites_from_detections(detector.detect(cloaked.rgb), size)
     faces = []
     for face in result.faces:
-        site, redetected, overlap = _match(face.site, found, size)
-        clean = embed(original.rgb, site, recognizers)
-        after = embed(cloaked.rgb, site, recognizers)
+        again = rematch(face.site, found)
+        clean = embed(original.rgb, again.site, recognizers)
+        after = embed(cloaked.rgb, again.site, recognizers)
         checks = []
         for r in recognizers:
             reference = face.references.get(r.name)
@@ -189,8 +186,8 @@ def verify(
             FaceCheck(
                 face.number,
                 face.site.box,
-                redetected,
-                overlap,
+                again.matched,
+                again.iou,
                 tuple(checks),
                 embeddings=after,
                 area=face.site.area if math.isfinite(face.site.area) else 0.0,
@@ -205,30 +202,6 @@ def verify(
         psnr=psnr,
         seconds=time.perf_counter() - start,
     )
-
-
-def best_match(site: FaceSite, found: Sequence[FaceSite]) -> tuple[FaceSite | None, float]:
-    """The face of ``found`` whose box overlaps ``site``'s most, and that IoU (None, 0 when none does)."""
-    best, best_iou = None, 0.0
-    if site.box is None:
-        return best, best_iou
-    for other in found:
-        if other.box is None:
-            continue
-        overlap = box_iou(site.box, other.box)
-        if overlap > best_iou:
-            best, best_iou = other, overlap
-    return best, best_iou
-
-
-def _match(site: FaceSite, found: Sequence[FaceSite], size: int) -> tuple[FaceSite, bool, float | None]:
-    """The re-detected face overlapping ``site`` most (box IoU >= :data:`MATCH_IOU`), else ``site``."""
-    if site.box is None:
-        return site, True, None
-    best, best_iou = best_match(site, found)
-    if best is None or best_iou < MATCH_IOU:
-        return site, False, best_iou if found else None
-    return FaceSite(best.crop_to_photo, size, best.box, best.landmarks, best.score), True, best_iou
 
 
 def _cosine(a: Float32Array, b: Float32Array) -> float:

@@ -8,7 +8,7 @@
              and writes it through pyarrow.fs (Ray Data's filesystem layer; atomic rename)
       -> rows stream back to the driver in input order, which appends them to OUT/manifest.jsonl
 
-The per-image plan (ratio draw, eps, target, seed) is the one :mod:`.augment` derives from the seed and
+The per-image plan (ratio draw, eps, target, seed) is the one :mod:`.variants` derives from the seed and
 the image's relative path, and each image is attacked alone, so a Ray run writes the same bytes as a
 local run with the same settings.
 
@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from uncnn_rt.runtime.augment import AugmentConfig, Outcome, Task, WorkerSpec, run_task
+from uncnn_rt.runtime.jobs.parallel import WorkerSpec
+from uncnn_rt.runtime.jobs.variants import AugmentConfig, Task, VariantOutcome, run_task
 from uncnn_rt.runtime.sessions import open_session
 
 BATCH: int = 4
@@ -43,7 +44,7 @@ def _ray() -> Any:
         import ray
         import ray.data
     except ImportError as exc:
-        from uncnn_rt.runtime.plots import MissingExtraError
+        from uncnn_rt.runtime.errors import MissingExtraError
 
         raise MissingExtraError(
             "--engine ray needs Ray Data, which the [ray] extra installs: pip install 'uncnn-rt[ray]'"
@@ -90,7 +91,7 @@ def run_on_ray(
     *,
     workers: int,
     address: str | None = None,
-) -> Iterator[Outcome]:
+) -> Iterator[VariantOutcome]:
     """Run ``tasks`` on Ray (joining ``address``, the running cluster or a new local one); yield the
     outcomes in task order. A cluster this call started is shut down at the end."""
     ray = _ray()
@@ -122,7 +123,7 @@ def run_on_ray(
         )
         for record in dataset.iter_rows():
             raw = json.loads(record["outcome"])
-            yield Outcome(raw["name"], row=raw["row"], error=raw["error"])
+            yield VariantOutcome(raw["name"], row=raw["row"], error=raw["error"])
     finally:
         if started:
             ray.shutdown()

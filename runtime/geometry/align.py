@@ -3,7 +3,7 @@
 **Canonical crop.** An ``S x S`` crop (``S = 224``) framed like the development set's aligned chips
 (``faces/dev/identities/*/*.png``, 150 x 150 face-api.js example chips): "a dev chip scaled to 224".
 Templates are given in chip pixels and scaled by ``S / 150``; coordinates follow the half-pixel
-convention of :mod:`uncnn_rt.runtime.warp` (pixel ``(i, j)`` spans ``[j, j+1) x [i, i+1)``), so the
+convention of :mod:`uncnn_rt.runtime.geometry.warp` (pixel ``(i, j)`` spans ``[j, j+1) x [i, i+1)``), so the
 scaling is exact.
 
 **Point order.** Index 0 is the subject's right eye, which is on the image's *left* in an unmirrored
@@ -14,7 +14,7 @@ centre, right ear tragion, left ear tragion; @vladmandic/human names the same in
 **Fit.** :func:`umeyama` finds the similarity ``T(p) = s R p + t`` (``s > 0``, ``R`` a rotation,
 never a reflection) minimising ``sum_k w_k |T(landmark_k) - template_k|^2``, i.e. the error is
 measured in canonical-crop pixels; :func:`transform_for_landmarks` returns its inverse, the
-crop-to-photo matrix that :class:`uncnn_rt.runtime.warp.Warp` samples with.
+crop-to-photo matrix that :class:`uncnn_rt.runtime.geometry.warp.Warp` samples with.
 """
 
 from __future__ import annotations
@@ -22,18 +22,16 @@ from __future__ import annotations
 from typing import Final
 
 import numpy as np
-from numpy.typing import ArrayLike, NDArray
+from numpy.typing import ArrayLike
 
+from uncnn_rt.runtime.arrays import Float64Array
+from uncnn_rt.runtime.contract import CANONICAL_SIZE
 from uncnn_rt.runtime.errors import AlignmentError
-from uncnn_rt.runtime.warp import apply_affine, invert_affine
-
-Float64Array = NDArray[np.float64]
+from uncnn_rt.runtime.geometry.warp import apply_affine, invert_affine
 
 CHIP_SIZE: Final = 150
 """Side of the development set's aligned chips, in which the templates below are written."""
 
-CANONICAL_SIZE: Final = 224
-"""Side ``S`` of the canonical crop that attack graphs take."""
 
 
 def _frozen(values: ArrayLike) -> Float64Array:

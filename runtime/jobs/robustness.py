@@ -21,26 +21,14 @@ from typing import Any
 
 import numpy as np
 
+from uncnn_rt.runtime import zoo
 from uncnn_rt.runtime.attacks import Misclassified, Victim
-from uncnn_rt.runtime.augment import (
-    ATTACKS,
-    MODEL_KEY,
-    Item,
-    View,
-    WorkerSpec,
-    chunked,
-    class_index,
-    class_lookup,
-    item_hash,
-    iter_dataset,
-    make_attack,
-    ordered_map,
-    resolve_model,
-    worker_session,
-)
 from uncnn_rt.runtime.errors import InputError, ModelError, UncnnError
 from uncnn_rt.runtime.fileio import atomic_write_bytes
 from uncnn_rt.runtime.imageio import load_image
+from uncnn_rt.runtime.jobs.datasets import Item, class_index, class_lookup, item_hash, iter_dataset
+from uncnn_rt.runtime.jobs.parallel import WorkerSpec, chunked, ordered_map, worker_session
+from uncnn_rt.runtime.jobs.variants import ATTACKS, MODEL_KEY, View, make_attack
 from uncnn_rt.runtime.sessions import AttackSession, open_session
 
 DEFAULT_EPS: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0)
@@ -203,7 +191,7 @@ def measure_robustness(
     """Accuracy of the classifier ``model`` on ``data`` (ImageFolder or CSV with labels) under each
     attack and eps of ``config``. ``progress`` is called with each image's name when it is done."""
     config = config or RobustnessConfig()
-    path = resolve_model(model)
+    path = zoo.resolve_model(model)
     session = open_session(path, device=device, intra_op_threads=config.threads)
     if session.info.kind != "classifier":
         raise InputError(

@@ -41,11 +41,8 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from uncnn_rt.runtime.arrays import Float32Array, Float64Array, IntArray
 from uncnn_rt.runtime.errors import InputError
-
-Float32Array = NDArray[np.float32]
-Float64Array = NDArray[np.float64]
-IndexArray = NDArray[np.intp]
 
 
 class Box(NamedTuple):
@@ -119,7 +116,7 @@ class Warp:
 
     Args:
         crop_to_photo: 2x3 affine ``M`` from crop to photo coordinates (see the module docstring);
-            in practice a similarity from :mod:`uncnn_rt.runtime.align`.
+            in practice a similarity from :mod:`uncnn_rt.runtime.geometry.align`.
         photo_shape: ``(H, W)`` or ``(H, W, C)`` of the photo.
         size: the crop side ``S``.
         antialias: when the crop shrinks the photo by ``s >= 2`` (``s`` the smaller singular value
@@ -154,9 +151,9 @@ class Warp:
         self.box: Box = Box(g.top * f, g.left * f, min(g.bottom * f, height), min(g.right * f, width))
         self._block_rows = _block_sizes(self.box.height, f)
         self._block_cols = _block_sizes(self.box.width, f)
-        self._flat: dict[tuple[int, int], IndexArray] = {}
+        self._flat: dict[tuple[int, int], IntArray] = {}
 
-    def _flat_index(self, row_stride: int, channels: int) -> IndexArray:
+    def _flat_index(self, row_stride: int, channels: int) -> IntArray:
         """``[S*S, 4, C]`` indices into a C-order ``[rows, row_stride, C]`` array starting at the grid box."""
         key = (row_stride, channels)
         if key not in self._flat:
@@ -164,7 +161,7 @@ class Warp:
             self._flat[key] = pixel[:, :, None] * channels + np.arange(channels)
         return self._flat[key]
 
-    def _gather(self, flat: NDArray[np.float32], index: IndexArray) -> Float32Array:
+    def _gather(self, flat: NDArray[np.float32], index: IntArray) -> Float32Array:
         taps = np.take(flat, index)  # [S*S, 4, C]
         out = np.einsum("pk,pkc->pc", self._weight, taps)
         return np.asarray(out, dtype=np.float32).reshape(self.size, self.size, index.shape[2])
@@ -240,7 +237,7 @@ class Warp:
 
 def _bilinear_taps(
     m: Float64Array, shape: tuple[int, int], size: int
-) -> tuple[Box, IndexArray, IndexArray, Float32Array]:
+) -> tuple[Box, IntArray, IntArray, Float32Array]:
     """Box, box-relative tap rows and columns ``[S*S, 4]`` and weights ``[S*S, 4]`` of bilinear sampling."""
     height, width = shape
     centres = np.arange(size, dtype=np.float64) + 0.5
@@ -262,7 +259,7 @@ def _bilinear_taps(
     return box, rows, cols, weight
 
 
-def _block_sizes(length: int, f: int) -> IndexArray:
+def _block_sizes(length: int, f: int) -> IntArray:
     """Sizes of the ``f``-pixel blocks covering ``length`` pixels (the last one may be shorter)."""
     sizes = np.full(-(-length // f), f, dtype=np.intp)
     if length % f:
@@ -271,7 +268,7 @@ def _block_sizes(length: int, f: int) -> IndexArray:
 
 
 def _block_mean(
-    region: NDArray[np.generic], f: int, block_rows: IndexArray, block_cols: IndexArray
+    region: NDArray[np.generic], f: int, block_rows: IntArray, block_cols: IntArray
 ) -> Float32Array:
     """Mean of each ``f x f`` block (shorter at the photo's border): ``D x``.
 
@@ -293,7 +290,7 @@ def _block_mean(
 
 
 def _block_spread(
-    grid_grad: Float32Array, f: int, block_rows: IndexArray, block_cols: IndexArray
+    grid_grad: Float32Array, f: int, block_rows: IntArray, block_cols: IntArray
 ) -> Float32Array:
     """``D^T g``: each cell's value divided by its pixel count, copied onto each of its pixels."""
     counts = (block_rows[:, None] * block_cols[None, :]).astype(np.float32)

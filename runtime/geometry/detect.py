@@ -75,13 +75,9 @@ import onnxruntime as ort
 from numpy.typing import NDArray
 from PIL import Image
 
+from uncnn_rt.runtime.arrays import Float32Array, Float64Array, IntArray, Uint8Array
 from uncnn_rt.runtime.errors import InputError, ModelError
 from uncnn_rt.runtime.sessions import resolve_device, stop_spinning
-
-Float32Array = NDArray[np.float32]
-Float64Array = NDArray[np.float64]
-Uint8Array = NDArray[np.uint8]
-IndexArray = NDArray[np.intp]
 
 NUM_KEYPOINTS: Final = 6
 KEYPOINT_NAMES: Final = (
@@ -215,7 +211,7 @@ class Detections:
     def __len__(self) -> int:
         return int(self.scores.shape[0])
 
-    def take(self, index: IndexArray | slice) -> Detections:
+    def take(self, index: IntArray | slice) -> Detections:
         return Detections(self.boxes[index], self.keypoints[index], self.scores[index])
 
     @staticmethod
@@ -263,7 +259,7 @@ def iou(boxes: Float64Array, others: Float64Array) -> Float64Array:
     return np.asarray(inter / np.maximum(union, 1e-12), dtype=np.float64)
 
 
-def _clusters(detections: Detections, iou_threshold: float) -> Iterator[IndexArray]:
+def _clusters(detections: Detections, iou_threshold: float) -> Iterator[IntArray]:
     """Greedy NMS clusters, best first: the best remaining detection, then all it overlaps."""
     order = np.argsort(-detections.scores, kind="stable")
     overlaps = iou(detections.boxes, detections.boxes)

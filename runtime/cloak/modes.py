@@ -1,0 +1,255 @@
+"""The cloak's modes: the budget and recipe of one cloak (:class:`CloakSettings`), and ``low``, ``mid``
+and ``high`` (:data:`MODES`); the table and the reasons are in :mod:`uncnn_rt.runtime.cloak.photo`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Final
+
+from uncnn_rt.runtime.errors import InputError
+
+FEATHER: Final = 0.1
+"""Soft edge of a face region, as a fraction of the canonical crop's side in photo pixels."""
+
+
+@dataclass(frozen=True)
+class CloakSettings:
+    """The budget and recipe of one cloak.
+
+    Attributes:
+        mode: ``low``, ``mid`` or ``high`` (the table in the module docstring), or ``custom``.
+        eps: L-inf budget per pixel and channel, in 0..255 units (scaled per pixel by the region mask).
+        steps: most attack steps per face in the first pass (each refinement round adds at most
+            ``refine_steps``, capped at ``steps`` when ``steps`` is overridden).
+        ssim_min: SSIM floor of each face region (hence of the whole photo), or None.
+        step_size: grey levels per step (before the mask scales it).
+        momentum: MI-FGSM decay.
+        diversity: probability of an alignment jitter (:class:`AlignmentJitter`, DI for aligned faces)
+            at each gradient evaluation (0: off).
+        eot_quality: JPEG qualities EOT draws from each step, or None (off).
+        smoothing: TI radius in crop pixels (0: off).
+        texture_floor: smallest share of eps in flat areas (1: a uniform budget inside the region).
+        stop_margin: stop a face once every recognizer is past its threshold by this much.
+        check_every: steps between early-stop checks (each costs a forward pass of every model).
+        ssim_every: steps between SSIM-floor checks (the result always meets the floor).
+        coarse: the perturbation's grid step in canonical-crop pixels: steps are taken on a grid this
+            coarse and upsampled bilinearly to the photo (1: per photo pixel; see
+            :class:`~uncnn_rt.runtime.attacks.GradientAttack`).
+        scales: more grids (canonical-crop pixels) whose steps are averaged with ``coarse``'s.
+        schedule: ``constant`` or ``cosine`` step size, the cosine ending at ``schedule_floor`` times the
+            first step (:class:`~uncnn_rt.runtime.attacks.GradientAttack`).
+        eot_downscale: EOT also draws a downscale by a factor in this range (and back), or None (every
+            mode: the probe of ``bench/RESULTS.md`` run 13 found it lowers transfer).
+        cap_jpeg: each face's visibility cap is this JPEG quality's re-encode of the same face: the
+            cloak's FLIP and CIEDE2000 mean on the face region (:func:`visibility.face_region`) are at
+            most ``cap_scale`` times the re-encode's (None: no cap).
+        cap_scale: see ``cap_jpeg``.
+        cap_ciede2000: a limit on the face region's CIEDE2000 mean besides the re-encode's, or None.
+        cap_every: steps between holds of the cap (the result always meets it).
+        chroma: the chroma part's share of the luminance part's step and budget (0: the same change on
+            R, G and B; see :class:`~uncnn_rt.runtime.attacks.GradientAttack`).
+        jnd_floor: shape the budget by the luminance just-noticeable difference
+            (:func:`visibility.luminance_jnd`): each pixel's share is its JND over the face's 90th
+            percentile, clipped to ``[jnd_floor, 1]``; None: no JND shaping.
+        scatter: weight of each face's own random direction in every recognizer's embedding space
+            (:func:`scatter_directions`): an untargeted cloak then also moves towards it, so that one
+            person's cloaked photos scatter instead of moving away from their clean embeddings
+            together, and still match each other (P3 of ``uncnn-rt eval``). 0: off.
+    """
+
+    mode: str
+    eps: float
+    steps: int
+    ssim_min: float | None
+    step_size: float
+    momentum: float = 1.0
+    diversity: float = 0.5
+    eot_quality: tuple[int, int] | None = (70, 95)
+    smoothing: int = 0
+    texture_floor: float = 1.0
+    texture_quantile: float | None = 0.5
+    feather: float = FEATHER
+    feather_inside: bool = True
+    stop_margin: float = 0.05
+    check_every: int = 3
+    ssim_every: int = 3
+    models_per_step: int | None = 1
+    refine_rounds: int = 1
+    refine_steps: int = 12
+    coarse: float = 1.0
+    scales: tuple[float, ...] = ()
+    schedule: str = "constant"
+    schedule_floor: float = 0.0
+    eot_downscale: tuple[float, float] | None = None
+    cap_jpeg: int | None = None
+    cap_scale: float = 1.0
+    cap_ciede2000: float | None = None
+    cap_every: int = 4
+    chroma: float = 1.0
+    jnd_floor: float | None = None
+    scatter: float = 0.0
+
+    def describe(self) -> str:
+        parts = [f"eps {self.eps:g}", f"{self.steps} steps"]
+        if self.cap_jpeg is not None:
+            scale = "" if self.cap_scale == 1 else f"{self.cap_scale:g}x "
+            de = "" if self.cap_ciede2000 is None else f", CIEDE2000 <= {self.cap_ciede2000:g}"
+            parts.append(f"visible at most as {scale}JPEG q{self.cap_jpeg}{de}")
+        if self.ssim_min is not None:
+            parts.append(f"SSIM >= {self.ssim_min:g}")
+        if self.scatter > 0:
+            parts.append(f"scatter {self.scatter:g}")
+        return f"{self.mode}: " + ", ".join(parts)
+
+    @property
+    def cap_label(self) -> str | None:
+        """The cap in words (``JPEG q75``, ``2x JPEG q75``), or None without one."""
+        if self.cap_jpeg is None:
+            return None
+        return ("" if self.cap_scale == 1 else f"{self.cap_scale:g}x ") + f"JPEG q{self.cap_jpeg}"
+
+
+# The modes' shared basis. Under an SSIM floor, a perturbation on a grid 4 crop pixels coarse (averaged
+# with one 8 pixels coarse) afforded twice the L-inf budget and transferred further (bench/RESULTS.md,
+# runs 8-14). Under a visibility cap it is the worst shape: FLIP and people see smooth shifts on skin
+# first, and at the same FLIP the coarse grid (with a 25% chroma share) protected 3 of 43 leave-one-out
+# probes of the colour set, per-pixel grey steps 14 (run 15). The step shrinks along a cosine from the
+# mode's first step to 30% of it.
+SCHEDULE: Final = "cosine"
+
+
+SCHEDULE_FLOOR: Final = 0.3
+
+
+# The budget's shape (run 15): grey steps only (a chroma share of 0.3 protected 5 of 43 probes where grey
+# protected 9, at the same FLIP), and each pixel's share of eps its luminance JND over the face's 90th
+# percentile, at least 30% (without the JND shaping: 12 of 43 where it gave 14).
+CHROMA: Final = 0.0
+
+
+JND_FLOOR: Final = 0.3
+
+
+def _mode(name: str, **specific: Any) -> CloakSettings:
+    """A mode on the shared basis (per-pixel grey steps shaped by the JND, cosine schedule) with its own
+    budget, cap and rounds."""
+    return CloakSettings(
+        name,
+        schedule=SCHEDULE,
+        schedule_floor=SCHEDULE_FLOOR,
+        chroma=CHROMA,
+        jnd_floor=JND_FLOOR,
+        **specific,
+    )
+
+
+MODES: Final[dict[str, CloakSettings]] = {
+    "low": _mode("low", eps=12.0, steps=16, ssim_min=None, step_size=3.0, cap_jpeg=85),
+    # 18 + 8 steps, checked every 6: the same protection under the cap as 24 + 12 checked every 3
+    # (19 against 17 of 43 white-box probes, 10 against 7 leave-one-out), in 0.75x the time
+    # (bench/RESULTS.md, run 16).
+    "mid": _mode(
+        "mid",
+        eps=16.0,
+        steps=18,
+        ssim_min=None,
+        step_size=4.0,
+        stop_margin=0.08,
+        check_every=6,
+        refine_steps=8,
+        cap_jpeg=75,
+        cap_ciede2000=1.3,
+    ),
+    "high": _mode(
+        "high",
+        eps=24.0,
+        steps=40,
+        ssim_min=None,
+        step_size=5.0,
+        stop_margin=0.1,
+        refine_rounds=3,
+        cap_jpeg=75,
+        cap_scale=2.0,
+    ),
+}
+
+
+DEFAULT_MODE: Final = "mid"
+
+
+def settings_for(
+    mode: str | CloakSettings = DEFAULT_MODE,
+    *,
+    eps: float | None = None,
+    steps: int | None = None,
+    ssim_min: float | None = None,
+    coarse: float | None = None,
+    cap: str | None = None,
+    scatter: float | None = None,
+) -> CloakSettings:
+    """A mode's settings (a name of :data:`MODES`, or settings) with explicit overrides (``ssim_min <= 0``
+    turns the floor off; ``coarse`` replaces the mode's grids by one, 1 stepping per photo pixel;
+    ``cap`` is :func:`parse_cap`'s text, ``none`` turning the visibility cap off; ``scatter`` the weight of
+    each face's own random direction, 0 off)."""
+    if isinstance(mode, CloakSettings):
+        settings = mode
+    elif mode in MODES:
+        settings = MODES[mode]
+    else:
+        raise InputError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    if eps is not None:
+        if not 0 <= eps <= 255 or math.isnan(eps):
+            raise InputError(f"eps must be in 0..255 (grey levels), got {eps}")
+        # The step keeps its share of the budget, so a larger eps is reached in as many steps.
+        settings = replace(settings, eps=float(eps), step_size=settings.step_size * eps / settings.eps)
+    if steps is not None:
+        if steps < 1:
+            raise InputError(f"steps must be >= 1, got {steps}")
+        # A refinement round continues the attack; it never takes more steps than the user allowed.
+        settings = replace(settings, steps=int(steps), refine_steps=min(settings.refine_steps, int(steps)))
+    if ssim_min is not None:
+        if not ssim_min <= 1 or math.isnan(ssim_min):
+            raise InputError(f"ssim_min must be <= 1, got {ssim_min}")
+        settings = replace(settings, ssim_min=float(ssim_min) if ssim_min > 0 else None)
+    if coarse is not None:
+        if not 1 <= coarse <= 64:
+            raise InputError(f"coarse must be in 1..64 (canonical-crop pixels), got {coarse}")
+        # One grid instead of the mode's two: --coarse 1 means a per-pixel perturbation.
+        settings = replace(settings, coarse=float(coarse), scales=())
+    if cap is not None:
+        quality, scale = parse_cap(cap)
+        settings = replace(
+            settings,
+            cap_jpeg=quality,
+            cap_scale=scale,
+            cap_ciede2000=None if quality is None else settings.cap_ciede2000,
+        )
+    if scatter is not None:
+        if not 0 <= scatter <= 10 or math.isnan(scatter):
+            raise InputError(f"scatter must be in 0..10, got {scatter}")
+        settings = replace(settings, scatter=float(scatter))
+    if (eps, steps, ssim_min, coarse, cap, scatter) != (None,) * 6 and not settings.mode.endswith("(custom)"):
+        settings = replace(settings, mode=f"{settings.mode} (custom)")
+    return settings
+
+
+def parse_cap(text: str) -> tuple[int | None, float]:
+    """``none`` -> no cap; ``jpeg75`` -> at most the q75 re-encode; ``2xjpeg75`` -> twice its figures."""
+    t = text.strip().lower()
+    if t == "none":
+        return None, 1.0
+    scale = 1.0
+    if "x" in t.split("jpeg")[0]:
+        head, _, t = t.partition("x")
+        try:
+            scale = float(head)
+        except ValueError:
+            scale = math.nan
+    quality = t.removeprefix("jpeg")
+    if not quality.isdigit() or not 1 <= int(quality) <= 95 or not 0 < scale < math.inf:
+        raise InputError(
+            f"a visibility cap is none, jpegQ (Q in 1..95) or Kxjpeg Q (e.g. 2xjpeg75), got {text!r}"
+        )
+    return int(quality), scale

@@ -1,0 +1,691 @@
+"""Cloak the faces of a photo: detect, align, perturb at the photo's native resolution.
+
+Data flow (see ``DESIGN.md``, "Data flow of cloak")::
+
+    faces   = detector(photo)                         (or the whole image with no_align)
+    M_k     = similarity transform, canonical crop -> photo, from face k's landmarks
+    for each face k:
+        region  = the crop's footprint in the photo, feathered (times a texture weight in low mode)
+        delta   lives in the photo's pixel grid, inside the region's box
+        step:   crop = W_k (x + Q(delta))              W_k: bilinear warp, a linear map (Warp)
+                g    = W_k^T (gradient of the crops: MI, alignment jitter (DI), EOT over JPEG,
+                              one recognizer per step drawn by its distance from its threshold)
+                delta <- project(delta + alpha * mask * sign(momentum(g)))
+                         (L-inf eps * mask, pixel range, SSIM floor of the region)
+
+The faces of a photo are attacked together, one batch per step through each recognizer
+(:class:`_BatchRunner`), each face with its own reference, budget, momentum, early stop and cap.
+``Q`` rounds to whole grey levels, so the loop sees exactly the uint8 pixels that are saved. The
+untargeted objective is each recognizer's cosine similarity to the face's own clean embedding
+(descended); with a target identity it is the similarity to the target's embedding (ascended).
+Grey photos get the same delta on R, G and B, so they stay grey.
+
+**Modes** are visibility caps (DESIGN.md, "Visibility"). Each face region (the detector's box grown
+by a quarter of its side, :func:`visibility.face_region`) may change at most as much, in FLIP and in
+mean CIEDE2000, as the photo's own JPEG re-encode at the mode's quality changes it there; the cap is
+held inside the loop and checked on the pixels as the output file stores them (``saved``):
+
+======  ===================================  ====  =====  ==========================================
+mode    cap per face region                  eps   steps  recipe
+======  ===================================  ====  =====  ==========================================
+low     JPEG q85 re-encode                   12    16     MI, jitter p 0.5, EOT JPEG 70..95, steps from 3
+mid     JPEG q75 re-encode, CIEDE2000 <= 1.3 16    18     MI, jitter p 0.5, EOT JPEG 70..95, steps from 4
+high    2x the JPEG q75 re-encode's figures  24    40     as mid, steps from 5, 3 refinement rounds
+======  ===================================  ====  =====  ==========================================
+
+Where the budget goes: the change is grey (the same step on R, G and B: colour carried a third of the
+visibility of earlier cloaks and little of their protection), per photo pixel (FLIP's contrast
+sensitivity filters hide fine texture; smooth, low-frequency shifts on skin are what people see
+first: at the same FLIP, a coarse grid with some colour protected 3 of 43 leave-one-out probes where
+per-pixel grey steps protected 14, ``bench/RESULTS.md``, run 15), and shaped by a luminance
+just-noticeable-difference model (:func:`visibility.luminance_jnd`: hair, beard, brows, edges and dark
+areas take up to the whole eps, smooth mid-grey skin 30% of it). The step size shrinks from the mode's
+first step to 30% of it along a cosine.
+
+Every mode stops a face early once every white-box recognizer is past its threshold by
+``stop_margin`` (checked every ``check_every`` steps on the exact uint8 pixels), and spends each step
+on one recognizer, drawn in proportion to how far it is from its threshold (a stochastic ensemble:
+the momentum sums them). Figures of each mode on the colour set: ``README.md`` and ``bench/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Final
+
+import numpy as np
+from numpy.typing import NDArray
+
+from uncnn_rt.runtime import visibility
+from uncnn_rt.runtime.arrays import Float32Array, Uint8Array
+from uncnn_rt.runtime.attacks import (
+    EOT,
+    MIFGSM,
+    AttackResult,
+    Downscale,
+    Jpeg,
+    LinearMap,
+    PastThresholds,
+    PerImage,
+    PerImageCap,
+    Transform,
+    TranslationInvariance,
+    Victim,
+)
+from uncnn_rt.runtime.cloak.caps import (
+    FaceLimits,
+    exceeds,
+    face_cap,
+    face_limits,
+    hold_caps_together,
+    hold_ssim_together,
+    room_for_the_cloak,
+)
+from uncnn_rt.runtime.cloak.modes import (
+    DEFAULT_MODE,
+    CloakSettings,
+    settings_for,
+)
+from uncnn_rt.runtime.cloak.regions import (
+    AlignmentJitter,
+    CropMap,
+    crop_scale,
+    exclusive_mask,
+    face_mask,
+    overlaps,
+    paste,
+    region_box,
+    shaped_mask,
+    union,
+    visible_region,
+)
+from uncnn_rt.runtime.errors import InputError
+from uncnn_rt.runtime.geometry.faces import (
+    Detector,
+    FaceSite,
+    crop_size_for,
+    embed,
+    find_faces,
+    rematch,
+    select_faces,
+    sites_from_detections,
+)
+from uncnn_rt.runtime.geometry.warp import Box, Warp
+from uncnn_rt.runtime.imageio import LoadedImage, LossyOutput
+from uncnn_rt.runtime.sessions import AttackSession
+
+
+@dataclass(frozen=True)
+class ModelOutcome:
+    """One recognizer's view of one cloaked face, on the exact uint8 pixels handed to the encoder."""
+
+    name: str
+    threshold: float | None
+    similarity: float
+    """Cosine similarity of the cloaked face to the reference (own clean embedding, or the target's)."""
+    passed: bool
+    """Below the threshold (untargeted) or above it (targeted); False when the model has no threshold."""
+
+
+@dataclass(frozen=True)
+class CloakedFace:
+    """One face of a :class:`CloakResult`."""
+
+    number: int
+    """1-based, faces ordered left to right (then top to bottom)."""
+    site: FaceSite
+    region: Box
+    """The pixels the perturbation may touch lie inside this box."""
+    steps: int
+    clean: dict[str, Float32Array] = field(repr=False)
+    """Per recognizer, the face's clean unit embedding ``[D]``."""
+    references: dict[str, Float32Array] = field(repr=False)
+    """Per recognizer, the attack's reference ``[D]``: ``clean`` untargeted, the target's when targeted."""
+    outcomes: tuple[ModelOutcome, ...]
+    linf: int
+    """Largest change of any pixel and channel in the region, in grey levels."""
+    ssim: float
+    """SSIM of the face region (``visible_region``), cloaked against the original."""
+    visible_region: Box | None = None
+    """The face region the visibility figures are taken on (:func:`visible_region`)."""
+    visibility: visibility.Visibility | None = None
+    """FLIP, CIEDE2000, SSIM and PSNR of the face region, cloaked against the original."""
+    limits: FaceLimits | None = None
+    """The face's visibility cap, when the mode has one."""
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outcomes)
+
+
+@dataclass(frozen=True)
+class CloakResult:
+    """The cloaked pixels and what the attack saw of each face."""
+
+    image: Uint8Array = field(repr=False)
+    """``[H, W, 3]`` uint8, the input's size; equal to the input outside the face regions."""
+    faces: tuple[CloakedFace, ...]
+    settings: CloakSettings
+    targeted: bool
+    no_align: bool
+    models: tuple[str, ...]
+    crop_size: int
+    seconds: float
+    seed: int = 0
+    """The seed of every random draw (scatter directions, jitter, EOT): the same seed repeats the cloak."""
+    output_quality: int | None = None
+    """The quality the output must be written at for the caps to hold (:func:`room_for_the_cloak`), or
+    None: the format's default for this photo (also when the output is lossless)."""
+
+    @property
+    def passed(self) -> bool:
+        return all(face.passed for face in self.faces)
+
+
+@dataclass(frozen=True)
+class CloakProgress:
+    """A progress event: ``face`` of ``faces`` (1-based) is at ``step`` of at most ``steps``; with
+    ``batch`` > 1, faces ``face`` to ``face + batch - 1`` are attacked together."""
+
+    face: int
+    faces: int
+    step: int
+    steps: int
+    batch: int = 1
+
+    @property
+    def label(self) -> str:
+        """``face 2/3`` or, for a batch, ``faces 1-6/6``."""
+        if self.batch <= 1:
+            return f"face {self.face}/{self.faces}"
+        return f"faces {self.face}-{self.face + self.batch - 1}/{self.faces}"
+
+
+CloakProgressCallback = Callable[[CloakProgress], None]
+
+
+def target_embeddings(
+    target: LoadedImage,
+    recognizers: Sequence[AttackSession],
+    detector: Detector | None,
+    *,
+    no_align: bool = False,
+) -> dict[str, Float32Array]:
+    """The reference of a targeted cloak: the largest face of ``target`` as each recognizer embeds it."""
+    size = crop_size_for(recognizers)
+    sites = find_faces(target.rgb, detector, size=size, no_align=no_align, name=target.name)
+    site = sites[select_faces(sites, largest=True)[0]]
+    return embed(target.rgb, site, recognizers)
+
+
+BATCH_FACES: Final = 8
+"""Most faces one batched attack call takes (:class:`_BatchRunner`)."""
+
+
+BATCH_PIXELS: Final = 1_500_000
+"""Most pixels (faces times the largest region's area) of one batched attack call. The loop keeps
+about a dozen float32 copies of its images, so a batch stays near 200 MB whatever the photo holds."""
+
+
+def scatter_rng(seed: int, photo: Uint8Array, face: int) -> np.random.Generator:
+    """The random source of a face's scatter directions: the run's seed, the photo's pixels and the
+    face's number, so that every photo (and face) of a run gets its own directions, and a run repeats
+    only with its seed."""
+    return np.random.default_rng([seed, zlib.crc32(np.ascontiguousarray(photo).data), face])
+
+
+def scatter_directions(clean: dict[str, Float32Array], rng: np.random.Generator) -> dict[str, Float32Array]:
+    """Per recognizer, a random unit direction orthogonal to the face's clean embedding.
+
+    Moving towards it leaves the clean embedding as moving away from it does, but each photo goes its
+    own way: random directions in a space of 128-1024 dimensions are nearly orthogonal to one another,
+    so one person's cloaks move apart instead of together. A tracker cannot predict them without the
+    run's seed."""
+    out = {}
+    for name, e in clean.items():
+        unit = np.asarray(e, np.float64) / max(float(np.linalg.norm(e)), 1e-12)
+        draw = rng.standard_normal(unit.shape[0])
+        d = draw - float(draw @ unit) * unit
+        out[name] = np.asarray(d / max(float(np.linalg.norm(d)), 1e-12), dtype=np.float32)
+    return out
+
+
+def cloak_image(
+    loaded: LoadedImage,
+    *,
+    recognizers: Sequence[AttackSession],
+    detector: Detector | None = None,
+    mode: str | CloakSettings = DEFAULT_MODE,
+    eps: float | None = None,
+    steps: int | None = None,
+    ssim_min: float | None = None,
+    cap: str | None = None,
+    face: int | None = None,
+    largest: bool = False,
+    no_align: bool = False,
+    target: dict[str, Float32Array] | None = None,
+    seed: int = 0,
+    progress: CloakProgressCallback | None = None,
+    saved: Callable[[Uint8Array], Uint8Array] | None = None,
+    faces_per_batch: int | None = None,
+) -> CloakResult:
+    """Cloak the faces of a decoded photo; see the module docstring for the method and the modes.
+
+    Args:
+        loaded: the photo (:func:`uncnn_rt.runtime.imageio.load_image`).
+        recognizers: the white-box ensemble (attack graphs of face models with thresholds).
+        detector: finds faces and landmarks; not needed with ``no_align``.
+        mode: ``low``, ``mid`` or ``high``; ``eps``, ``steps``, ``ssim_min`` and ``cap`` override its
+            values (``ssim_min <= 0``: no floor; ``cap="none"``: no visibility cap).
+        face: cloak only this face (0-based, faces ordered left to right); ``largest``: only the
+            largest. Default: every face.
+        no_align: treat the centred square of the whole image as the face (a chip or portrait).
+        target: per recognizer name, a unit embedding ``[D]`` to move the faces towards
+            (:func:`target_embeddings`); default untargeted (away from each face's own embedding).
+        seed: seed of every random draw; equal seeds give equal results.
+        progress: called after each attack step.
+        saved: the pixels as the output file will hold them (encoded and decoded, e.g. a JPEG's); the
+            visibility figures and caps are checked on them. Default: the pixels as they are (lossless).
+        faces_per_batch: most faces attacked together in one batched attack call (each keeps its own
+            reference, budget, momentum, early stop and cap; :class:`_BatchRunner`); 1 attacks them one
+            after another. Default :data:`BATCH_FACES`, within :data:`BATCH_PIXELS`.
+
+    Raises:
+        NoFaceError: no face found (and not ``no_align``).
+        InputError: bad arguments, or a target lacking a recognizer's embedding.
+    """
+    start = time.perf_counter()
+    settings = settings_for(mode, eps=eps, steps=steps, ssim_min=ssim_min, cap=cap)
+    size = crop_size_for(recognizers)
+    names = [r.name for r in recognizers]
+    if len(set(names)) != len(names):
+        raise InputError(f"recognizers need distinct names, got {names}")
+    if target is not None:
+        missing = [n for n in names if n not in target]
+        if missing:
+            raise InputError(f"the target has no embedding for {', '.join(missing)}")
+    original = loaded.rgb
+    height, width = original.shape[:2]
+    sites = find_faces(original, detector, size=size, no_align=no_align, name=loaded.name)
+    chosen = select_faces(sites, face=face, largest=largest)
+    warps = {i: Warp(sites[i].crop_to_photo, (height, width), size) for i in chosen}
+    regions = {i: region_box(warps[i], height, width) for i in chosen}
+    visible = {i: visible_region(sites[i], regions[i], original.shape) for i in chosen}
+    limits = {i: face_limits(original, visible[i], settings) for i in chosen}
+    output_quality = None
+    if isinstance(saved, LossyOutput):
+        roomy = room_for_the_cloak(original, [lim for lim in limits.values() if lim is not None], saved)
+        if roomy.quality != saved.quality:
+            saved, output_quality = roomy, roomy.quality
+
+    photo = original.copy()
+    rng = np.random.default_rng(seed)
+    attack = _attack(settings)
+    targeted = target is not None
+    clean = {i: embed(original, sites[i], recognizers) for i in chosen}
+    aimed = None if target is None else {n: np.asarray(target[n], np.float32) for n in names}
+    references = {i: clean[i] if aimed is None else aimed for i in chosen}
+    # Per face, its share of the budget on its region: every pixel belongs to at most one face.
+    owned = {}
+    for i in chosen:
+        mask = exclusive_mask(i, chosen, warps, regions[i], settings)
+        owned[i] = shaped_mask(mask, original, regions[i], visible[i], settings)
+    run = _BatchRunner(
+        attack, settings, recognizers, original, targeted=targeted, saved=saved, rng=rng,
+        luminance_only=loaded.is_grayscale, progress=progress, faces_per_batch=faces_per_batch,
+    )  # fmt: skip
+    steers: dict[int, dict[str, Float32Array] | None] = dict.fromkeys(chosen)
+    if settings.scatter > 0 and not targeted:
+        for i in chosen:
+            directions = scatter_directions(clean[i], scatter_rng(seed, original, i))
+            steers[i] = {n: -np.float32(settings.scatter) * d for n, d in directions.items()}
+    jobs = [
+        _Job(i, warps[i], regions[i], owned[i], limits[i], references[i], steer=steers[i]) for i in chosen
+    ]
+    outcomes, steps_run = {}, dict.fromkeys(chosen, 0)
+    for job, (_, outcome, taken) in run(jobs, photo, settings.steps):
+        outcomes[job.face], steps_run[job.face] = outcome, taken
+
+    # Recognizers align the cloaked photo themselves, and landmarks found on it differ a little from the
+    # clean photo's. Each refinement round re-detects the faces as the verify step will and continues the
+    # attack, from the perturbation so far, on faces that fall short under their new alignment.
+    for _ in range(settings.refine_rounds):
+        if no_align or detector is None:
+            break
+        found = sites_from_detections(detector.detect(photo), size)
+        redo = []
+        for i in chosen:
+            again = rematch(sites[i], found)
+            if not again.matched:
+                continue
+            moved = again.site
+            if not _past_margin(photo, moved, recognizers, references[i], targeted, settings.stop_margin):
+                redo.append((i, moved))
+        if not redo:
+            break
+        jobs = []
+        for i, moved in redo:
+            warp = Warp(moved.crop_to_photo, (height, width), size)
+            region = union(regions[i], region_box(warp, height, width))
+            fresh = shaped_mask(
+                face_mask(warp, region, settings.feather), original, region, visible[i], settings
+            )
+            earlier = paste(owned[i], regions[i], region)
+            mine = np.maximum(earlier, fresh)
+            for j in chosen:
+                if j != i and overlaps(regions[j], region):
+                    mine[paste(owned[j], regions[j], region) > 0] = 0.0
+            jobs.append(
+                _Job(i, warp, region, mine, limits[i], references[i], prior=earlier > 0, steer=steers[i])
+            )
+            owned[i], regions[i] = mine, region
+        for job, (_, outcome, taken) in run(jobs, photo, settings.refine_steps):
+            outcomes[job.face], steps_run[job.face] = outcome, steps_run[job.face] + taken
+
+    if settings.ssim_min is not None and any(
+        overlaps(regions[i], regions[j]) for a, i in enumerate(chosen) for j in chosen[a + 1 :]
+    ):
+        photo = hold_ssim_together(original, photo, [regions[i] for i in chosen], settings.ssim_min)
+    shown = photo if saved is None else saved(photo)
+    figures = {i: visibility.measure(original[visible[i].slices], shown[visible[i].slices]) for i in chosen}
+    if any(exceeds(figures[i], limits[i]) for i in chosen):
+        held = [lim for lim in limits.values() if lim is not None]
+        photo = hold_caps_together(original, photo, held, saved)
+        shown = photo if saved is None else saved(photo)
+        figures = {
+            i: visibility.measure(original[visible[i].slices], shown[visible[i].slices]) for i in chosen
+        }
+    faces = []
+    for i in chosen:
+        before, after = original[regions[i].slices], photo[regions[i].slices]
+        faces.append(
+            CloakedFace(
+                number=i + 1,
+                site=sites[i],
+                region=regions[i],
+                steps=steps_run[i],
+                clean=clean[i],
+                references=references[i],
+                outcomes=outcomes[i],
+                linf=int(np.abs(after.astype(np.int16) - before).max(initial=0)),
+                ssim=figures[i].ssim,
+                visible_region=visible[i],
+                visibility=figures[i],
+                limits=limits[i],
+            )
+        )
+    return CloakResult(
+        image=photo,
+        faces=tuple(faces),
+        settings=settings,
+        targeted=targeted,
+        no_align=no_align,
+        models=tuple(names),
+        crop_size=size,
+        seconds=time.perf_counter() - start,
+        seed=seed,
+        output_quality=output_quality,
+    )
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One face's share of an attack call: where it is attacked, with what budget, against what."""
+
+    face: int
+    """Index of the face in the photo's detections."""
+    warp: Warp
+    region: Box
+    mask: Float32Array
+    """``[h, w]`` on ``region``: the face's share of the budget (0 where another face owns the pixel)."""
+    limits: FaceLimits | None
+    references: dict[str, Float32Array]
+    prior: NDArray[np.bool_] | None = None
+    """Where, on ``region``, the face's perturbation so far lies; the attack continues from it."""
+    steer: dict[str, Float32Array] | None = None
+    """Per recognizer, the face's scatter term (:func:`scatter_directions`), or None."""
+
+
+_Done = tuple[Uint8Array, tuple[ModelOutcome, ...], int]
+"""A job's result: its region's cloaked pixels, each recognizer's outcome, the steps it took."""
+
+
+class _BatchRunner:
+    """Runs the faces of a photo through the attack in batches: one call per batch, every face's crop
+    through each recognizer in one run per step.
+
+    Faces of one batch have regions of different sizes; each comes padded to the batch's largest
+    (edge pixels, zero budget) in the top-left corner of its image, and reaches the models through its
+    own crop warp (:class:`~uncnn_rt.runtime.attacks.PerImage`). The loop already keeps everything per
+    image: reference, budget, momentum, early stop, verdict; the visibility cap is each face's own
+    (:class:`~uncnn_rt.runtime.attacks.PerImageCap`). What a batch shares is the step's random draws
+    (one alignment jitter, one JPEG quality, one recognizer). Batches run one after another, each from
+    the photo as the batches before it left it; within a batch every face starts from the same photo.
+
+    A coarse grid (its step converts per face to photo pixels) and an SSIM floor (padding would count
+    in it) keep one face per call.
+    """
+
+    def __init__(
+        self,
+        attack: MIFGSM,
+        settings: CloakSettings,
+        recognizers: Sequence[AttackSession],
+        original: Uint8Array,
+        *,
+        targeted: bool,
+        saved: Callable[[Uint8Array], Uint8Array] | None,
+        rng: np.random.Generator,
+        luminance_only: bool,
+        progress: CloakProgressCallback | None,
+        faces_per_batch: int | None,
+    ) -> None:
+        if faces_per_batch is not None and faces_per_batch < 1:
+            raise InputError(f"faces_per_batch must be >= 1, got {faces_per_batch}")
+        self.attack, self.settings, self.recognizers, self.original = attack, settings, recognizers, original
+        self.targeted, self.saved, self.rng = targeted, saved, rng
+        self.luminance_only, self.progress = luminance_only, progress
+        batchable = settings.ssim_min is None and settings.coarse <= 1.0 and not settings.scales
+        self.most = (BATCH_FACES if faces_per_batch is None else faces_per_batch) if batchable else 1
+
+    def batches(self, jobs: Sequence[_Job]) -> list[list[_Job]]:
+        """Jobs packed in order into batches of at most ``most`` faces and :data:`BATCH_PIXELS` padded
+        pixels (a batch always takes at least one face)."""
+        out: list[list[_Job]] = []
+        for job in jobs:
+            if out:
+                last = [*out[-1], job]
+                h, w = max(j.region.height for j in last), max(j.region.width for j in last)
+                if len(last) <= self.most and len(last) * h * w <= BATCH_PIXELS:
+                    out[-1] = last
+                    continue
+            out.append([job])
+        return out
+
+    def __call__(self, jobs: Sequence[_Job], photo: Uint8Array, steps: int) -> list[tuple[_Job, _Done]]:
+        """Attack ``jobs`` for at most ``steps`` steps each, batch after batch: each batch starts from
+        ``photo`` as the batches before it left it, and pastes its faces' regions into it."""
+        done: list[tuple[_Job, _Done]] = []
+        batches = self.batches(jobs)
+        first = 1
+        for batch in batches:
+            results = self._run(batch, photo, steps, first, len(jobs))
+            for job, result in zip(batch, results, strict=True):
+                photo[job.region.slices] = result[0]
+                done.append((job, result))
+            first += len(batch)
+        return done
+
+    def _run(self, batch: list[_Job], photo: Uint8Array, steps: int, first: int, faces: int) -> list[_Done]:
+        settings, attack = self.settings, replace(self.attack, steps=steps)
+        starts, priors = [], []
+        for job in batch:
+            pixels = photo[job.region.slices].astype(np.float32)
+            prior = None
+            if job.prior is not None:
+                prior = (pixels - self.original[job.region.slices]) * job.prior[..., None]
+            starts.append(pixels if prior is None else pixels - prior)
+            priors.append(prior)
+        single = len(batch) == 1
+        if single:
+            job = batch[0]
+            attack = _on_face(attack, settings, job.warp, job.region, job.limits, self.saved)
+            input_map: LinearMap = CropMap(job.warp, job.region)
+            shape = (job.region.height, job.region.width)
+        else:
+            extents = [(j.region.height, j.region.width) for j in batch]
+            input_map = PerImage([CropMap(j.warp, j.region) for j in batch], extents)
+            shape = input_map.size
+            caps = tuple(
+                face_cap(j.region, j.limits, self.saved, extent=(j.region.height, j.region.width))
+                for j in batch
+            )
+            attack = replace(attack, cap=None if all(c is None for c in caps) else PerImageCap(caps))
+        init = None
+        if any(p is not None for p in priors):
+            init = np.stack(
+                [
+                    _pad(np.zeros_like(s) if p is None else p, shape, "constant")
+                    for s, p in zip(starts, priors, strict=True)
+                ]
+            )
+        steered = any(j.steer is not None for j in batch)
+
+        def steer(name: str) -> Float32Array | None:
+            if not steered:
+                return None
+            zero = np.zeros_like(batch[0].references[name])
+            return np.stack([zero if j.steer is None else j.steer[name] for j in batch])
+
+        victims = [
+            Victim(r, np.stack([j.references[r.name] for j in batch]), name=r.name, steer=steer(r.name))
+            for r in self.recognizers
+        ]
+        progress = self.progress
+
+        def report(step: int) -> None:
+            if progress is not None:
+                progress(CloakProgress(first, faces, step, steps, batch=len(batch)))
+
+        result = attack(
+            np.stack([_pad(s, shape, "edge") for s in starts]),
+            victims,
+            targeted=self.targeted,
+            mask=np.stack([_pad(j.mask, shape, "constant") for j in batch]),
+            quantize=True,
+            stop_when=PastThresholds(targeted=self.targeted, margin=settings.stop_margin),
+            seed=self.rng,
+            input_map=input_map,
+            luminance_only=self.luminance_only,
+            on_step=report,
+            init=init,
+        )
+        images = result.to_uint8()
+        return [
+            (
+                images[k, : j.region.height, : j.region.width],
+                _outcomes(result, self.recognizers, k),
+                int(result.steps[k]),
+            )
+            for k, j in enumerate(batch)
+        ]
+
+
+def _pad(values: NDArray[Any], shape: tuple[int, int], how: str) -> NDArray[Any]:
+    """``values`` (``[h, w]`` or ``[h, w, C]``) padded at the bottom and right to ``shape``: repeating the
+    edge pixels (``edge``) or with zeros (``constant``)."""
+    rows, cols = shape[0] - values.shape[0], shape[1] - values.shape[1]
+    if rows == 0 and cols == 0:
+        return values
+    width = ((0, rows), (0, cols)) + ((0, 0),) * (values.ndim - 2)
+    return np.asarray(np.pad(values, width, mode=how))  # type: ignore[call-overload]
+
+
+def _outcomes(
+    result: AttackResult, recognizers: Sequence[AttackSession], k: int = 0
+) -> tuple[ModelOutcome, ...]:
+    return tuple(
+        ModelOutcome(
+            name=r.name,
+            threshold=r.info.threshold,
+            similarity=float(result.objective[r.name][k]),
+            passed=bool(result.success[r.name][k]) if r.name in result.success else False,
+        )
+        for r in recognizers
+    )
+
+
+def _past_margin(
+    photo: Uint8Array,
+    site: FaceSite,
+    recognizers: Sequence[AttackSession],
+    references: dict[str, Float32Array],
+    targeted: bool,
+    margin: float,
+) -> bool:
+    """Whether every recognizer with a threshold is past it by ``margin`` on the face at ``site``."""
+    seen = embed(photo, site, recognizers)
+    for r in recognizers:
+        threshold = r.info.threshold
+        if threshold is None:
+            continue
+        similarity = float(seen[r.name] @ references[r.name])
+        if (similarity <= threshold + margin) if targeted else (similarity >= threshold - margin):
+            return False
+    return True
+
+
+def _attack(settings: CloakSettings) -> MIFGSM:
+    diversity = AlignmentJitter(probability=settings.diversity) if settings.diversity > 0 else None
+    transforms: list[Transform] = [] if settings.eot_quality is None else [Jpeg(settings.eot_quality)]
+    if settings.eot_downscale is not None:
+        transforms.append(Downscale(settings.eot_downscale))
+    eot = EOT(transforms=tuple(transforms)) if transforms else None
+    smoothing = TranslationInvariance(radius=settings.smoothing) if settings.smoothing > 0 else None
+    return MIFGSM(
+        eps=settings.eps,
+        steps=settings.steps,
+        step_size=settings.step_size,
+        momentum=settings.momentum,
+        # From the clean image the cosine objective sits at its maximum (zero gradient); DI and EOT
+        # move the point where the gradient is taken, otherwise start from a random point.
+        random_start=diversity is None and eot is None,
+        ssim_floor=settings.ssim_min,
+        diversity=diversity,
+        eot=eot,
+        smoothing=smoothing,
+        check_every=settings.check_every,
+        ssim_every=settings.ssim_every,
+        focus_margin=settings.stop_margin,
+        victims_per_step=settings.models_per_step,
+        schedule=settings.schedule,
+        schedule_floor=settings.schedule_floor,
+        chroma=settings.chroma,
+        cap_every=settings.cap_every,
+    )
+
+
+def _on_face(
+    attack: MIFGSM,
+    settings: CloakSettings,
+    warp: Warp,
+    region: Box,
+    limits: FaceLimits | None,
+    saved: Callable[[Uint8Array], Uint8Array] | None = None,
+) -> MIFGSM:
+    """The attack with its coarse grid converted from crop pixels to this face's photo pixels, and
+    this face's visibility cap on the attacked ``region`` (measured after ``saved``)."""
+    cap = face_cap(region, limits, saved)
+    if cap is not None:
+        attack = replace(attack, cap=cap)
+    if settings.coarse <= 1.0 and not settings.scales:
+        return attack
+    scale = crop_scale(warp)
+    return replace(
+        attack,
+        coarse=max(1.0, settings.coarse * scale),
+        scales=tuple(max(1.0, c * scale) for c in settings.scales),
+    )
