@@ -106,8 +106,8 @@ def serve(
     _require_extra()
     import uvicorn
 
-    from uncnn_rt.cli import server
-    from uncnn_rt.cli.cloak_cmd import split_models
+    from uncnn_rt import serve as server
+    from uncnn_rt.runtime.report import split_models
 
     chosen_device = device or getattr(ctx.obj, "device", "auto")
     with clean_errors():
@@ -139,7 +139,7 @@ def serve(
     else:
         os.environ[server.CONFIG_ENV] = config.to_json()
         uvicorn.run(
-            "uncnn_rt.cli.server:app_from_environment",
+            "uncnn_rt.serve.app:app_from_environment",
             factory=True,
             workers=workers,
             **options,

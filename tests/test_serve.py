@@ -40,7 +40,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from uncnn_rt.cli import server
+from uncnn_rt import serve as server
 from uncnn_rt.cli.app import app as cli_app
 from uncnn_rt.runtime import cloak, zoo
 

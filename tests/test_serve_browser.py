@@ -20,7 +20,7 @@ from skimage import data
 from test_serve import live_server
 
 pytest.importorskip("fastapi", reason="the [serve] extra (fastapi, uvicorn, python-multipart) is absent")
-from uncnn_rt.cli import server
+from uncnn_rt import serve as server
 from uncnn_rt.runtime import cloak, zoo
 
 playwright = pytest.importorskip("playwright.sync_api", reason="Playwright (Python) is not installed")
