@@ -18,13 +18,12 @@ from rich.console import Console
 from rich.table import Table
 
 from uncnn_rt.cli.errors import clean_errors
+from uncnn_rt.cli.exit_codes import EXIT_INPUT
 from uncnn_rt.cli.progress import progress_bar
 from uncnn_rt.runtime import augment as aug
 from uncnn_rt.runtime import contract
 from uncnn_rt.runtime import robustness as rob
 from uncnn_rt.runtime.errors import InputError, ModelError
-
-EXIT_INPUT = 2
 
 MODEL_HELP = (
     "Attack graph (.onnx from `uncnn-rt convert grad`) or a shipped model's name, e.g. efficientnet_lite0. "

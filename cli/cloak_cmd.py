@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from uncnn_rt.cli.errors import clean_errors
+from uncnn_rt.cli.exit_codes import EXIT_INPUT, EXIT_NOT_PROTECTED, EXIT_OK, worst_exit_code
 from uncnn_rt.cli.progress import progress_bar
 from uncnn_rt.runtime import cloak as cloaking
 from uncnn_rt.runtime import zoo
@@ -59,12 +60,6 @@ from uncnn_rt.runtime.verify import (
     set_linkability,
     verify,
 )
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_INPUT = 2
-EXIT_MODEL = 3
-EXIT_NOT_PROTECTED = 4
 
 CAP_HELP = (
     "Visibility cap per face region, overriding the mode: jpegQ (at most the photo's own JPEG re-encode at "
@@ -421,7 +416,7 @@ def cloak(
             progress.advance(task)
     order = {str(p): i for i, p in enumerate(files)}
     outcomes.sort(key=lambda o: order.get(o.input, -1))
-    code = _exit_code(outcomes)
+    code = worst_exit_code(o.exit_code for o in outcomes)
     linkability = set_linkability([o.report for o in outcomes if o.report is not None], runs.recognizers)
     if as_json:
         report: dict[str, Any] = {"files": [o.to_dict() for o in outcomes], "exit_code": code}
@@ -506,14 +501,6 @@ def _cloak_one(
     if not report.protected:
         outcome.hint = not_protected_hint(report, result.settings, result)
     return outcome
-
-
-def _exit_code(outcomes: list[FileOutcome]) -> int:
-    codes = {o.exit_code for o in outcomes}
-    for code in (EXIT_MODEL, EXIT_INPUT, EXIT_FAILED, EXIT_NOT_PROTECTED):
-        if code in codes:
-            return code
-    return EXIT_OK
 
 
 BEFORE_AFTER_NOTE = (

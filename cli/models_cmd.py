@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from uncnn_rt.cli.errors import clean_errors
+from uncnn_rt.cli.exit_codes import EXIT_FAILED
 from uncnn_rt.runtime import zoo
 
 app = typer.Typer(
@@ -99,5 +100,5 @@ def verify_models() -> None:
             bad += 1
             typer.echo(f"FAIL {reason}", err=True)
     if bad:
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_FAILED)
     typer.echo(f"{len(entries)} model file(s) verified")

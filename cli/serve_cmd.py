@@ -11,7 +11,8 @@ from typing import Annotated
 
 import typer
 
-from uncnn_rt.cli.errors import EXIT_USAGE, clean_errors
+from uncnn_rt.cli.errors import clean_errors
+from uncnn_rt.cli.exit_codes import EXIT_INPUT
 
 SERVE_HELP = "\n\n".join(
     [
@@ -48,7 +49,7 @@ def _require_extra() -> None:
                 "pip install 'uncnn-rt[serve]'",
                 err=True,
             )
-            raise typer.Exit(EXIT_USAGE) from None
+            raise typer.Exit(EXIT_INPUT) from None
 
 
 def serve(
