@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from uncnn_rt.cli.errors import clean_errors
+from uncnn_rt.converters.load import SOURCE_FORMATS, load_source
 from uncnn_rt.runtime import contract as C
 from uncnn_rt.runtime.errors import InputError
 from uncnn_rt.runtime.fileio import atomic_write_bytes
@@ -72,42 +73,6 @@ def quiet_frameworks(verbose: bool) -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     for name in ("tf2onnx", "tensorflow", "absl"):
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
-
-
-SOURCE_FORMATS = (
-    "ONNX (.onnx), TF.js graph model (model.json), TFLite (.tflite), "
-    "Keras (.keras, .h5 or a SavedModel folder), TorchScript (.pt, .pth)"
-)
-
-
-def load_source(path: Path, input_shape: tuple[int, ...] | None) -> object:
-    """Convert any supported source model to a forward ONNX model (heavy frameworks load lazily)."""
-    suffix = path.suffix.lower()
-    if path.is_dir() or suffix in (".keras", ".h5"):
-        from uncnn_rt.converters import keras
-
-        return keras.convert(path, input_shape=input_shape[1:] if input_shape else None)
-    if suffix == ".json":
-        from uncnn_rt.converters import tfjs
-
-        return tfjs.convert(path)
-    if suffix == ".tflite":
-        from uncnn_rt.converters import tflite
-
-        return tflite.convert(path)
-    if suffix in (".pt", ".pth", ".torchscript"):
-        if input_shape is None:
-            raise InputError("a TorchScript model needs --input-shape, e.g. 1,3,112,112")
-        from uncnn_rt.converters import pytorch
-
-        return pytorch.convert(path, input_shape=input_shape)
-    if suffix == ".onnx":
-        from uncnn_rt.converters import onnx_source
-
-        return onnx_source.convert(path)
-    raise InputError(
-        f"{path}: unsupported model format {suffix or '(folder)'!r}; supported: {SOURCE_FORMATS}"
-    )
 
 
 @app.command("grad")
@@ -192,8 +157,6 @@ def grad(
     """
     with clean_errors():
         quiet_frameworks(verbose)
-        import onnx
-
         from uncnn_rt.converters.grad import build_attack_graph
         from uncnn_rt.converters.validate import validate_attack_graph
 
@@ -208,13 +171,7 @@ def grad(
             if input_shape
             else None
         )
-        if model_path.suffix.lower() == ".onnx":
-            try:
-                onnx.load(str(model_path))
-            except Exception as exc:  # protobuf raises DecodeError, onnx its own: not ONNX either way
-                raise InputError(f"{model_path}: not a readable ONNX model ({exc})") from exc
         source = load_source(model_path, shape)
-        assert isinstance(source, onnx.ModelProto)
         guessed_layout, guessed_size = (
             (None, None) if (layout and native_size) else _infer_layout(source, input_name)
         )

@@ -37,7 +37,7 @@ import onnx
 from numpy.typing import NDArray
 from onnx import numpy_helper
 
-from uncnn_rt.converters import calibrate
+from uncnn_rt.converters import calibrate, load
 from uncnn_rt.runtime.contract import Preprocessing
 from uncnn_rt.runtime.errors import InputError, ModelError
 from uncnn_rt.runtime.zoo import sha256_file
@@ -286,26 +286,12 @@ def negate_prelu_slopes(model: onnx.ModelProto) -> int:
 
 def _tfjs(outputs: list[str] | None = None, repair: Callable[[onnx.ModelProto], int] | None = None):
     def run(path: Path) -> onnx.ModelProto:
-        from uncnn_rt.converters import tfjs
-
-        model = tfjs.convert(path, outputs=outputs)
+        model = load.from_tfjs(path, outputs=outputs)
         if repair is not None and repair(model) == 0:
             raise ModelError(f"{path}: the expected repair found nothing to fix; has the source changed?")
         return model
 
     return run
-
-
-def _tflite(path: Path) -> onnx.ModelProto:
-    from uncnn_rt.converters import tflite
-
-    return tflite.convert(path)
-
-
-def _onnx(path: Path) -> onnx.ModelProto:
-    from uncnn_rt.converters import onnx_source
-
-    return onnx_source.convert(path)
 
 
 def _effnet(path: Path) -> onnx.ModelProto:
@@ -357,7 +343,7 @@ MODELS: tuple[ZooModel, ...] = (
         "face",
         FACEPLUGIN,
         "model/fr_feature.onnx",
-        _onnx,
+        load.from_onnx,
         Preprocessing(
             native_size=(112, 112),
             layout="NCHW",
@@ -373,7 +359,7 @@ MODELS: tuple[ZooModel, ...] = (
         "face",
         EXPO_FACE,
         "android/src/main/assets/MobileFaceNet.tflite",
-        _tflite,
+        load.from_tflite,
         Preprocessing(native_size=(112, 112), crop=ARCFACE_WINDOW, **ARC_NORM),
         upstream_note="MobileFaceNet.tflite (192-d; MyUtil.normalizeImage: RGB (x - 127.5) / 128)",
         notes="Same network and weights as mobilefacenet (features agree to 1e-6 after that file's "
