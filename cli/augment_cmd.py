@@ -19,6 +19,7 @@ from rich.table import Table
 
 from uncnn_rt.cli.errors import clean_errors
 from uncnn_rt.cli.exit_codes import EXIT_INPUT
+from uncnn_rt.cli.options import Attack, Engine, global_options
 from uncnn_rt.cli.progress import progress_bar
 from uncnn_rt.runtime import augment as aug
 from uncnn_rt.runtime import contract
@@ -33,11 +34,6 @@ DATA_HELP = (
     "ImageFolder directory (DATA/<class>/<image>; the class is a label of the model or a class index) "
     "or a CSV with a header 'path,label' (paths relative to the CSV's folder)."
 )
-
-
-def _global(ctx: typer.Context) -> tuple[str, bool]:
-    options = ctx.obj
-    return (getattr(options, "device", "auto"), bool(getattr(options, "quiet", False)))
 
 
 def attack_graph(model: str) -> Path:
@@ -101,8 +97,8 @@ def augment(
         Path, typer.Option("-o", "--output", metavar="OUT", help="Output folder (created; resumable).")
     ],
     attack: Annotated[
-        str, typer.Option(help="fgsm, bim (I-FGSM), pgd (random start) or mifgsm (momentum).")
-    ] = "pgd",
+        Attack, typer.Option(help="fgsm, bim (I-FGSM), pgd (random start) or mifgsm (momentum).")
+    ] = Attack("pgd"),
     eps: Annotated[
         str,
         typer.Option(help="L-inf budget in grey levels (0..255): a value, or LOW:HIGH drawn per image."),
@@ -128,7 +124,9 @@ def augment(
         typer.Option(min=1, help="Worker processes or Ray actors, one session each \\[default: CPU cores]."),
     ] = None,
     threads: Annotated[int, typer.Option(min=1, help="onnxruntime threads per worker.")] = 1,
-    engine: Annotated[str, typer.Option(help="local (process pool) or ray (Ray Data pipeline).")] = "local",
+    engine: Annotated[Engine, typer.Option(help="local (process pool) or ray (Ray Data pipeline).")] = Engine(
+        "local"
+    ),
     ray_address: Annotated[
         str | None,
         typer.Option(
@@ -138,15 +136,14 @@ def augment(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run's summary as JSON.")] = False,
 ) -> None:
-    device, quiet = _global(ctx)
+    options = global_options(ctx)
+    device, quiet = options.device, options.quiet
     console = Console(stderr=True)
     with clean_errors():
-        if engine not in aug.ENGINES:
-            raise InputError(f"--engine must be one of {', '.join(aug.ENGINES)}, got {engine!r}")
         if not data.exists():
             raise InputError(f"{data}: no such file or folder")
         config = aug.AugmentConfig(
-            attack=attack,
+            attack=attack.value,
             eps=aug.parse_eps(eps),
             steps=steps,
             step_size=step_size,
@@ -170,7 +167,7 @@ def augment(
                 output,
                 config,
                 workers=_workers(workers),
-                engine="ray" if engine == "ray" else "local",
+                engine="ray" if engine.value == "ray" else "local",
                 device=device,
                 ray_address=ray_address,
                 progress=tick,
@@ -232,7 +229,8 @@ def robustness(
     clean accuracy. Exit codes: 0 measured; 2 bad input (unlabelled or unreadable images are listed);
     3 a model that is missing, plain ONNX, not a classifier's or breaks the contract.
     """
-    device, quiet = _global(ctx)
+    options = global_options(ctx)
+    device, quiet = options.device, options.quiet
     console = Console(stderr=True)
     with clean_errors():
         if not data.exists():

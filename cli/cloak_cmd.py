@@ -24,6 +24,7 @@ from rich.table import Table
 
 from uncnn_rt.cli.errors import clean_errors
 from uncnn_rt.cli.exit_codes import EXIT_INPUT, EXIT_NOT_PROTECTED, EXIT_OK, worst_exit_code
+from uncnn_rt.cli.options import Cap, Models, Scatter, global_options
 from uncnn_rt.cli.progress import progress_bar
 from uncnn_rt.runtime import cloak as cloaking
 from uncnn_rt.runtime import zoo
@@ -61,16 +62,6 @@ from uncnn_rt.runtime.verify import (
     verify,
 )
 
-CAP_HELP = (
-    "Visibility cap per face region, overriding the mode: jpegQ (at most the photo's own JPEG re-encode at "
-    "quality Q, in FLIP and CIEDE2000), KxjpegQ (K times its figures) or none."
-)
-SCATTER_HELP = (
-    "Weight of each face's own random direction in every recognizer's space (0, the default: off). The "
-    "cloaks of one person's photos then scatter instead of still matching one another (P3 of eval); "
-    "under the cap it costs some P1 (bench/RESULTS.md, run 16)."
-)
-
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 
 
@@ -104,11 +95,6 @@ CLOAK_HELP = (
     "found, bad option); 3 a model is missing or broken; 1 anything else. With several inputs the others "
     "are still processed and the worst code wins (3, then 2, then 1, then 4)."
 )
-
-
-def _global(ctx: typer.Context) -> tuple[str, bool]:
-    options = ctx.obj
-    return (getattr(options, "device", "auto"), bool(getattr(options, "quiet", False)))
 
 
 def _is_cloaked_output(path: Path) -> bool:
@@ -317,10 +303,7 @@ def cloak(
         float | None,
         typer.Option("--ssim-min", help="SSIM floor per face region, overriding the mode (0: none)."),
     ] = None,
-    cap: Annotated[
-        str | None,
-        typer.Option(help=CAP_HELP),
-    ] = None,
+    cap: Cap = None,
     coarse: Annotated[
         float | None,
         typer.Option(
@@ -328,10 +311,7 @@ def cloak(
             "larger: smoother, cheaper in SSIM but more visible per grey level under FLIP)."
         ),
     ] = None,
-    scatter: Annotated[
-        float | None,
-        typer.Option(help=SCATTER_HELP),
-    ] = None,
+    scatter: Scatter = None,
     face: Annotated[
         int | None, typer.Option(help="Cloak only face N (1 = leftmost, as numbered in the report).")
     ] = None,
@@ -348,10 +328,7 @@ def cloak(
             help="Targeted cloak: make the faces match this photo's largest face.",
         ),
     ] = None,
-    models: Annotated[
-        str | None,
-        typer.Option(help="Comma-separated recognizers \\[default: the shipped default ensemble]."),
-    ] = None,
+    models: Models = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report instead of tables.")] = False,
     seed: Annotated[
         int | None,
@@ -364,7 +341,8 @@ def cloak(
         bool, typer.Option("--keep-location", help="Keep GPS/location EXIF (stripped by default).")
     ] = False,
 ) -> None:
-    device, quiet = _global(ctx)
+    options = global_options(ctx)
+    device, quiet = options.device, options.quiet
     outcomes: list[FileOutcome] = []
     # Everything that can be checked without a model is checked first: options, every input's header,
     # every output path, so a run that can only fail fails at once instead of after the models
@@ -635,16 +613,13 @@ def compare(
     no_align: Annotated[
         bool, typer.Option("--no-align", help="No face detection: compare the images' centred squares.")
     ] = False,
-    models: Annotated[
-        str | None,
-        typer.Option(help="Comma-separated recognizers \\[default: the shipped default ensemble]."),
-    ] = None,
+    models: Models = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report instead of a table.")] = False,
 ) -> None:
     """Same person? Each recognizer's cosine similarity of the largest face in A and in B, against its
     match threshold, and a verdict (the majority of the models). Exit code 0 either way; 2 on an input
     error (e.g. no face found), 3 when a model is missing."""
-    device, _ = _global(ctx)
+    device = global_options(ctx).device
     with clean_errors():
         a, b = load_image(first), load_image(second)
         recognizers = cloaking.load_recognizers(split_models(models), device=device)
@@ -686,7 +661,7 @@ def classify(
 ) -> None:
     """The top ImageNet classes of IMG with the shipped classifier (EfficientNet-Lite0): the centred square
     of the photo resized to the classifier's input size."""
-    device, _ = _global(ctx)
+    device = global_options(ctx).device
     with clean_errors():
         loaded = load_image(image)
         entries = {e.name: e for e in zoo.load_manifest()}
