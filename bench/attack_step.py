@@ -38,7 +38,7 @@ import onnx
 import onnx.utils
 from onnx import numpy_helper
 
-from uncnn_rt.runtime import contract, zoo
+from uncnn_rt.runtime import catalog, contract
 from uncnn_rt.runtime.sessions import AttackSession
 
 EPS, ALPHA = 8.0, 1.0
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
     models = [(p.stem, p) for p in args.model]
     if not args.model:
-        models += [(e.name, e.path) for e in zoo.load_manifest() if e.kind == "face"]
+        models += [(e.name, e.path) for e in catalog.load_manifest() if e.kind == "face"]
     scratch = tempfile.TemporaryDirectory()
     if args.synthetic:
         models.append(("synthetic-112 (random weights)", synthetic_recognizer(Path(scratch.name))))

@@ -29,7 +29,7 @@ from pathlib import Path
 from PIL import Image
 
 from uncnn_rt.augment import AugmentConfig, augment
-from uncnn_rt.runtime import zoo
+from uncnn_rt.runtime import catalog
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "cat", "hubble_deep_field", "immunohistochemistry")
 
@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--no-ray", action="store_true", help="Skip the Ray engine.")
     args = parser.parse_args()
-    model = zoo.get_model(args.model).path
+    model = catalog.get_model(args.model).path
     config = AugmentConfig(attack="pgd", eps=(4.0, 4.0), steps=args.steps, threads=1)
     work = Path(tempfile.mkdtemp(prefix="uncnn-augment-bench-"))
     try:

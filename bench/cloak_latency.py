@@ -249,9 +249,9 @@ def main() -> None:
         return
     if args.threads:
         os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[: args.threads]))
-    from uncnn_rt.runtime import zoo
+    from uncnn_rt.runtime import catalog
 
-    if not any(e.kind == "face" and e.in_default_ensemble for e in zoo.load_manifest()):
+    if not any(e.kind == "face" and e.in_default_ensemble for e in catalog.load_manifest()):
         raise SystemExit("no face recognizers are shipped; build the model zoo first")
     cores, load = len(os.sched_getaffinity(0)), os.getloadavg()[0]
     print(f"cloak latency, mode {args.mode}, {cores} CPU cores, load average {load:.1f}")

@@ -22,8 +22,8 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
+from uncnn_rt.runtime import catalog
 from uncnn_rt.runtime import evaluate as ev
-from uncnn_rt.runtime import zoo
 from uncnn_rt.runtime.cloak import MODES, CloakSettings, default_recognizer_names, load_recognizers
 from uncnn_rt.runtime.plots import protection_bars, protection_vs_flip, protection_vs_ssim
 
@@ -212,7 +212,7 @@ def run(args: argparse.Namespace) -> None:
     settings = recipe(args.mode, args.set or [])
     data = ev.load_dataset(args.dataset)
     ensemble = default_recognizer_names()
-    shipped = [e.name for e in zoo.load_manifest() if e.kind == "face" and e.threshold is not None]
+    shipped = [e.name for e in catalog.load_manifest() if e.kind == "face" and e.threshold is not None]
     sessions = load_recognizers(list(dict.fromkeys(ensemble + shipped)), device="cpu")
     by_name = {s.name: s for s in sessions}
     cloak = ev.cloak_function(by_name, settings, no_align=True, seed=args.seed)

@@ -75,10 +75,10 @@ def reference_subjects(names: list[str], sizes: dict[str, int]) -> list[Subject]
 
 def shipped_subjects() -> list[Subject]:
     """Attack graphs of the shipped zoo (entries whose file carries the contract's outputs)."""
-    from uncnn_rt.runtime import zoo
+    from uncnn_rt.runtime import catalog
 
     subjects = []
-    for entry in zoo.load_manifest():
+    for entry in catalog.load_manifest():
         if not entry.path.is_file():
             print(f"skip shipped {entry.name}: {entry.file} is missing", file=sys.stderr)
             continue

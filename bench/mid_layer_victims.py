@@ -28,7 +28,7 @@ import onnx.compose
 import onnx.utils
 from onnx import helper
 
-from uncnn_rt.runtime import contract, zoo
+from uncnn_rt.runtime import catalog, contract
 from uncnn_rt.runtime.cloak import default_recognizer_names
 
 
@@ -57,7 +57,7 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     for name in default_recognizer_names():
-        entry = zoo.get_model(name)
+        entry = catalog.get_model(name)
         model = onnx.load(str(entry.path))
         size = int({p.key: p.value for p in model.metadata_props}[contract.META_CANONICAL_SIZE])
         source, tensor = cut(model, args.depth)

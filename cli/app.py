@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated
 
 import typer
 
 from uncnn_rt import __version__
+from uncnn_rt.cli.options import GlobalOptions
 
 app = typer.Typer(
     name="uncnn-rt",
@@ -16,14 +16,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-
-@dataclass
-class GlobalOptions:
-    """Options given before the command, shared by every command through ``ctx.obj``."""
-
-    device: str = "auto"
-    quiet: bool = False
 
 
 def _print_version(value: bool) -> None:

@@ -18,14 +18,14 @@ from rich.console import Console
 from rich.table import Table
 
 from uncnn_rt.cli.errors import clean_errors
+from uncnn_rt.cli.exit_codes import EXIT_INPUT
+from uncnn_rt.cli.options import Attack, Engine, global_options
 from uncnn_rt.cli.progress import progress_bar
-from uncnn_rt.runtime import contract, zoo
+from uncnn_rt.runtime import catalog, contract
 from uncnn_rt.runtime.errors import InputError, ModelError
 from uncnn_rt.runtime.jobs import augment as aug
 from uncnn_rt.runtime.jobs import datasets, variants
 from uncnn_rt.runtime.jobs import robustness as rob
-
-EXIT_INPUT = 2
 
 MODEL_HELP = (
     "Attack graph (.onnx from `uncnn-rt convert grad`) or a shipped model's name, e.g. efficientnet_lite0. "
@@ -37,14 +37,9 @@ DATA_HELP = (
 )
 
 
-def _global(ctx: typer.Context) -> tuple[str, bool]:
-    options = ctx.obj
-    return (getattr(options, "device", "auto"), bool(getattr(options, "quiet", False)))
-
-
 def attack_graph(model: str) -> Path:
     """The attack graph MODEL names, or a :class:`ModelError` that says how to make one from plain ONNX."""
-    path = zoo.resolve_model(model)
+    path = catalog.resolve_model(model)
     import onnx
 
     try:
@@ -103,8 +98,8 @@ def augment(
         Path, typer.Option("-o", "--output", metavar="OUT", help="Output folder (created; resumable).")
     ],
     attack: Annotated[
-        str, typer.Option(help="fgsm, bim (I-FGSM), pgd (random start) or mifgsm (momentum).")
-    ] = "pgd",
+        Attack, typer.Option(help="fgsm, bim (I-FGSM), pgd (random start) or mifgsm (momentum).")
+    ] = Attack("pgd"),
     eps: Annotated[
         str,
         typer.Option(help="L-inf budget in grey levels (0..255): a value, or LOW:HIGH drawn per image."),
@@ -130,7 +125,9 @@ def augment(
         typer.Option(min=1, help="Worker processes or Ray actors, one session each \\[default: CPU cores]."),
     ] = None,
     threads: Annotated[int, typer.Option(min=1, help="onnxruntime threads per worker.")] = 1,
-    engine: Annotated[str, typer.Option(help="local (process pool) or ray (Ray Data pipeline).")] = "local",
+    engine: Annotated[Engine, typer.Option(help="local (process pool) or ray (Ray Data pipeline).")] = Engine(
+        "local"
+    ),
     ray_address: Annotated[
         str | None,
         typer.Option(
@@ -140,15 +137,14 @@ def augment(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run's summary as JSON.")] = False,
 ) -> None:
-    device, quiet = _global(ctx)
+    options = global_options(ctx)
+    device, quiet = options.device, options.quiet
     console = Console(stderr=True)
     with clean_errors():
-        if engine not in aug.ENGINES:
-            raise InputError(f"--engine must be one of {', '.join(aug.ENGINES)}, got {engine!r}")
         if not data.exists():
             raise InputError(f"{data}: no such file or folder")
         config = variants.AugmentConfig(
-            attack=attack,
+            attack=attack.value,
             eps=variants.parse_eps(eps),
             steps=steps,
             step_size=step_size,
@@ -172,7 +168,7 @@ def augment(
                 output,
                 config,
                 workers=_workers(workers),
-                engine="ray" if engine == "ray" else "local",
+                engine="ray" if engine.value == "ray" else "local",
                 device=device,
                 ray_address=ray_address,
                 progress=tick,
@@ -234,7 +230,8 @@ def robustness(
     clean accuracy. Exit codes: 0 measured; 2 bad input (unlabelled or unreadable images are listed);
     3 a model that is missing, plain ONNX, not a classifier's or breaks the contract.
     """
-    device, quiet = _global(ctx)
+    options = global_options(ctx)
+    device, quiet = options.device, options.quiet
     console = Console(stderr=True)
     with clean_errors():
         if not data.exists():
@@ -249,7 +246,7 @@ def robustness(
             limit=limit,
         )
         if plot is not None:
-            from uncnn_rt.runtime.plots import require_matplotlib
+            from uncnn_rt.runtime.plotting import require_matplotlib
 
             require_matplotlib()  # fail before the attacks, not after them
         path = attack_graph(model)

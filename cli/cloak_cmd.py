@@ -23,20 +23,33 @@ from rich.console import Console
 from rich.table import Table
 
 from uncnn_rt.cli.errors import clean_errors
+from uncnn_rt.cli.exit_codes import EXIT_INPUT, EXIT_NOT_PROTECTED, EXIT_OK, worst_exit_code
+from uncnn_rt.cli.options import Cap, Models, Scatter, global_options
 from uncnn_rt.cli.progress import progress_bar
+from uncnn_rt.runtime import catalog
 from uncnn_rt.runtime import cloak as cloaking
-from uncnn_rt.runtime import visibility, zoo
+from uncnn_rt.runtime.cloak.report import (
+    CLASSIFIER,
+    FileOutcome,
+    class_rows,
+    cloak_details,
+    similarity_row,
+    split_models,
+    visibility_details,
+)
 from uncnn_rt.runtime.cloak.verify import (
     SetLinkability,
     VerifyReport,
     classify_image,
     compare_faces,
+    same_person,
     set_linkability,
     verify,
 )
 from uncnn_rt.runtime.errors import InputError, ModelError, OutputPathError, UncnnError
 from uncnn_rt.runtime.imageio import (
     DEFAULT_MAX_PIXELS,
+    IMAGE_SUFFIXES,
     LoadedImage,
     check_output_path,
     default_output_path,
@@ -49,25 +62,6 @@ from uncnn_rt.runtime.imageio import (
     save_image,
 )
 from uncnn_rt.runtime.sessions import open_session
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_INPUT = 2
-EXIT_MODEL = 3
-EXIT_NOT_PROTECTED = 4
-
-CAP_HELP = (
-    "Visibility cap per face region, overriding the mode: jpegQ (at most the photo's own JPEG re-encode at "
-    "quality Q, in FLIP and CIEDE2000), KxjpegQ (K times its figures) or none."
-)
-SCATTER_HELP = (
-    "Weight of each face's own random direction in every recognizer's space (0, the default: off). The "
-    "cloaks of one person's photos then scatter instead of still matching one another (P3 of eval); "
-    "under the cap it costs some P1 (bench/RESULTS.md, run 16)."
-)
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif")
-CLASSIFIER = "efficientnet_lite0"
 
 
 def _mode_line(name: str, m: cloaking.CloakSettings) -> str:
@@ -102,69 +96,25 @@ CLOAK_HELP = (
 )
 
 
-@dataclass
-class Outcome:
-    """One input's fate, for the table and the JSON report."""
-
-    input: str
-    output: Path | None = None
-    error: str | None = None
-    exit_code: int = EXIT_OK
-    report: VerifyReport | None = None
-    details: dict[str, Any] = field(default_factory=dict)
-    hint: str | None = None
-    """For a NOT PROTECTED verdict: which faces and models failed, and what would protect them."""
-
-    def to_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "input": self.input,
-            "output": None if self.output is None else str(self.output),
-        }
-        if self.error is not None:
-            data |= {"status": "error", "error": self.error}
-            return data
-        assert self.report is not None
-        data["status"] = "protected" if self.report.protected else "not_protected"
-        data |= self.details
-        data |= self.report.to_dict()
-        if self.hint is not None:
-            data["hint"] = self.hint
-        return data
-
-
-def _global(ctx: typer.Context) -> tuple[str, bool]:
-    options = ctx.obj
-    return (getattr(options, "device", "auto"), bool(getattr(options, "quiet", False)))
-
-
-def split_models(models: str | None) -> list[str] | None:
-    if models is None:
-        return None
-    names = [m.strip() for m in models.split(",") if m.strip()]
-    if not names:
-        raise InputError(f"--models needs comma-separated recognizer names, got {models!r}")
-    return names
-
-
 def _is_cloaked_output(path: Path) -> bool:
     return ".cloaked" in path.suffixes or path.stem.endswith(".cloaked")
 
 
-def expand_inputs(items: list[str]) -> tuple[list[Path], list[Outcome]]:
+def expand_inputs(items: list[str]) -> tuple[list[Path], list[FileOutcome]]:
     """Files from paths, directories (their images) and globs; unmatched items as error outcomes.
 
     Directories and globs skip earlier outputs (``*.cloaked.*``) and files that do not look like images;
     files named explicitly are always tried.
     """
     files: list[Path] = []
-    missing: list[Outcome] = []
+    missing: list[FileOutcome] = []
     for item in items:
         path = Path(item)
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if _candidate(p))
             if not found:
                 missing.append(
-                    Outcome(item, error=f"{item}: no images in this directory", exit_code=EXIT_INPUT)
+                    FileOutcome(item, error=f"{item}: no images in this directory", exit_code=EXIT_INPUT)
                 )
             files += found
         elif path.exists():
@@ -172,10 +122,10 @@ def expand_inputs(items: list[str]) -> tuple[list[Path], list[Outcome]]:
         elif glob.has_magic(item):
             found = sorted(p for p in map(Path, glob.glob(item)) if _candidate(p))
             if not found:
-                missing.append(Outcome(item, error=f"{item}: no image files match", exit_code=EXIT_INPUT))
+                missing.append(FileOutcome(item, error=f"{item}: no image files match", exit_code=EXIT_INPUT))
             files += found
         else:
-            missing.append(Outcome(item, error=f"{item}: no such file", exit_code=EXIT_INPUT))
+            missing.append(FileOutcome(item, error=f"{item}: no such file", exit_code=EXIT_INPUT))
     unique = list(dict.fromkeys(files))
     return unique, missing
 
@@ -219,14 +169,14 @@ def _make_folder(folder: Path) -> None:
 
 def plan_outputs(
     files: list[Path], output: str | None, fmt: str | None, *, many: bool
-) -> tuple[dict[Path, Path], list[Outcome], list[str]]:
+) -> tuple[dict[Path, Path], list[FileOutcome], list[str]]:
     """Each input's output path, checked before any model is loaded or any step taken.
 
     Returns the plan, the inputs refused (as outcomes: an unreadable or oversized header, an output that
     would be the input or cannot be written) and notes to print (a name whose suffix ``--format`` overrides).
     """
     planned: dict[Path, Path] = {}
-    refused: list[Outcome] = []
+    refused: list[FileOutcome] = []
     notes: list[str] = []
     for source in files:
         try:
@@ -236,7 +186,7 @@ def plan_outputs(
         except ModelError:
             raise
         except UncnnError as exc:
-            refused.append(Outcome(str(source), error=str(exc), exit_code=exc.exit_code))
+            refused.append(FileOutcome(str(source), error=str(exc), exit_code=exc.exit_code))
             continue
         planned[source] = destination
     if output is not None and fmt is not None and not many and not wants_folder(output) and planned:
@@ -352,10 +302,7 @@ def cloak(
         float | None,
         typer.Option("--ssim-min", help="SSIM floor per face region, overriding the mode (0: none)."),
     ] = None,
-    cap: Annotated[
-        str | None,
-        typer.Option(help=CAP_HELP),
-    ] = None,
+    cap: Cap = None,
     coarse: Annotated[
         float | None,
         typer.Option(
@@ -363,10 +310,7 @@ def cloak(
             "larger: smoother, cheaper in SSIM but more visible per grey level under FLIP)."
         ),
     ] = None,
-    scatter: Annotated[
-        float | None,
-        typer.Option(help=SCATTER_HELP),
-    ] = None,
+    scatter: Scatter = None,
     face: Annotated[
         int | None, typer.Option(help="Cloak only face N (1 = leftmost, as numbered in the report).")
     ] = None,
@@ -383,10 +327,7 @@ def cloak(
             help="Targeted cloak: make the faces match this photo's largest face.",
         ),
     ] = None,
-    models: Annotated[
-        str | None,
-        typer.Option(help="Comma-separated recognizers \\[default: the shipped default ensemble]."),
-    ] = None,
+    models: Models = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report instead of tables.")] = False,
     seed: Annotated[
         int | None,
@@ -399,8 +340,9 @@ def cloak(
         bool, typer.Option("--keep-location", help="Keep GPS/location EXIF (stripped by default).")
     ] = False,
 ) -> None:
-    device, quiet = _global(ctx)
-    outcomes: list[Outcome] = []
+    options = global_options(ctx)
+    device, quiet = options.device, options.quiet
+    outcomes: list[FileOutcome] = []
     # Everything that can be checked without a model is checked first: options, every input's header,
     # every output path, so a run that can only fail fails at once instead of after the models
     # (seconds) or after a whole cloak (up to a minute). The models then open in the background while
@@ -451,7 +393,7 @@ def cloak(
             progress.advance(task)
     order = {str(p): i for i, p in enumerate(files)}
     outcomes.sort(key=lambda o: order.get(o.input, -1))
-    code = _exit_code(outcomes)
+    code = worst_exit_code(o.exit_code for o in outcomes)
     linkability = set_linkability([o.report for o in outcomes if o.report is not None], runs.recognizers)
     if as_json:
         report: dict[str, Any] = {"files": [o.to_dict() for o in outcomes], "exit_code": code}
@@ -491,14 +433,14 @@ def _cloak_one(
     keep_location: bool,
     runs: _Models,
     on_progress: cloaking.CloakProgressCallback,
-) -> Outcome:
+) -> FileOutcome:
     """Cloak, save and verify one file; an input error becomes the outcome (nothing is written then)."""
     try:
         loaded = load_image(source)
         # The visibility cap holds on the pixels as the output file will store them.
         as_saved = lossy_round_trip(loaded, fmt=output_format(loaded, destination, out_format))
     except UncnnError as exc:
-        return Outcome(str(source), error=str(exc), exit_code=exc.exit_code)
+        return FileOutcome(str(source), error=str(exc), exit_code=exc.exit_code)
     runs.load()  # outside the per-file handling: a bad --models or a broken model concerns every input
     try:
         result = cloaking.cloak_image(
@@ -528,84 +470,14 @@ def _cloak_one(
     except ModelError:
         raise
     except UncnnError as exc:
-        return Outcome(str(source), error=str(exc), exit_code=exc.exit_code)
+        return FileOutcome(str(source), error=str(exc), exit_code=exc.exit_code)
     details = cloak_details(result, loaded, extra_seconds=saving)
     details["visibility"] = visibility_details(result, loaded, load_image(written).rgb, report)
     code = EXIT_OK if report.protected else EXIT_NOT_PROTECTED
-    outcome = Outcome(str(source), output=written, exit_code=code, report=report, details=details)
+    outcome = FileOutcome(str(source), output=written, exit_code=code, report=report, details=details)
     if not report.protected:
         outcome.hint = not_protected_hint(report, result.settings, result)
     return outcome
-
-
-def cloak_details(
-    result: cloaking.CloakResult, loaded: LoadedImage, *, extra_seconds: float
-) -> dict[str, Any]:
-    """What a cloak report says besides the verification: the recipe, the models, the time taken
-    (the cloak plus ``extra_seconds`` of encoding), the steps each face took, decoding notes."""
-    settings = result.settings
-    return {
-        "mode": settings.mode,
-        "eps": settings.eps,
-        "steps": settings.steps,
-        "ssim_min": settings.ssim_min,
-        "cap": settings.cap_label,
-        "coarse": settings.coarse,
-        "scatter": settings.scatter,
-        "scales": list(settings.scales),
-        "schedule": settings.schedule,
-        "schedule_floor": settings.schedule_floor,
-        "models": list(result.models),
-        "seed": result.seed,
-        "output_quality": result.output_quality,
-        "cloak_seconds": round(result.seconds + extra_seconds, 3),
-        "steps_run": {f"face {f.number}": f.steps for f in result.faces},
-        "notes": list(loaded.notes) + _quality_note(result),
-    }
-
-
-def _quality_note(result: cloaking.CloakResult) -> list[str]:
-    if result.output_quality is None:
-        return []
-    return [
-        f"written at quality {result.output_quality}: at the photo's own, the encoder alone would take more "
-        f"than {cloaking.ENCODER_SHARE:.0%} of a face's visibility cap, leaving the cloak no room"
-    ]
-
-
-def visibility_details(
-    result: cloaking.CloakResult, loaded: LoadedImage, saved: Any, report: VerifyReport
-) -> dict[str, Any]:
-    """The visibility block of a cloak report: per face region, FLIP, CIEDE2000, SSIM and PSNR of the
-    saved file, the face's cap and the figures of the photo's own JPEG re-encode it comes from; and the
-    whole photo's figures."""
-    faces = {}
-    for f in result.faces:
-        entry: dict[str, Any] = {} if f.visibility is None else f.visibility.to_dict()
-        if f.visible_region is not None:
-            r = f.visible_region
-            entry["region"] = [r.left, r.top, r.right, r.bottom]
-        if f.limits is not None:
-            entry["cap"] = {
-                "of": result.settings.cap_label,
-                "flip": round(f.limits.flip, 5),
-                "ciede2000_mean": round(f.limits.ciede2000, 4),
-                "reference": {
-                    k: v for k, v in f.limits.reference.to_dict().items() if k in ("flip", "ciede2000_mean")
-                },
-            }
-            entry["within_cap"] = f.visibility is not None and not cloaking.exceeds(f.visibility, f.limits)
-        faces[f"face {f.number}"] = entry
-    photo = visibility.photo_figures(loaded.rgb, saved, ssim=report.ssim, psnr=report.psnr)
-    return {"faces": faces, "photo": photo.to_dict()}
-
-
-def _exit_code(outcomes: list[Outcome]) -> int:
-    codes = {o.exit_code for o in outcomes}
-    for code in (EXIT_MODEL, EXIT_INPUT, EXIT_FAILED, EXIT_NOT_PROTECTED):
-        if code in codes:
-            return code
-    return EXIT_OK
 
 
 BEFORE_AFTER_NOTE = (
@@ -616,7 +488,7 @@ BEFORE_AFTER_NOTE = (
 )
 
 
-def _print_outcomes(outcomes: list[Outcome], *, quiet: bool = False) -> None:
+def _print_outcomes(outcomes: list[FileOutcome], *, quiet: bool = False) -> None:
     out = Console()
     explained = False
     for outcome in outcomes:
@@ -740,23 +612,20 @@ def compare(
     no_align: Annotated[
         bool, typer.Option("--no-align", help="No face detection: compare the images' centred squares.")
     ] = False,
-    models: Annotated[
-        str | None,
-        typer.Option(help="Comma-separated recognizers \\[default: the shipped default ensemble]."),
-    ] = None,
+    models: Models = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report instead of a table.")] = False,
 ) -> None:
     """Same person? Each recognizer's cosine similarity of the largest face in A and in B, against its
     match threshold, and a verdict (the majority of the models). Exit code 0 either way; 2 on an input
     error (e.g. no face found), 3 when a model is missing."""
-    device, _ = _global(ctx)
+    device = global_options(ctx).device
     with clean_errors():
         a, b = load_image(first), load_image(second)
         recognizers = cloaking.load_recognizers(split_models(models), device=device)
         detector = None if no_align else cloaking.load_detector(device=device)
         sims = compare_faces(a, b, recognizers=recognizers, detector=detector, no_align=no_align)
     matches = sum(s.match for s in sims)
-    same = matches * 2 > len(sims)
+    same = same_person(sims)
     verdict = f"{'same person' if same else 'different people'} ({matches} of {len(sims)} models match)"
     if as_json:
         typer.echo(
@@ -765,15 +634,7 @@ def compare(
                     "a": str(first),
                     "b": str(second),
                     "same_person": same,
-                    "models": [
-                        {
-                            "name": s.name,
-                            "similarity": round(s.similarity, 6),
-                            "threshold": s.threshold,
-                            "match": s.match,
-                        }
-                        for s in sims
-                    ],
+                    "models": [similarity_row(s) for s in sims],
                 },
                 indent=2,
             )
@@ -799,10 +660,10 @@ def classify(
 ) -> None:
     """The top ImageNet classes of IMG with the shipped classifier (EfficientNet-Lite0): the centred square
     of the photo resized to the classifier's input size."""
-    device, _ = _global(ctx)
+    device = global_options(ctx).device
     with clean_errors():
         loaded = load_image(image)
-        entries = {e.name: e for e in zoo.load_manifest()}
+        entries = {e.name: e for e in catalog.load_manifest()}
         if CLASSIFIER not in entries:
             raise ModelError(
                 f"the ImageNet classifier {CLASSIFIER} is not shipped in this installation "
@@ -816,7 +677,7 @@ def classify(
                 {
                     "image": str(image),
                     "model": CLASSIFIER,
-                    "top": [{"label": label, "probability": round(p, 6)} for label, p in ranked],
+                    "top": class_rows(ranked),
                 },
                 indent=2,
             )

@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 
 from uncnn_rt.cli.errors import clean_errors
+from uncnn_rt.cli.options import ChannelOrder, Kind, Layout, Resize
+from uncnn_rt.converters.load import SOURCE_FORMATS, load_source
 from uncnn_rt.runtime import contract as C
 from uncnn_rt.runtime.errors import InputError
 from uncnn_rt.runtime.fileio import atomic_write_bytes
@@ -74,42 +76,6 @@ def quiet_frameworks(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
 
 
-SOURCE_FORMATS = (
-    "ONNX (.onnx), TF.js graph model (model.json), TFLite (.tflite), "
-    "Keras (.keras, .h5 or a SavedModel folder), TorchScript (.pt, .pth)"
-)
-
-
-def load_source(path: Path, input_shape: tuple[int, ...] | None) -> object:
-    """Convert any supported source model to a forward ONNX model (heavy frameworks load lazily)."""
-    suffix = path.suffix.lower()
-    if path.is_dir() or suffix in (".keras", ".h5"):
-        from uncnn_rt.converters import keras
-
-        return keras.convert(path, input_shape=input_shape[1:] if input_shape else None)
-    if suffix == ".json":
-        from uncnn_rt.converters import tfjs
-
-        return tfjs.convert(path)
-    if suffix == ".tflite":
-        from uncnn_rt.converters import tflite
-
-        return tflite.convert(path)
-    if suffix in (".pt", ".pth", ".torchscript"):
-        if input_shape is None:
-            raise InputError("a TorchScript model needs --input-shape, e.g. 1,3,112,112")
-        from uncnn_rt.converters import pytorch
-
-        return pytorch.convert(path, input_shape=input_shape)
-    if suffix == ".onnx":
-        from uncnn_rt.converters import onnx_source
-
-        return onnx_source.convert(path)
-    raise InputError(
-        f"{path}: unsupported model format {suffix or '(folder)'!r}; supported: {SOURCE_FORMATS}"
-    )
-
-
 @app.command("grad")
 def grad(
     model_path: Annotated[
@@ -128,8 +94,8 @@ def grad(
         ),
     ] = None,
     kind: Annotated[
-        str, typer.Option(help="face (L2-normalised embedding) or classifier (log-softmax).")
-    ] = "face",
+        Kind, typer.Option(help="face (L2-normalised embedding) or classifier (log-softmax).")
+    ] = Kind("face"),
     name: Annotated[
         str | None, typer.Option(help="Model name stored in the metadata \\[default: file stem].")
     ] = None,
@@ -139,8 +105,10 @@ def grad(
     native_size: Annotated[
         str | None, typer.Option(help="Model input size, HxW \\[default: from the model].")
     ] = None,
-    layout: Annotated[str | None, typer.Option(help="NCHW or NHWC \\[default: from the model].")] = None,
-    channel_order: Annotated[str, typer.Option(help="RGB or BGR, as the model expects.")] = "RGB",
+    layout: Annotated[Layout | None, typer.Option(help="NCHW or NHWC \\[default: from the model].")] = None,
+    channel_order: Annotated[
+        ChannelOrder, typer.Option(help="RGB or BGR, as the model expects.")
+    ] = ChannelOrder("RGB"),
     mean: Annotated[str, typer.Option(help="Per-channel mean in 0..255 units, one value or three.")] = "0",
     std: Annotated[str, typer.Option(help="Per-channel std in 0..255 units, one value or three.")] = "1",
     crop: Annotated[
@@ -150,8 +118,8 @@ def grad(
         ),
     ] = "0,0,1,1",
     resize: Annotated[
-        str, typer.Option(help="bilinear or area (box filter, for large downscales).")
-    ] = "bilinear",
+        Resize, typer.Option(help="bilinear or area (box filter, for large downscales).")
+    ] = Resize("bilinear"),
     threshold: Annotated[float | None, typer.Option(help="Cosine match threshold (face models).")] = None,
     labels: Annotated[
         Path | None,
@@ -192,52 +160,36 @@ def grad(
     """
     with clean_errors():
         quiet_frameworks(verbose)
-        import onnx
-
         from uncnn_rt.converters.grad import build_attack_graph
         from uncnn_rt.converters.validate import validate_attack_graph
 
-        if kind not in C.KINDS:
-            raise InputError(f"--kind must be one of {', '.join(C.KINDS)}, got {kind!r}")
-        if channel_order not in ("RGB", "BGR"):
-            raise InputError(f"--channel-order must be RGB or BGR, got {channel_order!r}")
-        if resize not in ("bilinear", "area"):
-            raise InputError(f"--resize must be bilinear or area, got {resize!r}")
         shape = (
             tuple(int(v) for v in _floats(input_shape, input_shape.count(",") + 1, "--input-shape"))
             if input_shape
             else None
         )
-        if model_path.suffix.lower() == ".onnx":
-            try:
-                onnx.load(str(model_path))
-            except Exception as exc:  # protobuf raises DecodeError, onnx its own: not ONNX either way
-                raise InputError(f"{model_path}: not a readable ONNX model ({exc})") from exc
         source = load_source(model_path, shape)
-        assert isinstance(source, onnx.ModelProto)
         guessed_layout, guessed_size = (
             (None, None) if (layout and native_size) else _infer_layout(source, input_name)
         )
-        lay = layout or guessed_layout
-        if lay not in ("NCHW", "NHWC"):
-            raise InputError(f"--layout must be NCHW or NHWC, got {lay!r}")
+        lay = layout.value if layout else guessed_layout
         size_hw = _size(native_size) if native_size else guessed_size
         assert size_hw is not None
         window = _floats(crop, 4, "--crop")
         pre = C.Preprocessing(
             native_size=size_hw,
             layout=lay,  # type: ignore[arg-type]
-            channel_order=channel_order,  # type: ignore[arg-type]
+            channel_order=channel_order.value,  # type: ignore[arg-type]
             mean=_floats(mean, 3, "--mean"),
             std=_floats(std, 3, "--std"),  # type: ignore[arg-type]
             crop=window,
-            resize=resize,  # type: ignore[arg-type]
+            resize=resize.value,  # type: ignore[arg-type]
         )
         label_list = labels.read_text(encoding="utf-8").splitlines() if labels else None
         notes: list[str] = []
         attack = build_attack_graph(
             source,
-            kind=kind,
+            kind=kind.value,
             preprocessing=pre,  # type: ignore[arg-type]
             canonical_size=canonical_size or size_hw[0],
             name=name or model_path.name.split(".")[0],

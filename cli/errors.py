@@ -7,9 +7,8 @@ from contextlib import contextmanager
 
 import typer
 
+from uncnn_rt.cli.exit_codes import EXIT_INPUT
 from uncnn_rt.runtime.errors import UncnnError
-
-EXIT_USAGE = 2
 
 
 @contextmanager
@@ -22,4 +21,4 @@ def clean_errors() -> Iterator[None]:
         raise typer.Exit(exc.exit_code) from None
     except FileNotFoundError as exc:
         typer.echo(f"error: file not found: {exc.filename or exc}", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
+        raise typer.Exit(EXIT_INPUT) from None

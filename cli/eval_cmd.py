@@ -1,7 +1,7 @@
 """``uncnn-rt eval``: measure how well cloaks protect, white-box and in transfer, after re-encoding.
 
-The protocol is :mod:`uncnn_rt.runtime.evaluate`'s (DESIGN.md, "Evaluation protocol"); this module reads
-options, builds the cloak functions and evaluators, and prints tables, JSON and plots.
+The protocol is :mod:`uncnn_rt.runtime.evaluate`'s; this module reads options, builds the cloak
+functions and evaluators, and prints tables, JSON and plots.
 """
 
 from __future__ import annotations
@@ -19,15 +19,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from uncnn_rt.cli.cloak_cmd import CAP_HELP, SCATTER_HELP
 from uncnn_rt.cli.errors import clean_errors
+from uncnn_rt.cli.options import Cap, Scatter, global_options
 from uncnn_rt.cli.progress import progress_bar
+from uncnn_rt.runtime import catalog, visibility
 from uncnn_rt.runtime import cloak as cloaking
 from uncnn_rt.runtime import evaluate as ev
-from uncnn_rt.runtime import visibility, zoo
 from uncnn_rt.runtime.errors import InputError
 
-_EVAL_TEXT = """Measure how well cloaks protect: the protocol of DESIGN.md, "Evaluation protocol".
+_EVAL_TEXT = """Measure how well cloaks protect, by the protocol below.
 
 DATASET holds one sub-folder per identity (at least 2 photos each; others are skipped with a warning),
 or an identities/ folder and, optionally, a photos/ folder of unlabelled group photos.
@@ -120,18 +120,12 @@ def run_eval(
     ssim_min: Annotated[
         float | None, typer.Option("--ssim-min", help="SSIM floor, overriding every mode's (0: none).")
     ] = None,
-    cap: Annotated[
-        str | None,
-        typer.Option(help=CAP_HELP),
-    ] = None,
+    cap: Cap = None,
     coarse: Annotated[
         float | None,
         typer.Option(help="Perturbation grid step in crop pixels, overriding every mode's (1: per pixel)."),
     ] = None,
-    scatter: Annotated[
-        float | None,
-        typer.Option(help=SCATTER_HELP),
-    ] = None,
+    scatter: Scatter = None,
     models: Annotated[
         str | None,
         typer.Option(
@@ -211,9 +205,8 @@ def run_eval(
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the cloaks' random draws.")] = 0,
 ) -> None:
-    options = ctx.obj
-    device = getattr(options, "device", "auto")
-    quiet = bool(getattr(options, "quiet", False))
+    options = global_options(ctx)
+    device, quiet = options.device, options.quiet
     console = Console(stderr=True)
     with clean_errors():
         if threshold is not None and evaluator is None:
@@ -226,7 +219,7 @@ def run_eval(
             for name in mode_names
         }
         if plots is not None:
-            from uncnn_rt.runtime import plots as plotting
+            from uncnn_rt.runtime import plotting
 
             plotting.require_matplotlib()  # fail before the cloaking, not after it
         data = ev.load_dataset(dataset)
@@ -238,7 +231,7 @@ def run_eval(
         ensemble_names = (
             _split(models, "--models") if models is not None else cloaking.default_recognizer_names()
         )
-        shipped = [e.name for e in zoo.load_manifest() if e.kind == "face" and e.threshold is not None]
+        shipped = [e.name for e in catalog.load_manifest() if e.kind == "face" and e.threshold is not None]
         sessions = cloaking.load_recognizers(list(dict.fromkeys(ensemble_names + shipped)), device=device)
         by_name = {s.name: s for s in sessions}
         embedders = ev.shipped_embedders(sessions)
@@ -310,9 +303,9 @@ def run_eval(
         report = replace(report, warnings=report.warnings + tuple(group_warnings))
         written = []
         if plots is not None:
-            from uncnn_rt.runtime import plots as plotting
+            from uncnn_rt.runtime.plots import write_plots
 
-            written = plotting.write_plots(report, plots)
+            written = write_plots(report, plots)
     payload = report.to_dict()
     if json_out is not None and str(json_out) == "-":
         typer.echo(json.dumps(payload, indent=2))

@@ -10,14 +10,15 @@ from rich.console import Console
 from rich.table import Table
 
 from uncnn_rt.cli.errors import clean_errors
-from uncnn_rt.runtime import zoo
+from uncnn_rt.cli.exit_codes import EXIT_FAILED
+from uncnn_rt.runtime import catalog
 
 app = typer.Typer(
     help="List and verify the shipped models (provenance, license, dev-set figures).", no_args_is_help=True
 )
 
 
-def _dev_summary(entry: zoo.ModelEntry) -> str:
+def _dev_summary(entry: catalog.ModelEntry) -> str:
     dev = entry.raw.get("dev") or {}
     parts = []
     if "rank1" in dev:
@@ -33,7 +34,7 @@ def _dev_summary(entry: zoo.ModelEntry) -> str:
 def list_models() -> None:
     """Show every shipped model with its kind, size, license, dev-set figures and source package."""
     with clean_errors():
-        entries = zoo.load_manifest()
+        entries = catalog.load_manifest()
     if not entries:
         typer.echo(
             "no models are shipped in this installation (build them: python -m uncnn_rt.converters.zoo build)"
@@ -63,11 +64,11 @@ def _natural_width(table: Table) -> int:
     return max((len(line.rstrip()) for line in captured.get().splitlines()), default=0)
 
 
-def _source(entry: zoo.ModelEntry) -> str:
+def _source(entry: catalog.ModelEntry) -> str:
     return f"{entry.source.get('package', '?')}@{entry.source.get('version', '?')}"
 
 
-def _models_table(entries: list[zoo.ModelEntry], *, with_source: bool) -> Table:
+def _models_table(entries: list[catalog.ModelEntry], *, with_source: bool) -> Table:
     table = Table(title="uncnn-rt models", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     table.add_column("name", no_wrap=True)
     table.add_column("kind", no_wrap=True)
@@ -89,15 +90,15 @@ def _models_table(entries: list[zoo.ModelEntry], *, with_source: bool) -> Table:
 def verify_models() -> None:
     """Re-hash every shipped file against the manifest; exit 1 when any differs or is missing."""
     with clean_errors():
-        entries = zoo.load_manifest()
+        entries = catalog.load_manifest()
     bad = 0
     for e in entries:
-        reason = zoo.verify(e)
+        reason = catalog.verify(e)
         if reason is None:
             typer.echo(f"ok   {e.file}")
         else:
             bad += 1
             typer.echo(f"FAIL {reason}", err=True)
     if bad:
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_FAILED)
     typer.echo(f"{len(entries)} model file(s) verified")

@@ -11,7 +11,8 @@ from typing import Annotated
 
 import typer
 
-from uncnn_rt.cli.errors import EXIT_USAGE, clean_errors
+from uncnn_rt.cli.errors import clean_errors
+from uncnn_rt.cli.exit_codes import EXIT_INPUT
 
 SERVE_HELP = "\n\n".join(
     [
@@ -48,7 +49,7 @@ def _require_extra() -> None:
                 "pip install 'uncnn-rt[serve]'",
                 err=True,
             )
-            raise typer.Exit(EXIT_USAGE) from None
+            raise typer.Exit(EXIT_INPUT) from None
 
 
 def serve(
@@ -106,8 +107,8 @@ def serve(
     _require_extra()
     import uvicorn
 
-    from uncnn_rt.cli import server
-    from uncnn_rt.cli.cloak_cmd import split_models
+    from uncnn_rt import serve as server
+    from uncnn_rt.runtime.cloak.report import split_models
 
     chosen_device = device or getattr(ctx.obj, "device", "auto")
     with clean_errors():
@@ -139,7 +140,7 @@ def serve(
     else:
         os.environ[server.CONFIG_ENV] = config.to_json()
         uvicorn.run(
-            "uncnn_rt.cli.server:app_from_environment",
+            "uncnn_rt.serve.app:app_from_environment",
             factory=True,
             workers=workers,
             **options,

@@ -27,7 +27,7 @@ from uncnn_rt.runtime.contract import Preprocessing
 from uncnn_rt.runtime.errors import InputError
 from uncnn_rt.runtime.imageio import IMAGE_SUFFIXES
 
-Embedder = Callable[[NDArray[np.float32]], NDArray[np.float32]]
+EmbedFn = Callable[[NDArray[np.float32]], NDArray[np.float32]]
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,7 @@ def calibrate(features: NDArray[np.floating], labels: Sequence[str], *, fmr: flo
 
 def onnx_embedder(
     model: str | Path | bytes, prep: Preprocessing | None = None, *, batch: int = 8
-) -> Embedder:
+) -> EmbedFn:
     """An embedder running an ONNX model on canonical crops.
 
     With ``prep``, ``model`` is a forward model fed ``preprocess(crops, prep)`` and its first output is
@@ -212,7 +212,7 @@ def onnx_embedder(
 
 
 def calibrate_folder(
-    embed: Embedder, root: Path, *, canonical_size: int, fmr: float
+    embed: EmbedFn, root: Path, *, canonical_size: int, fmr: float
 ) -> tuple[DevFigures, NDArray[np.float32], list[str]]:
     """Embed every chip under ``root`` and calibrate; also returns the features and labels."""
     paths, labels = load_identity_folder(root)

@@ -37,10 +37,10 @@ import onnx
 from numpy.typing import NDArray
 from onnx import numpy_helper
 
-from uncnn_rt.converters import calibrate
+from uncnn_rt.converters import calibrate, load
+from uncnn_rt.runtime.catalog import sha256_file
 from uncnn_rt.runtime.contract import CANONICAL_SIZE, Preprocessing
 from uncnn_rt.runtime.errors import InputError, ModelError
-from uncnn_rt.runtime.zoo import sha256_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "models"
@@ -285,26 +285,12 @@ def negate_prelu_slopes(model: onnx.ModelProto) -> int:
 
 def _tfjs(outputs: list[str] | None = None, repair: Callable[[onnx.ModelProto], int] | None = None):
     def run(path: Path) -> onnx.ModelProto:
-        from uncnn_rt.converters import tfjs
-
-        model = tfjs.convert(path, outputs=outputs)
+        model = load.from_tfjs(path, outputs=outputs)
         if repair is not None and repair(model) == 0:
             raise ModelError(f"{path}: the expected repair found nothing to fix; has the source changed?")
         return model
 
     return run
-
-
-def _tflite(path: Path) -> onnx.ModelProto:
-    from uncnn_rt.converters import tflite
-
-    return tflite.convert(path)
-
-
-def _onnx(path: Path) -> onnx.ModelProto:
-    from uncnn_rt.converters import onnx_source
-
-    return onnx_source.convert(path)
 
 
 def _effnet(path: Path) -> onnx.ModelProto:
@@ -356,7 +342,7 @@ MODELS: tuple[ZooModel, ...] = (
         "face",
         FACEPLUGIN,
         "model/fr_feature.onnx",
-        _onnx,
+        load.from_onnx,
         Preprocessing(
             native_size=(112, 112),
             layout="NCHW",
@@ -372,7 +358,7 @@ MODELS: tuple[ZooModel, ...] = (
         "face",
         EXPO_FACE,
         "android/src/main/assets/MobileFaceNet.tflite",
-        _tflite,
+        load.from_tflite,
         Preprocessing(native_size=(112, 112), crop=ARCFACE_WINDOW, **ARC_NORM),
         upstream_note="MobileFaceNet.tflite (192-d; MyUtil.normalizeImage: RGB (x - 127.5) / 128)",
         notes="Same network and weights as mobilefacenet (features agree to 1e-6 after that file's "
@@ -453,7 +439,7 @@ def _sample_crops() -> dict[str, NDArray[np.float32]]:
     return out
 
 
-def classifier_dev(embed: calibrate.Embedder, labels: Sequence[str]) -> dict[str, Any]:
+def classifier_dev(embed: calibrate.EmbedFn, labels: Sequence[str]) -> dict[str, Any]:
     """Top-5 (label, probability) on skimage's astronaut, coffee and chelsea photos."""
     crops = _sample_crops()
     logits = embed(np.stack(list(crops.values())))

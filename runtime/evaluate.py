@@ -55,7 +55,7 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from uncnn_rt.runtime import image_ops, visibility, zoo
+from uncnn_rt.runtime import catalog, image_ops, visibility
 from uncnn_rt.runtime.arrays import Float32Array, Float64Array, Uint8Array
 from uncnn_rt.runtime.attacks import Resize
 from uncnn_rt.runtime.cloak import CloakSettings, Detector, cloak_image
@@ -493,7 +493,7 @@ def open_evaluator(
 
 def shipped_embedders(sessions: Sequence[AttackSession]) -> list[Embedder]:
     """Embedders over shipped recognizers, with the manifest's ``duplicate_of`` notes."""
-    duplicates = {e.name: e.raw.get("duplicate_of") for e in zoo.load_manifest()}
+    duplicates = {e.name: e.raw.get("duplicate_of") for e in catalog.load_manifest()}
     return [SessionEmbedder(s, duplicate_of=duplicates.get(s.name)) for s in sessions]
 
 
@@ -501,7 +501,7 @@ def shipped_embedders(sessions: Sequence[AttackSession]) -> list[Embedder]:
 # conditions
 
 
-Transform = Callable[[Uint8Array], Uint8Array]
+PhotoTransform = Callable[[Uint8Array], Uint8Array]
 
 
 @dataclass(frozen=True)
@@ -510,7 +510,7 @@ class Condition:
 
     name: str
     description: str
-    apply: Transform = field(repr=False, compare=False)
+    apply: PhotoTransform = field(repr=False, compare=False)
 
 
 def jpeg_condition(quality: int) -> Condition:

@@ -14,8 +14,9 @@ from typing import Any, Final
 import numpy as np
 from numpy.typing import NDArray
 
-from uncnn_rt.runtime.errors import MissingExtraError, UncnnError
+from uncnn_rt.runtime.errors import UncnnError
 from uncnn_rt.runtime.evaluate import AS_SAVED, PROTOCOLS, SCORE_KINDS, EvalReport, Sample
+from uncnn_rt.runtime.plotting import pyplot, save_png
 
 AMPLIFY: Final = 10
 """The difference image shows ``128 + AMPLIFY * (cloaked - original)``."""
@@ -36,24 +37,6 @@ _PROTOCOL_LABELS: Final = {
 }
 
 
-def require_matplotlib() -> None:
-    """Raise :class:`MissingExtraError` now when matplotlib is missing."""
-    _pyplot()
-
-
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise MissingExtraError(
-            "plots need matplotlib, which the [plot] extra installs: pip install 'uncnn-rt[plot]'"
-        ) from exc
-    return plt
-
-
 def protection_vs_ssim(report: EvalReport | Mapping[str, Any], path: str | Path) -> Path:
     """One panel per condition: pooled protection (%) against mean SSIM, one point per mode, a line per
     kind (white-box, leave-one-out, independent external) and protocol (P1, P2).
@@ -62,7 +45,7 @@ def protection_vs_ssim(report: EvalReport | Mapping[str, Any], path: str | Path)
     concatenated into one, as ``bench/eval_dev.py plot`` does).
     """
     data = report.to_dict() if isinstance(report, EvalReport) else report
-    plt = _pyplot()
+    plt = pyplot()
     described = {c["name"]: c["description"] for c in data["conditions"]}
     conditions = list(described)
     fig, axes = plt.subplots(1, len(conditions), figsize=(5.2 * len(conditions), 4.6), squeeze=False)
@@ -97,7 +80,7 @@ def protection_vs_ssim(report: EvalReport | Mapping[str, Any], path: str | Path)
         fontsize=10,
     )
     fig.tight_layout(rect=(0, 0.1, 1, 0.95))
-    return _save(plt, fig, path)
+    return save_png(fig, path, dpi=110)
 
 
 def protection_vs_flip(report: EvalReport | Mapping[str, Any], path: str | Path) -> Path:
@@ -105,7 +88,7 @@ def protection_vs_flip(report: EvalReport | Mapping[str, Any], path: str | Path)
     one point per mode, a line per kind and protocol; dotted verticals mark the same photos' own JPEG
     q95/q85/q75 re-encodes. ``report`` as for :func:`protection_vs_ssim`."""
     data = report.to_dict() if isinstance(report, EvalReport) else report
-    plt = _pyplot()
+    plt = pyplot()
     described = {c["name"]: c["description"] for c in data["conditions"]}
     conditions = list(described)
     fig, axes = plt.subplots(1, len(conditions), figsize=(5.2 * len(conditions), 4.6), squeeze=False)
@@ -129,7 +112,7 @@ def protection_vs_flip(report: EvalReport | Mapping[str, Any], path: str | Path)
         fontsize=10,
     )
     fig.tight_layout(rect=(0, 0.1, 1, 0.95))
-    return _save(plt, fig, path)
+    return save_png(fig, path, dpi=110)
 
 
 def _curves(
@@ -225,7 +208,7 @@ def protection_bars(report: EvalReport | Mapping[str, Any], mode: str, path: str
         raise UncnnError(
             f"no mode {mode!r} in the report (has: {', '.join(m['mode'] for m in data['modes'])})"
         )
-    plt = _pyplot()
+    plt = pyplot()
     described = {c["name"]: c["description"] for c in data["conditions"]}
     conditions = list(described)
     scores = chosen[0]["scores"]
@@ -257,7 +240,7 @@ def protection_bars(report: EvalReport | Mapping[str, Any], mode: str, path: str
     axes[-1].legend(fontsize=7, loc="upper right")
     fig.suptitle(f"Protection per recognizer, mode {mode}", fontsize=10)
     fig.tight_layout()
-    return _save(plt, fig, path)
+    return save_png(fig, path, dpi=110)
 
 
 def _score_label(evaluator: str, kind: str, duplicate_of: str | None) -> str:
@@ -276,7 +259,7 @@ def before_after(samples: Sequence[Sample], path: str | Path, *, title: str = ""
     """A strip of faces: original, cloaked (as saved), and the difference amplified :data:`AMPLIFY` x."""
     if not samples:
         raise UncnnError("no sample faces to draw (nothing was cloaked)")
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(3, len(samples), figsize=(max(2.2 * len(samples), 5.0), 7.0), squeeze=False)
     rows = ("original", "cloaked", f"difference x{AMPLIFY}")
     for j, sample in enumerate(samples):
@@ -293,7 +276,7 @@ def before_after(samples: Sequence[Sample], path: str | Path, *, title: str = ""
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return _save(plt, fig, path)
+    return save_png(fig, path, dpi=110)
 
 
 def write_plots(report: EvalReport, folder: str | Path) -> list[Path]:
@@ -320,11 +303,3 @@ def write_plots(report: EvalReport, folder: str | Path) -> list[Path]:
             for zoom in (1, 2):
                 written.append(face_strip(mode.samples, out / f"faces_{slug}_{100 * zoom}.png", zoom=zoom))
     return written
-
-
-def _save(plt: Any, fig: Any, path: str | Path) -> Path:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(target, dpi=110)
-    plt.close(fig)
-    return target

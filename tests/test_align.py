@@ -187,10 +187,10 @@ def test_template_eyes_match_the_dev_chips() -> None:
 def test_blazeface_template_is_where_the_detector_puts_keypoints_on_the_chips() -> None:
     """Aligning detector keypoints to this template must reproduce the chip framing the recognizers
     were calibrated on: the detector's mean keypoints on the chips are within 1.5 px of it."""
-    from uncnn_rt.runtime import zoo
+    from uncnn_rt.runtime import catalog
     from uncnn_rt.runtime.geometry.detect import FaceDetector
 
-    if not any(e.name == "blazeface" for e in zoo.load_manifest()):
+    if not any(e.name == "blazeface" for e in catalog.load_manifest()):
         pytest.skip("the shipped BlazeFace detector is not in models/manifest.json")
     detector = FaceDetector(device="cpu")
     points = []

@@ -18,7 +18,7 @@ from PIL import Image
 from skimage import data
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from uncnn_rt.runtime import image_ops, zoo
+from uncnn_rt.runtime import catalog, image_ops
 from uncnn_rt.runtime.attacks import (
     BIM,
     EOT,
@@ -616,8 +616,8 @@ def test_result_uint8_is_the_stored_image(face: AttackSession) -> None:
 # --- shipped models (activate once the zoo lists them) -----------------------------------------------------
 
 
-def _shipped(predicate: str) -> list[zoo.ModelEntry]:
-    entries = zoo.load_manifest()
+def _shipped(predicate: str) -> list[catalog.ModelEntry]:
+    entries = catalog.load_manifest()
     if predicate == "efficientnet":
         return [e for e in entries if e.kind == "classifier" and "efficientnet" in e.name.lower()]
     return [e for e in entries if e.kind == "face" and e.threshold is not None]

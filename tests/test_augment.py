@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from uncnn_rt.augment import AugmentConfig, augment, iter_dataset, plan_item, read_manifest
 from uncnn_rt.cli.app import app
-from uncnn_rt.runtime import zoo
+from uncnn_rt.runtime import catalog
 from uncnn_rt.runtime.cloak.verify import classify_image
 from uncnn_rt.runtime.errors import InputError, OutputPathError
 from uncnn_rt.runtime.jobs.augment import MANIFEST, SETTINGS
@@ -339,7 +339,7 @@ def test_cli_refuses_a_plain_onnx_model_with_the_convert_command(tmp_path: Path,
 @pytest.mark.slow
 def test_shipped_classifier_on_a_real_photo(tmp_path: Path) -> None:
     skdata = pytest.importorskip("skimage.data")
-    entry = zoo.get_model("efficientnet_lite0")
+    entry = catalog.get_model("efficientnet_lite0")
     photo = skdata.chelsea()  # 300 x 451: not square, larger than the model's 224
     data = tmp_path / "photos" / "unlabelled"
     data.mkdir(parents=True)

@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from uncnn_rt.cli import cloak_cmd, progress
 from uncnn_rt.cli.app import app
-from uncnn_rt.runtime import zoo
+from uncnn_rt.runtime import catalog
 from uncnn_rt.runtime.cloak.verify import FaceCheck, ModelCheck, VerifyReport
 from uncnn_rt.runtime.errors import InputError
 from uncnn_rt.runtime.sessions import AttackSession
@@ -268,14 +268,14 @@ def test_classify_top_classes_and_missing_classifier(
     monkeypatch: pytest.MonkeyPatch, linear_classifier_graph: LinearGraph, tmp_path: Path
 ) -> None:
     image = write(tmp_path / "cat.png", photo(), "PNG")
-    monkeypatch.setattr(cloak_cmd.zoo, "load_manifest", lambda path=None: [])
+    monkeypatch.setattr(cloak_cmd.catalog, "load_manifest", lambda path=None: [])
     missing = CliRunner().invoke(app, ["classify", str(image)])
     assert missing.exit_code == 3 and "efficientnet_lite0 is not shipped" in missing.stderr
-    entry = zoo.ModelEntry(
+    entry = catalog.ModelEntry(
         name="efficientnet_lite0", file=str(linear_classifier_graph.path), sha256="", kind="classifier",
         role="classifier", license="MIT", source={}, raw={},
     )  # fmt: skip
-    monkeypatch.setattr(cloak_cmd.zoo, "load_manifest", lambda path=None: [entry])
+    monkeypatch.setattr(cloak_cmd.catalog, "load_manifest", lambda path=None: [entry])
     result = CliRunner().invoke(app, ["classify", str(image), "--top", "3", "--json"])
     assert result.exit_code == 0, result.output
     top = json.loads(result.stdout)["top"]

@@ -11,14 +11,14 @@ from typer.testing import CliRunner
 
 from uncnn_rt.cli import demo_cmd
 from uncnn_rt.cli.app import app
-from uncnn_rt.runtime import zoo
+from uncnn_rt.runtime import catalog
 from uncnn_rt.runtime.cloak import MODES
 
 
 @pytest.mark.slow
 def test_demo_cloaks_the_sample_portrait_and_verifies_it(tmp_path: Path) -> None:
     pytest.importorskip("skimage")
-    if not any(e.in_default_ensemble for e in zoo.load_manifest()):
+    if not any(e.in_default_ensemble for e in catalog.load_manifest()):
         pytest.skip("no shipped recognizers")
     result = CliRunner().invoke(app, ["demo", "--folder", str(tmp_path)])
     assert result.exit_code == 0, result.output

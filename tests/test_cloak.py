@@ -22,7 +22,7 @@ from PIL import Image
 from skimage import data
 from skimage.metrics import structural_similarity
 
-from uncnn_rt.runtime import cloak, evaluate, image_ops, visibility, zoo
+from uncnn_rt.runtime import catalog, cloak, evaluate, image_ops, visibility
 from uncnn_rt.runtime.attacks import MIFGSM, Resize, Victim
 from uncnn_rt.runtime.cloak import photo as cloak_photo
 from uncnn_rt.runtime.cloak import regions
@@ -479,7 +479,7 @@ def test_targeted_cloak_moves_towards_the_target(recognizers: list[AttackSession
 
 
 def test_load_recognizers_names_unknown_models(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(zoo, "load_manifest", lambda path=None: [])
+    monkeypatch.setattr(catalog, "load_manifest", lambda path=None: [])
     with pytest.raises(ModelError, match="no face recognizers are shipped"):
         cloak.load_recognizers()
     with pytest.raises(InputError, match="unknown recognizer"):
@@ -544,7 +544,7 @@ def test_compare_and_classify(recognizers: list[AttackSession], linear_classifie
 
 
 def _shipped() -> tuple[list[AttackSession], cloak.Detector]:
-    entries = zoo.load_manifest()
+    entries = catalog.load_manifest()
     if not any(e.kind == "face" and e.in_default_ensemble and e.path.is_file() for e in entries):
         pytest.skip("the model zoo ships no default face recognizers yet")
     if not any(e.name == "blazeface" and e.path.is_file() for e in entries):

@@ -24,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 from skimage import data
 
-from uncnn_rt.runtime import zoo
+from uncnn_rt.runtime import catalog
 from uncnn_rt.runtime.errors import DeviceError, InputError, ModelError
 from uncnn_rt.runtime.geometry import detect as D
 from uncnn_rt.runtime.geometry.detect import Detections, Face, FaceDetector, Window
@@ -367,7 +367,7 @@ def test_missing_or_broken_model_is_a_model_error(tmp_path: Path, monkeypatch: p
     with pytest.raises(ModelError, match="cannot load"):
         FaceDetector(junk)
     # the default path when nothing is shipped
-    monkeypatch.setattr(zoo, "models_dir", lambda: tmp_path)
+    monkeypatch.setattr(catalog, "models_dir", lambda: tmp_path)
     with pytest.raises(ModelError, match="not shipped"):
         FaceDetector()
     (tmp_path / "manifest.json").write_text(

@@ -411,10 +411,10 @@ def test_real_cloak_function_end_to_end(tmp_path: Path, linear_face_graph: Linea
 def test_runtime_imports_without_matplotlib(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
-    from uncnn_rt.runtime import plots
+    from uncnn_rt.runtime import plots, plotting  # noqa: F401  (plots imports without matplotlib)
 
     with pytest.raises(MissingExtraError, match=r"\[plot\]"):
-        plots.require_matplotlib()
+        plotting.require_matplotlib()
 
 
 def test_plots_are_written(tmp_path: Path) -> None:

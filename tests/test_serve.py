@@ -40,9 +40,9 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from uncnn_rt.cli import server
+from uncnn_rt import serve as server
 from uncnn_rt.cli.app import app as cli_app
-from uncnn_rt.runtime import cloak, zoo
+from uncnn_rt.runtime import catalog, cloak
 
 SHARED_CHIPS = Path(__file__).resolve().parents[2] / "shared" / "faces" / "dev" / "identities"
 CHEAP = {"mode": "low", "steps": "3", "no_align": "true"}
@@ -68,7 +68,7 @@ FACE = np.ascontiguousarray(ASTRONAUT[40:220, 135:315])  # the astronaut's face,
 
 @pytest.fixture(scope="module")
 def models() -> server.Models:
-    names = {e.name for e in zoo.load_manifest() if e.path.is_file()}
+    names = {e.name for e in catalog.load_manifest() if e.path.is_file()}
     if "blazeface" not in names or not cloak.default_recognizer_names():
         pytest.skip("the model zoo does not ship the detector and the default recognizers")
     return server.load_models(server.ServeConfig(device="cpu"))
@@ -123,7 +123,7 @@ def test_healthz_reports_the_queue(client: TestClient) -> None:
 
 def test_models_lists_the_manifest_modes_and_limits(client: TestClient, models: server.Models) -> None:
     body = client.get("/v1/models").json()
-    assert [m["name"] for m in body["models"]] == [e.name for e in zoo.load_manifest()]
+    assert [m["name"] for m in body["models"]] == [e.name for e in catalog.load_manifest()]
     in_use = {m["name"] for m in body["models"] if m["cloaks_by_default"]}
     assert in_use == {r.name for r in models.recognizers}
     assert set(body["modes"]) == set(cloak.MODES)

@@ -20,8 +20,8 @@ from skimage import data
 from test_serve import live_server
 
 pytest.importorskip("fastapi", reason="the [serve] extra (fastapi, uvicorn, python-multipart) is absent")
-from uncnn_rt.cli import server
-from uncnn_rt.runtime import cloak, zoo
+from uncnn_rt import serve as server
+from uncnn_rt.runtime import catalog, cloak
 
 playwright = pytest.importorskip("playwright.sync_api", reason="Playwright (Python) is not installed")
 
@@ -49,7 +49,7 @@ def chromium_path() -> str:
 
 @pytest.fixture(scope="module")
 def base_url() -> Iterator[str]:
-    names = {e.name for e in zoo.load_manifest() if e.path.is_file()}
+    names = {e.name for e in catalog.load_manifest() if e.path.is_file()}
     if "blazeface" not in names or not cloak.default_recognizer_names():
         pytest.skip("the model zoo does not ship the detector and the default recognizers")
     models = server.load_models(server.ServeConfig(device="cpu"))

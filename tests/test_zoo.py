@@ -17,8 +17,8 @@ import pytest
 from numpy.typing import NDArray
 
 from uncnn_rt.converters import calibrate, zoo
+from uncnn_rt.runtime import catalog
 from uncnn_rt.runtime import contract as C
-from uncnn_rt.runtime import zoo as runtime_zoo
 from uncnn_rt.runtime.contract import Preprocessing
 from uncnn_rt.runtime.errors import InputError
 
@@ -27,7 +27,7 @@ ort = pytest.importorskip("onnxruntime")
 SHARED = Path(__file__).parents[2] / "shared"
 DEV = SHARED / "faces" / "dev" / "identities"
 CACHE = Path(os.environ.get("UNCNN_ZOO_CACHE", zoo.DEFAULT_CACHE))
-MODELS_DIR = runtime_zoo.models_dir()
+MODELS_DIR = catalog.models_dir()
 MANIFEST = (
     json.loads((MODELS_DIR / "manifest.json").read_text())
     if (MODELS_DIR / "manifest.json").is_file()
@@ -97,10 +97,10 @@ def test_manifest_schema_and_hashes() -> None:
         assert entry["kind"] in ("face", "classifier", "detector")
         path = MODELS_DIR / entry["file"]
         assert path.stat().st_size == entry["bytes"]
-        assert runtime_zoo.sha256_file(path) == entry["sha256"]
+        assert catalog.sha256_file(path) == entry["sha256"]
         Preprocessing.from_json(json.dumps(entry["preprocessing"]))
-    for e in runtime_zoo.load_manifest():
-        assert runtime_zoo.verify(e) is None
+    for e in catalog.load_manifest():
+        assert catalog.verify(e) is None
 
 
 @needs_manifest
@@ -211,7 +211,7 @@ def test_classifier_calls_chelsea_a_cat_and_coffee_espresso() -> None:
     assert [c[0] for c in dev["chelsea"]] == [c[0] for c in ENTRIES["efficientnet_lite0"]["dev"]["chelsea"]]
 
 
-def _features_embedder(name: str) -> calibrate.Embedder:
+def _features_embedder(name: str) -> calibrate.EmbedFn:
     return calibrate.onnx_embedder(MODELS_DIR / ENTRIES[name]["file"])
 
 
@@ -374,7 +374,7 @@ def test_models_list_keeps_each_source_whole(columns: int) -> None:
 
     from uncnn_rt.cli.app import app
 
-    entries = runtime_zoo.load_manifest()
+    entries = catalog.load_manifest()
     if not entries:
         pytest.skip("no shipped models")
     result = CliRunner().invoke(app, ["models", "list"], env={"COLUMNS": str(columns)})

@@ -11,9 +11,10 @@ module                    what lives there
 ========================  ==========================================================================
 
 Faces themselves (detection, sites, embeddings, re-matching) are :mod:`uncnn_rt.runtime.geometry.faces`;
-the recognizers a cloak runs against are resolved by :mod:`uncnn_rt.runtime.zoo`.
+the recognizers a cloak runs against are resolved by :mod:`uncnn_rt.runtime.catalog`.
 """
 
+from uncnn_rt.runtime.catalog import default_recognizer_names, load_recognizers
 from uncnn_rt.runtime.cloak.caps import ENCODER_SHARE, FaceLimits, exceeds, face_limits
 from uncnn_rt.runtime.cloak.modes import DEFAULT_MODE, MODES, CloakSettings, parse_cap, settings_for
 from uncnn_rt.runtime.cloak.photo import (
@@ -29,7 +30,6 @@ from uncnn_rt.runtime.cloak.photo import (
     target_embeddings,
 )
 from uncnn_rt.runtime.geometry.faces import Detector, NoFaceError, load_detector
-from uncnn_rt.runtime.zoo import default_recognizer_names, load_recognizers
 
 __all__ = [
     "BATCH_FACES",

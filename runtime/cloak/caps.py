@@ -18,12 +18,8 @@ from uncnn_rt.runtime.attacks import (
     BoundCap,
     VisibilityCap,
 )
-from uncnn_rt.runtime.cloak.modes import (
-    CloakSettings,
-)
-from uncnn_rt.runtime.cloak.regions import (
-    within,
-)
+from uncnn_rt.runtime.cloak.modes import CloakSettings
+from uncnn_rt.runtime.cloak.regions import within
 from uncnn_rt.runtime.geometry.warp import Box
 from uncnn_rt.runtime.imageio import LossyOutput
 from uncnn_rt.runtime.visibility import image_quality

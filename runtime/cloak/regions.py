@@ -20,9 +20,7 @@ from uncnn_rt.runtime.attacks import (
 )
 from uncnn_rt.runtime.cloak.modes import FEATHER, CloakSettings
 from uncnn_rt.runtime.errors import InputError
-from uncnn_rt.runtime.geometry.faces import (
-    FaceSite,
-)
+from uncnn_rt.runtime.geometry.faces import FaceSite
 from uncnn_rt.runtime.geometry.warp import Box, Warp, feather_mask
 
 SSIM_MARGIN: Final = 10

@@ -254,6 +254,11 @@ def compare_faces(
     return out
 
 
+def same_person(similarities: Sequence[Similarity]) -> bool:
+    """The models' verdict on a comparison: the same person when more than half of them match."""
+    return sum(s.match for s in similarities) * 2 > len(similarities)
+
+
 def classifier_input(rgb: NDArray[np.uint8], size: int) -> Float32Array:
     """The centred square of ``rgb`` resized to ``size`` (Pillow bilinear, antialiased): ``[1, S, S, 3]``."""
     height, width = rgb.shape[:2]

@@ -33,7 +33,6 @@ CHIP_SIZE: Final = 150
 """Side of the development set's aligned chips, in which the templates below are written."""
 
 
-
 def _frozen(values: ArrayLike) -> Float64Array:
     array = np.array(values, dtype=np.float64)
     array.setflags(write=False)

@@ -409,7 +409,7 @@ class _OutputSlot:
 
 def default_model_path() -> Path:
     """The shipped ``blazeface`` model; a :class:`ModelError` when it is not shipped."""
-    from uncnn_rt.runtime.zoo import get_model
+    from uncnn_rt.runtime.catalog import get_model
 
     try:
         entry = get_model("blazeface")

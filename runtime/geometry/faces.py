@@ -16,9 +16,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from uncnn_rt.runtime.arrays import Float32Array, Float64Array, Uint8Array
-from uncnn_rt.runtime.attacks import (
-    Resize,
-)
+from uncnn_rt.runtime.attacks.linear import Resize
 from uncnn_rt.runtime.contract import CANONICAL_SIZE
 from uncnn_rt.runtime.errors import InputError, ModelError
 from uncnn_rt.runtime.geometry.align import (

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from uncnn_rt.runtime import zoo
+from uncnn_rt.runtime import catalog
 from uncnn_rt.runtime.errors import InputError, OutputPathError
 from uncnn_rt.runtime.fileio import atomic_write_bytes
 from uncnn_rt.runtime.jobs.datasets import class_index, class_lookup, data_root, iter_dataset
@@ -173,7 +173,7 @@ AugmentProgressCallback = Callable[[str, str], None]
 def _settings(model: Path, data: str | Path, config: AugmentConfig) -> dict[str, Any]:
     return {
         "model": model.name,
-        "model_sha256": zoo.sha256_file(model),
+        "model_sha256": catalog.sha256_file(model),
         "data": str(Path(data).resolve()),
         "config": config.to_dict(),
     }
@@ -304,7 +304,7 @@ def augment(
     if workers < 1:
         raise InputError(f"workers must be >= 1, got {workers}")
     target = Path(out)
-    path = zoo.resolve_model(model)
+    path = catalog.resolve_model(model)
     session = open_session(path, device=device, intra_op_threads=config.threads)
     _check_paths(data, target)
     target_class(session, config)

@@ -12,7 +12,6 @@ the number of workers.
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -21,14 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from uncnn_rt.runtime import zoo
+from uncnn_rt.runtime import catalog
 from uncnn_rt.runtime.attacks import Misclassified, Victim
 from uncnn_rt.runtime.errors import InputError, ModelError, UncnnError
-from uncnn_rt.runtime.fileio import atomic_write_bytes
 from uncnn_rt.runtime.imageio import load_image
 from uncnn_rt.runtime.jobs.datasets import Item, class_index, class_lookup, item_hash, iter_dataset
 from uncnn_rt.runtime.jobs.parallel import WorkerSpec, chunked, ordered_map, worker_session
 from uncnn_rt.runtime.jobs.variants import ATTACKS, MODEL_KEY, View, make_attack
+from uncnn_rt.runtime.plotting import pyplot, save_png
 from uncnn_rt.runtime.sessions import AttackSession, open_session
 
 DEFAULT_EPS: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0)
@@ -191,7 +190,7 @@ def measure_robustness(
     """Accuracy of the classifier ``model`` on ``data`` (ImageFolder or CSV with labels) under each
     attack and eps of ``config``. ``progress`` is called with each image's name when it is done."""
     config = config or RobustnessConfig()
-    path = zoo.resolve_model(model)
+    path = catalog.resolve_model(model)
     session = open_session(path, device=device, intra_op_threads=config.threads)
     if session.info.kind != "classifier":
         raise InputError(
@@ -238,11 +237,7 @@ def measure_robustness(
 
 def plot_robustness(report: RobustnessReport, path: str | Path) -> Path:
     """A PNG of accuracy against eps, one line per attack, the clean accuracy dashed (needs matplotlib)."""
-    from uncnn_rt.runtime.plots import require_matplotlib
-
-    require_matplotlib()
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     eps = list(report.config.eps)
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
     for attack in report.config.attacks:
@@ -256,13 +251,7 @@ def plot_robustness(report: RobustnessReport, path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(target, buffer.getvalue())
-    return target
+    return save_png(fig, path, dpi=100)
 
 
 def accuracy_rows(report: RobustnessReport) -> list[tuple[str, list[float]]]:

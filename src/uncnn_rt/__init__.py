@@ -2,7 +2,8 @@
 
 Subpackages: ``uncnn_rt.runtime`` (attacks, face pipeline, sessions; numpy + onnxruntime + pillow only),
 ``uncnn_rt.converters`` (sources to ONNX and the gradient-graph builder; heavy extras),
-``uncnn_rt.cli`` (the ``uncnn-rt`` command) and ``uncnn_rt.models`` (shipped attack graphs + manifest).
+``uncnn_rt.cli`` (the ``uncnn-rt`` command), ``uncnn_rt.serve`` (the HTTP service of ``uncnn-rt serve``)
+and ``uncnn_rt.models`` (shipped attack graphs + manifest).
 """
 
 from importlib.metadata import PackageNotFoundError, version

@@ -24,10 +24,16 @@ paths, plus ``manifest.jsonl``; reruns resume, and the bytes written do not depe
 ``engine``. A plain ONNX model must first become an attack graph (``uncnn-rt convert grad``).
 """
 
-from uncnn_rt.runtime.jobs.variants import ATTACKS, AugmentConfig, output_name, parse_eps, plan_item
 from uncnn_rt.runtime.jobs.augment import MANIFEST, AugmentSummary, augment, read_manifest
 from uncnn_rt.runtime.jobs.datasets import Item, count_items, iter_dataset
-from uncnn_rt.runtime.jobs.robustness import RobustnessConfig, RobustnessReport, measure_robustness, parse_eps_list, plot_robustness
+from uncnn_rt.runtime.jobs.robustness import (
+    RobustnessConfig,
+    RobustnessReport,
+    measure_robustness,
+    parse_eps_list,
+    plot_robustness,
+)
+from uncnn_rt.runtime.jobs.variants import ATTACKS, AugmentConfig, output_name, parse_eps, plan_item
 
 __all__ = [
     "ATTACKS",
