@@ -1,6 +1,6 @@
 """Latency and peak memory of ``cloak`` on this machine: a 1-face 1080p photo and a 12 MP photo.
 
-Targets (DESIGN.md, "Performance targets"): at most 3 s median for the 1080p photo in the default mode on
+Targets: at most 3 s median for the 1080p photo in the default mode on
 2 CPU cores, and at most 1 GB peak memory for the 12 MP photo. This prints the figures; it asserts
 nothing.
 

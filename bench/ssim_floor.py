@@ -8,7 +8,7 @@ counted apart. Prints figures; asserts nothing.
 
 Usage::
 
-    .venv/bin/python bench/ssim_floor.py --runs 3
+    .venv/bin/python bench/ssim_min.py --runs 3
 """
 
 from __future__ import annotations
@@ -50,10 +50,10 @@ def main() -> None:
     ) -> np.ndarray:
         before = calls[0]
         out = hold(self, delta, error, target, exponent)  # type: ignore[arg-type]
-        if calls[0] == before or self._ssim is None or self.ssim_floor is None:
+        if calls[0] == before or self._ssim is None or self.ssim_min is None:
             return out  # the exact check, or a hold of another constraint
         final = fast(self._ssim, self.shown(out), np.arange(out.shape[0]))
-        holds.append((calls[0] - before, float(final.min() - self.ssim_floor)))
+        holds.append((calls[0] - before, float(final.min() - self.ssim_min)))
         return out
 
     base._SsimTo.fast = counted  # type: ignore[method-assign]

@@ -458,6 +458,8 @@ def detector_dev(model: onnx.ModelProto) -> dict[str, Any]:
     from PIL import Image
     from skimage import data
 
+    from uncnn_rt.runtime.geometry.detect import anchor_centres
+
     img = Image.fromarray(data.astronaut()).resize((256, 256), Image.Resampling.BILINEAR)
     x = (np.asarray(img, dtype=np.float32)[None] - 127.5) / 127.5
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -466,7 +468,7 @@ def detector_dev(model: onnx.ModelProto) -> dict[str, Any]:
     )
     logits = np.concatenate([out["Identity:0"][0, :, 0], out["Identity_1:0"][0, :, 0]])
     regs = np.concatenate([out["Identity_2:0"][0], out["Identity_3:0"][0]])
-    anchors = blazeface_anchors()
+    anchors = anchor_centres(256).astype(np.float32)  # the runtime detector's anchors, in output order
     best = int(np.argmax(logits))
     centre = anchors[best] + regs[best, :2]
     half = regs[best, 2:4] / 2
@@ -475,17 +477,6 @@ def detector_dev(model: onnx.ModelProto) -> dict[str, Any]:
         "astronaut_best_score": round(float(1 / (1 + np.exp(-logits[best]))), 4),
         "astronaut_best_box_xyxy_fraction": [round(float(v), 4) for v in box],
     }
-
-
-def blazeface_anchors() -> NDArray[np.float32]:
-    """The 896 anchor centres of the 256x256 BlazeFace, in input pixels, in output order."""
-    centres = []
-    for stride, per_cell in ((16, 2), (32, 6)):
-        cells = 256 // stride
-        for y in range(cells):
-            for x in range(cells):
-                centres += [[(x + 0.5) * stride, (y + 0.5) * stride]] * per_cell
-    return np.asarray(centres, dtype=np.float32)
 
 
 def build_attack(

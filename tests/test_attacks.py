@@ -108,13 +108,13 @@ def _attack_cases(draw: st.DrawFn) -> tuple[GradientAttack, FloatArray, FloatArr
         mask = rng.random((h, w, 1)).astype(np.float32)
     eps = draw(st.floats(0.0, 24.0))
     l2 = draw(st.none() | st.floats(0.0, 200.0))
-    ssim_floor = draw(st.none() | st.floats(0.5, 0.99))
+    ssim_min = draw(st.none() | st.floats(0.5, 0.99))
     kind = draw(st.sampled_from(["fgsm", "bim", "pgd", "mifgsm", "l2pgd"]))
     steps = draw(st.integers(1, 3))
     coarse = draw(st.sampled_from([1.0, 1.0, 2.5, 4.0]))
     scales = draw(st.sampled_from([(), (), (2.0,), (1.0, 8.0)]))
     schedule = draw(st.sampled_from(["constant", "cosine"]))
-    common = {"eps": eps, "l2": l2, "ssim_floor": ssim_floor, "coarse": coarse}
+    common = {"eps": eps, "l2": l2, "ssim_min": ssim_min, "coarse": coarse}
     common.update(scales=scales, schedule=schedule)
     attack: GradientAttack
     if kind == "fgsm":
@@ -127,7 +127,7 @@ def _attack_cases(draw: st.DrawFn) -> tuple[GradientAttack, FloatArray, FloatArr
         attack = MIFGSM(steps=steps, **common)
     else:
         attack = L2PGD(
-            eps=eps, l2=l2 if l2 is not None else 50.0, steps=steps, ssim_floor=ssim_floor, coarse=coarse
+            eps=eps, l2=l2 if l2 is not None else 50.0, steps=steps, ssim_min=ssim_min, coarse=coarse
         )
     return attack, images.astype(np.float32), mask, quantize
 
@@ -153,8 +153,8 @@ def test_budget_and_pixel_range_always_hold(face: AttackSession, case: tuple[Gra
         assert np.all(np.sqrt((delta**2).sum(axis=(1, 2, 3))) <= attack.l2 + 1e-3)
     if quantize:
         np.testing.assert_array_equal(result.images, np.rint(result.images))
-    if attack.ssim_floor is not None:
-        assert np.all(image_ops.ssim(images, result.images) >= attack.ssim_floor)
+    if attack.ssim_min is not None:
+        assert np.all(image_ops.ssim(images, result.images) >= attack.ssim_min)
 
 
 def test_fgsm_with_zero_eps_is_the_identity(face: AttackSession) -> None:
@@ -302,7 +302,7 @@ def test_ssim_floor_holds_inside_the_loop(face: AttackSession) -> None:
     victims = [_own(face, x)]
     unconstrained = PGD(eps=24, steps=10)(x, victims, quantize=True, seed=0)
     assert image_ops.ssim(x, unconstrained.images)[0] < 0.9  # the floor below binds
-    floored = PGD(eps=24, steps=10, ssim_floor=0.9)(x, victims, quantize=True, seed=0)
+    floored = PGD(eps=24, steps=10, ssim_min=0.9)(x, victims, quantize=True, seed=0)
     assert image_ops.ssim(x, floored.images)[0] >= 0.9
     assert np.abs(floored.perturbation).max() > 0  # it shrank the perturbation, it did not drop it
 

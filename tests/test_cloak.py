@@ -218,7 +218,7 @@ def test_loop_extensions_the_cloak_relies_on(recognizers: list[AttackSession]) -
         Victim(r, r.features(Resize((48, 48), (r.info.canonical_size,) * 2).forward(x)), name=r.name)
         for r in recognizers
     ]
-    attack = MIFGSM(eps=12, steps=6, random_start=True, victims_per_step=1, ssim_floor=0.9, ssim_every=4)
+    attack = MIFGSM(eps=12, steps=6, random_start=True, victims_per_step=1, ssim_min=0.9, ssim_every=4)
     result = attack(x, victims, quantize=True, seed=1)
     ran = ~np.isnan(np.stack([result.history[v.key][:, 0] for v in victims]))
     assert np.all(ran.sum(axis=0) == 1) and ran.any(axis=1).all()

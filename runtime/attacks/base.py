@@ -108,7 +108,7 @@ class GradientAttack(ABC):
             at its maximum and its gradient vanishes, so a step from the clean image has no direction.
         momentum: decay ``mu`` of the accumulated, L1-normalised gradient (MI-FGSM); 0 disables it.
         l2: optional L2 budget per image, in 0..255 units.
-        ssim_floor: optional lower bound on each image's SSIM to its original, enforced after every
+        ssim_min: optional lower bound on each image's SSIM to its original, enforced after every
             step by shrinking the perturbation towards 0 (bisection on a scale factor).
         diversity: DI, :class:`~.boosters.InputDiversity`.
         smoothing: TI, :class:`~.boosters.TranslationInvariance`.
@@ -118,7 +118,7 @@ class GradientAttack(ABC):
             draw), in which case it is free and made every step.
         ssim_every: enforce the SSIM floor after every this many steps; the returned images always
             meet it. Each check costs an SSIM of the images (more when it has to shrink the step).
-        focus_margin: weight each victim's (normalised) gradient by how far it is from its success
+        success_margin: weight each victim's (normalised) gradient by how far it is from its success
             criterion with this margin (:func:`~.criteria.default_criterion`), relative to the farthest
             victim of the image, as the squared hinge loss ``sum_m max(0, s_m - t_m + margin)^2`` of
             similarities ``s_m`` and thresholds ``t_m`` does: the step goes to the models still short of
@@ -154,13 +154,13 @@ class GradientAttack(ABC):
     random_start: bool = False
     momentum: float = 0.0
     l2: float | None = None
-    ssim_floor: float | None = None
+    ssim_min: float | None = None
     diversity: InputDiversity | None = None
     smoothing: TranslationInvariance | None = None
     eot: EOT | None = None
     check_every: int = 1
     ssim_every: int = 1
-    focus_margin: float | None = None
+    success_margin: float | None = None
     victims_per_step: int | None = None
     coarse: float = 1.0
     scales: tuple[float, ...] = ()
@@ -182,8 +182,8 @@ class GradientAttack(ABC):
             raise InputError(f"{name}: momentum must be >= 0, got {self.momentum}")
         if self.l2 is not None and not self.l2 >= 0:
             raise InputError(f"{name}: l2 must be >= 0, got {self.l2}")
-        if self.ssim_floor is not None and not -1.0 <= self.ssim_floor <= 1.0:
-            raise InputError(f"{name}: ssim_floor must be in [-1, 1], got {self.ssim_floor}")
+        if self.ssim_min is not None and not -1.0 <= self.ssim_min <= 1.0:
+            raise InputError(f"{name}: ssim_min must be in [-1, 1], got {self.ssim_min}")
         if self.victims_per_step is not None and self.victims_per_step < 1:
             raise InputError(f"{name}: victims_per_step must be >= 1, got {self.victims_per_step}")
         if not all(1.0 <= c < math.inf for c in (self.coarse, *self.scales)):
@@ -283,7 +283,7 @@ class GradientAttack(ABC):
         weights = _check_mask(mask, x0.shape)
         if quantize and not np.array_equal(x0, np.rint(x0)):
             raise InputError("quantize=True needs integer-valued images (the decoded 8-bit photo)")
-        if self.ssim_floor is not None and min(h, w) < 11:
+        if self.ssim_min is not None and min(h, w) < 11:
             raise InputError(f"an SSIM floor needs images of at least 11x11, got {h}x{w}")
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
         view_size = (h, w) if input_map is None else _mapped_size(input_map, x0)
@@ -291,7 +291,7 @@ class GradientAttack(ABC):
         bound = _per_pixel_bound(self.eps, weights, x0.shape)
         chroma = 0.0 if luminance_only else self.chroma
         cap = None if self.cap is None else self.cap.bind(x0)
-        budget = _Budget(x0, bound, self.l2, self.ssim_floor, quantize, chroma=chroma, cap=cap)
+        budget = _Budget(x0, bound, self.l2, self.ssim_min, quantize, chroma=chroma, cap=cap)
 
         if init is not None:
             delta = np.ascontiguousarray(init, dtype=np.float32)
@@ -309,7 +309,7 @@ class GradientAttack(ABC):
         steps = np.zeros(n, dtype=np.int64)
         history: dict[str, list[Float32Array]] = {key: [] for key in ensemble.keys}
         shares: dict[str, Float32Array] | None = None
-        checks = stop_when is not None or self.focus_margin is not None
+        checks = stop_when is not None or self.success_margin is not None
         alpha = np.float32(self.alpha)
         bases = [_coarse_basis(c, (h, w)) for c in (self.coarse, *self.scales)]
         for done in range(self.steps):
@@ -328,8 +328,8 @@ class GradientAttack(ABC):
             if checks and states is None and due:
                 states = ensemble.evaluate(adv)
             if states is not None:
-                if self.focus_margin is not None:
-                    shares = _shares(states, targeted=targeted, margin=self.focus_margin)
+                if self.success_margin is not None:
+                    shares = _shares(states, targeted=targeted, margin=self.success_margin)
                 if stop_when is not None:
                     active &= ~stop_when(states)
                     if not active.any():
@@ -461,13 +461,13 @@ class _Budget:
         x0: Float32Array,
         bound: Float32Array,
         l2: float | None,
-        ssim_floor: float | None,
+        ssim_min: float | None,
         quantize: bool,
         *,
         chroma: float = 1.0,
         cap: BoundCap | None = None,
     ) -> None:
-        self.x0, self.bound, self.l2, self.ssim_floor, self.quantize = x0, bound, l2, ssim_floor, quantize
+        self.x0, self.bound, self.l2, self.ssim_min, self.quantize = x0, bound, l2, ssim_min, quantize
         self.chroma, self.cap = chroma, cap
         self._integer_bound = np.floor(bound).astype(np.float32)
         if chroma < 1.0:
@@ -477,7 +477,7 @@ class _Budget:
             low = np.maximum(-self._grey_top, -x0.min(axis=3, keepdims=True))
             high = np.minimum(self._grey_top, 255.0 - x0.max(axis=3, keepdims=True))
             self._grey_range = (low, np.maximum(high, low))
-        self._ssim = None if ssim_floor is None else _SsimTo(x0)
+        self._ssim = None if ssim_min is None else _SsimTo(x0)
 
     def project(self, delta: Float32Array) -> Float32Array:
         """Onto the L2 ball, then the L-inf box, then the pixel range.
@@ -521,13 +521,13 @@ class _Budget:
         ``exact`` then checks the float64 SSIM and the cap's exact score as well (the attack's result, so
         what it returns meets the floor exactly as :func:`image_ops.ssim` measures, and the cap)."""
         delta = self.project(delta)
-        if (ssim or exact) and self._ssim is not None and self.ssim_floor is not None:
+        if (ssim or exact) and self._ssim is not None and self.ssim_min is not None:
             fast_ssim, exact_ssim = self._ssim.fast, self._ssim.exact
             delta = self._hold(
-                delta, lambda s, i: 1.0 - fast_ssim(s, i), 1.0 - self.ssim_floor - _SsimTo.FAST_MARGIN, 2.0
+                delta, lambda s, i: 1.0 - fast_ssim(s, i), 1.0 - self.ssim_min - _SsimTo.FAST_MARGIN, 2.0
             )
             if exact:
-                delta = self._hold(delta, lambda s, i: 1.0 - exact_ssim(s, i), 1.0 - self.ssim_floor, 2.0)
+                delta = self._hold(delta, lambda s, i: 1.0 - exact_ssim(s, i), 1.0 - self.ssim_min, 2.0)
         if (cap or exact) and self.cap is not None:
             bound_cap = self.cap
 

@@ -31,7 +31,7 @@ class CloakSettings:
         eot_quality: JPEG qualities EOT draws from each step, or None (off).
         smoothing: TI radius in crop pixels (0: off).
         texture_floor: smallest share of eps in flat areas (1: a uniform budget inside the region).
-        stop_margin: stop a face once every recognizer is past its threshold by this much.
+        success_margin: stop a face once every recognizer is past its threshold by this much.
         check_every: steps between early-stop checks (each costs a forward pass of every model).
         ssim_every: steps between SSIM-floor checks (the result always meets the floor).
         coarse: the perturbation's grid step in canonical-crop pixels: steps are taken on a grid this
@@ -72,10 +72,10 @@ class CloakSettings:
     texture_quantile: float | None = 0.5
     feather: float = FEATHER
     feather_inside: bool = True
-    stop_margin: float = 0.05
+    success_margin: float = 0.05
     check_every: int = 3
     ssim_every: int = 3
-    models_per_step: int | None = 1
+    victims_per_step: int | None = 1
     refine_rounds: int = 1
     refine_steps: int = 12
     coarse: float = 1.0
@@ -156,7 +156,7 @@ MODES: Final[dict[str, CloakSettings]] = {
         steps=18,
         ssim_min=None,
         step_size=4.0,
-        stop_margin=0.08,
+        success_margin=0.08,
         check_every=6,
         refine_steps=8,
         cap_jpeg=75,
@@ -168,7 +168,7 @@ MODES: Final[dict[str, CloakSettings]] = {
         steps=40,
         ssim_min=None,
         step_size=5.0,
-        stop_margin=0.1,
+        success_margin=0.1,
         refine_rounds=3,
         cap_jpeg=75,
         cap_scale=2.0,

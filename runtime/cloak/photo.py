@@ -1,6 +1,6 @@
 """Cloak the faces of a photo: detect, align, perturb at the photo's native resolution.
 
-Data flow (see ``DESIGN.md``, "Data flow of cloak")::
+Data flow (``ARCHITECTURE.md`` follows one photo through the modules)::
 
     faces   = detector(photo)                         (or the whole image with no_align)
     M_k     = similarity transform, canonical crop -> photo, from face k's landmarks
@@ -20,7 +20,7 @@ untargeted objective is each recognizer's cosine similarity to the face's own cl
 (descended); with a target identity it is the similarity to the target's embedding (ascended).
 Grey photos get the same delta on R, G and B, so they stay grey.
 
-**Modes** are visibility caps (DESIGN.md, "Visibility"). Each face region (the detector's box grown
+**Modes** are visibility caps (:mod:`.modes`, :mod:`.caps`). Each face region (the detector's box grown
 by a quarter of its side, :func:`visibility.face_region`) may change at most as much, in FLIP and in
 mean CIEDE2000, as the photo's own JPEG re-encode at the mode's quality changes it there; the cap is
 held inside the loop and checked on the pixels as the output file stores them (``saved``):
@@ -43,7 +43,7 @@ areas take up to the whole eps, smooth mid-grey skin 30% of it). The step size s
 first step to 30% of it along a cosine.
 
 Every mode stops a face early once every white-box recognizer is past its threshold by
-``stop_margin`` (checked every ``check_every`` steps on the exact uint8 pixels), and spends each step
+``success_margin`` (checked every ``check_every`` steps on the exact uint8 pixels), and spends each step
 on one recognizer, drawn in proportion to how far it is from its threshold (a stochastic ensemble:
 the momentum sums them). Figures of each mode on the colour set: ``README.md`` and ``bench/RESULTS.md``.
 """
@@ -362,7 +362,7 @@ def cloak_image(
             if not again.matched:
                 continue
             moved = again.site
-            if not _past_margin(photo, moved, recognizers, references[i], targeted, settings.stop_margin):
+            if not _past_margin(photo, moved, recognizers, references[i], targeted, settings.success_margin):
                 redo.append((i, moved))
         if not redo:
             break
@@ -576,7 +576,7 @@ class _BatchRunner:
             targeted=self.targeted,
             mask=np.stack([_pad(j.mask, shape, "constant") for j in batch]),
             quantize=True,
-            stop_when=PastThresholds(targeted=self.targeted, margin=settings.stop_margin),
+            stop_when=PastThresholds(targeted=self.targeted, margin=settings.success_margin),
             seed=self.rng,
             input_map=input_map,
             luminance_only=self.luminance_only,
@@ -653,14 +653,14 @@ def _attack(settings: CloakSettings) -> MIFGSM:
         # From the clean image the cosine objective sits at its maximum (zero gradient); DI and EOT
         # move the point where the gradient is taken, otherwise start from a random point.
         random_start=diversity is None and eot is None,
-        ssim_floor=settings.ssim_min,
+        ssim_min=settings.ssim_min,
         diversity=diversity,
         eot=eot,
         smoothing=smoothing,
         check_every=settings.check_every,
         ssim_every=settings.ssim_every,
-        focus_margin=settings.stop_margin,
-        victims_per_step=settings.models_per_step,
+        success_margin=settings.success_margin,
+        victims_per_step=settings.victims_per_step,
         schedule=settings.schedule,
         schedule_floor=settings.schedule_floor,
         chroma=settings.chroma,
