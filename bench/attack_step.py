@@ -148,7 +148,7 @@ def synthetic_recognizer(directory: Path) -> Path:
     """A 112-px, 128-d conv recognizer with random weights (Conv-BN-ReLU stages), as an attack graph."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from uncnn_rt.converters.grad import build_attack_graph
+    from uncnn_rt.converters.attack_graph import build_attack_graph
 
     rng = np.random.default_rng(0)
     nodes, inits = [], []

@@ -194,7 +194,7 @@ def grad(
         quiet_frameworks(verbose)
         import onnx
 
-        from uncnn_rt.converters.grad import build_attack_graph
+        from uncnn_rt.converters.attack_graph import build_attack_graph
         from uncnn_rt.converters.validate import validate_attack_graph
 
         if kind not in C.KINDS:
