@@ -1,4 +1,4 @@
-"""One pass over a finished gradient: the rules' plain masks rewritten into onnxruntime's blocked layout.
+"""One pass over a finished gradient: the rules' plain math, in the ops onnxruntime keeps blocked.
 
 onnxruntime's CPU provider (``nchwc_transformer.cc``) keeps a float32 ``[N, C, H, W]`` map in its
 blocked NCHWc layout (blocks of 8 channels with AVX2, 16 with AVX-512) only while layout-aware ops
@@ -18,10 +18,16 @@ maps around the activation stay blocked, into layout-aware ops with the same val
 * Clip's window ``[lo < y] and [y < hi]``: one step mask per bound, each applied by its own Mul.
 
 Elsewhere the maps are reordered anyway, and a comparison is cheaper than the Conv that would replace it,
-so the rewrite needs all of: a float32 4-D map with 16k channels, the activation reading a blocked
+so the mask rewrites need all of: a float32 4-D map with 16k channels, the activation reading a blocked
 Conv's output (possibly through Mul/Add by constants onnxruntime folds into that Conv: an unfolded
 batch norm), and every forward reader of the activation's output a layout-aware op (a Conv among them
-running blocked). The driver runs this pass once, after every rule has run (``differentiate(...,
+running blocked).
+
+A dense stride-1 convolution's gradient, ``ConvTranspose(dy, W)`` in the rule, becomes a Conv with the
+flipped, transposed weight everywhere: onnxruntime runs that Conv blocked, and its ConvTranspose as an
+im2col GEMM in plain NCHW with reorders around it.
+
+The driver runs this pass once, after every rule has run (``differentiate(...,
 ort_layout=False)`` skips it); it reads which nodes each rule emitted, never the rules themselves.
 """
 
@@ -52,7 +58,7 @@ Replacements = dict[int, list[onnx.NodeProto]]
 
 
 def keep_maps_blocked(ctx: GradContext, rule_nodes: RuleNodes) -> int:
-    """Rewrite ``ctx.nodes`` in place; return how many activations' gradients were rewritten.
+    """Rewrite ``ctx.nodes`` in place; return how many forward nodes' gradients were rewritten.
 
     Unused initializers that the rules emitted (the comparisons' thresholds) are dropped.
     """
@@ -61,7 +67,7 @@ def keep_maps_blocked(ctx: GradContext, rule_nodes: RuleNodes) -> int:
     rewritten = 0
     for node, emitted in rule_nodes:
         rewrite = _REWRITES.get(node.op_type)
-        if rewrite is None or not layout.blocked(node):
+        if rewrite is None:
             continue
         found = rewrite(layout, node, list(emitted))
         if found:
@@ -186,12 +192,16 @@ def _step_in_place(layout: _Layout, mask: tuple[onnx.NodeProto, onnx.NodeProto])
 
 def _relu(layout: _Layout, node: onnx.NodeProto, emitted: list[onnx.NodeProto]) -> Replacements:
     # dx = dy [y > 0]
+    if not layout.blocked(node):
+        return {}
     mask = _cast_compare(layout, emitted, node.output[0])
     return _step_in_place(layout, mask) if mask is not None else {}
 
 
 def _prelu(layout: _Layout, node: onnx.NodeProto, emitted: list[onnx.NodeProto]) -> Replacements:
     # dx = dy (mask (1 - k) + k), mask = [x > 0]; with one k per channel the affine map is a depthwise Conv
+    if not layout.blocked(node):
+        return {}
     x, slope = node.input
     mask = _cast_compare(layout, emitted, x)
     if mask is None:
@@ -227,6 +237,8 @@ def _prelu(layout: _Layout, node: onnx.NodeProto, emitted: list[onnx.NodeProto])
 
 def _clip(layout: _Layout, node: onnx.NodeProto, emitted: list[onnx.NodeProto]) -> Replacements:
     # dx = dy [lo < y] [y < hi]: one step mask per bound, each applied by a Mul
+    if not layout.blocked(node):
+        return {}
     y = node.output[0]
     compares = [n for n in emitted if n.op_type in ("Greater", "Less") and n.input[0] == y]
     thresholds = [layout.scalar(n.input[1]) for n in compares]
@@ -259,7 +271,49 @@ def _clip(layout: _Layout, node: onnx.NodeProto, emitted: list[onnx.NodeProto]) 
     return replacements
 
 
+def _conv(layout: _Layout, node: onnx.NodeProto, emitted: list[onnx.NodeProto]) -> Replacements:
+    """A dense stride-1 2-D conv's ``dx = ConvTranspose(dy, W)`` as ``Conv(dy, W')``: dx[j] = sum_i W[i]
+    dy[j + p_b - i d] = Conv(dy, W')[j], with W' the weight with its two channel axes swapped and its
+    spatial axes flipped, begin pad dk - 1 - p_b and end pad whatever makes the output x long. W' is a
+    Transpose and a reversing Slice of the initializer (folded once by onnxruntime), so the file holds the
+    weight once. Kept as it is where a pad would go negative."""
+    w = node.input[1]
+    weight = layout.ctx.value(w)
+    transpose = next((n for n in emitted if n.op_type == "ConvTranspose" and n.input[1] == w), None)
+    if transpose is None or weight is None or weight.ndim != 4:
+        return {}
+    attrs = {a.name: helper.get_attribute_value(a) for a in transpose.attribute}
+    kernel, rank = list(attrs["kernel_shape"]), 2
+    dilations = list(attrs.get("dilations", [1] * rank))
+    if attrs.get("group", 1) != 1 or set(attrs.get("strides", [1] * rank)) != {1}:
+        return {}
+    x_dims, y_dims = layout.ctx.shape(node.input[0])[2:], layout.ctx.shape(node.output[0])[2:]
+    begin = list(attrs["pads"])[:rank]
+    spans = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
+    new_begin = [span - 1 - b for span, b in zip(spans, begin, strict=True)]
+    new_end = [
+        int(x or 0) - int(y or 0) - nb + span - 1
+        for x, y, nb, span in zip(x_dims, y_dims, new_begin, spans, strict=True)
+    ]
+    if min(new_begin) < 0 or min(new_end) < 0:
+        return {}
+    ctx = layout.ctx
+    swapped = layout.node("Transpose", [w], perm=[1, 0, 2, 3])
+    flip = [ctx.ints([-1] * rank), ctx.ints([-(2**62)] * rank), ctx.ints([2, 3]), ctx.ints([-1] * rank)]
+    flipped = layout.node("Slice", [swapped.output[0], *flip])
+    conv = layout.node(
+        "Conv",
+        [transpose.input[0], flipped.output[0]],
+        transpose.output[0],
+        kernel_shape=kernel,
+        dilations=dilations,
+        pads=[*new_begin, *new_end],
+    )
+    return {id(transpose): [swapped, flipped, conv]}
+
+
 _REWRITES: dict[str, Callable[[_Layout, onnx.NodeProto, list[onnx.NodeProto]], Replacements]] = {
+    "Conv": _conv,
     "Relu": _relu,
     "PRelu": _prelu,
     "Clip": _clip,
