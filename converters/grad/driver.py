@@ -222,9 +222,10 @@ def _annotate(model: onnx.ModelProto, gradient_of: dict[str, str], forward: onnx
     graph), symbolic batch dimension included.
 
     Shape inference cannot see through the seed's ``Expand``/``ConstantOfShape`` of a runtime shape, so
-    without this every gradient has an anonymous batch dimension, and onnxruntime's NCHWc pass, which
-    must prove the two operands of a Mul the same shape, reorders around each one. Strict shape
-    inference afterwards rejects any declaration that contradicts what the ops imply.
+    without this every gradient has an anonymous batch dimension, and no optimiser can prove a gradient
+    and its forward tensor the same shape (onnxruntime's blocked layout, ``ort_layout.py``, needs that of
+    the two operands of a Mul). Strict shape inference afterwards rejects any declaration that
+    contradicts what the ops imply.
     """
     infos = {vi.name: vi for vi in [*forward.input, *forward.value_info, *forward.output]}
     declared = {vi.name for vi in [*model.graph.value_info, *model.graph.input, *model.graph.output]}
