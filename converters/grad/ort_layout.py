@@ -34,6 +34,7 @@ ort_layout=False)`` skips it); it reads which nodes each rule emitted, never the
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -122,7 +123,7 @@ class _Layout:
         weight = self.ctx.value(node.input[1]) if len(node.input) > 1 else None
         if weight is None or weight.ndim != 4:
             return False
-        return weight.shape[0] % 16 == 0 and (weight.shape[1] < 8 or weight.shape[1] % 16 == 0)
+        return bool(weight.shape[0] % 16 == 0 and (weight.shape[1] < 8 or weight.shape[1] % 16 == 0))
 
     def _after_conv(self, name: str) -> bool:
         """Whether ``name`` is a blocked Conv's output, possibly through Mul/Add by constants that
@@ -137,7 +138,7 @@ class _Layout:
 
     # --- the replacement nodes ------------------------------------------------------------------
     def node(
-        self, op_type: str, inputs: Sequence[str], output: str | None = None, **attrs: object
+        self, op_type: str, inputs: Sequence[str], output: str | None = None, **attrs: Any
     ) -> onnx.NodeProto:
         out = output if output is not None else self.ctx.fresh(op_type.lower())
         return helper.make_node(op_type, list(inputs), [out], name=self.ctx.fresh(op_type), **attrs)
