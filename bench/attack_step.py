@@ -21,6 +21,12 @@ Run::
     .venv-bench/bin/python bench/attack_step.py                      # every face model in the manifest
     .venv-bench/bin/python bench/attack_step.py --model a.onnx ...   # any attack graphs
     .venv-bench/bin/python bench/attack_step.py --synthetic          # a built 112-px CNN, no zoo needed
+
+Before/after (no torch needed, the project venv will do): ``--baseline REV`` times the onnxruntime step
+alone, on each graph with its gradient built by the autodiff of git revision ``REV``, by this tree, and
+by this tree without its layout pass (``bench/gradient_versions.py``), side by side in one run::
+
+    .venv/bin/python bench/attack_step.py --synthetic --baseline HEAD~3
 """
 
 from __future__ import annotations
@@ -91,6 +97,20 @@ def forward_model(path: Path) -> onnx.ModelProto:
     return forward
 
 
+def pgd_step(session: AttackSession, x0: np.ndarray, reference: np.ndarray) -> Callable[[], None]:
+    """One L-inf PGD step of the attack graph in ``session``, from a state it keeps between calls."""
+    stepper = session.stepper(reference)
+    delta = np.zeros_like(x0)
+
+    def step() -> None:
+        nonlocal delta
+        grad = stepper(np.clip(x0 + delta, 0, 255)).grad
+        delta = np.clip(delta - ALPHA * np.sign(grad), -EPS, EPS)
+        delta = np.clip(x0 + delta, 0, 255) - x0
+
+    return step
+
+
 def bench_model(path: Path, batch: int, threads: int, repeats: int) -> dict[str, float]:
     import onnx2torch  # type: ignore[import-untyped]
     import torch
@@ -106,14 +126,7 @@ def bench_model(path: Path, batch: int, threads: int, repeats: int) -> dict[str,
     reference = rng.standard_normal((batch, session.info.embedding_dim)).astype(np.float32)
     reference /= np.linalg.norm(reference, axis=1, keepdims=True)
 
-    stepper = session.stepper(reference)
-    ort_delta = np.zeros_like(x0)
-
-    def ort_step() -> None:
-        nonlocal ort_delta
-        grad = stepper(np.clip(x0 + ort_delta, 0, 255)).grad
-        ort_delta = np.clip(ort_delta - ALPHA * np.sign(grad), -EPS, EPS)
-        ort_delta = np.clip(x0 + ort_delta, 0, 255) - x0
+    ort_step = pgd_step(session, x0, reference)
 
     torch.set_num_threads(threads)
     module = onnx2torch.convert(forward_model(path)).eval()
@@ -148,7 +161,7 @@ def synthetic_recognizer(directory: Path) -> Path:
     """A 112-px, 128-d conv recognizer with random weights (Conv-BN-ReLU stages), as an attack graph."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from uncnn_rt.converters.grad import build_attack_graph
+    from uncnn_rt.converters.attack_graph import build_attack_graph
 
     rng = np.random.default_rng(0)
     nodes, inits = [], []
@@ -202,12 +215,65 @@ def synthetic_recognizer(directory: Path) -> Path:
     return path
 
 
+def baseline_table(
+    models: list[tuple[str, Path]], rev: str, threads: int, repeats: int, scratch: Path
+) -> None:
+    """The onnxruntime step on each graph, its gradient built by ``rev``, this tree, and this tree
+    without the layout pass (the forward part is the same in all three)."""
+    import gradient_versions as versions
+
+    attacks = [onnx.load(str(path)) for _, path in models]
+    before = versions.at_revision(rev, attacks)
+    name = versions.revision_name(rev)
+    print(
+        f"one L-inf PGD step in onnxruntime (CPU, {threads} threads), median of {repeats}; gradient built by"
+    )
+    print(f"{name} / this tree / this tree without the layout pass, taking turns in one run")
+    print(
+        f"| model | N | {name} ms | this tree ms | this / {name} | no layout pass ms | no pass / this "
+        f"| same graph as {name} |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for i, ((label, _), attack, old) in enumerate(zip(models, attacks, before, strict=True)):
+        new = versions.this_tree(attack, ort_layout=True)
+        plain = versions.this_tree(attack, ort_layout=False)
+        paths = []
+        for which, model in (("old", old), ("new", new), ("plain", plain)):
+            paths.append(scratch / f"{i}-{which}.onnx")
+            onnx.save(model, str(paths[-1]))
+        sessions = [
+            AttackSession(p, device="cpu", intra_op_threads=threads, inter_op_threads=1, spin=SPIN)
+            for p in paths
+        ]
+        for batch in (1, 8):
+            if sessions[0].info.batch_size not in (None, batch):
+                continue
+            rng = np.random.default_rng(0)
+            size = sessions[0].info.canonical_size
+            x0 = rng.integers(0, 256, (batch, size, size, 3)).astype(np.float32)
+            reference = rng.standard_normal((batch, sessions[0].info.embedding_dim)).astype(np.float32)
+            reference /= np.linalg.norm(reference, axis=1, keepdims=True)
+            steps = {
+                w: pgd_step(s, x0, reference) for w, s in zip(("old", "new", "plain"), sessions, strict=True)
+            }
+            ms = median_ms(steps, repeats)
+            same = "yes" if versions.same_graph(new, old) else "NO"
+            print(
+                f"| {label} | {batch} | {ms['old']:.2f} | {ms['new']:.2f} | {ms['new'] / ms['old']:.3f}x "
+                f"| {ms['plain']:.2f} | {ms['plain'] / ms['new']:.2f}x | {same} |",
+                flush=True,
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, action="append", default=[], help="attack graph (repeatable)")
     parser.add_argument("--synthetic", action="store_true", help="also time a built 112-px CNN recognizer")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for both sides")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument(
+        "--baseline", metavar="REV", help="time the onnxruntime step against git revision REV"
+    )
     args = parser.parse_args(argv)
 
     models = [(p.stem, p) for p in args.model]
@@ -219,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     if not models:
         print("no face models in the manifest; pass --model PATH or --synthetic", file=sys.stderr)
         return 2
+    if args.baseline:
+        baseline_table(models, args.baseline, args.threads, args.repeats, Path(scratch.name))
+        scratch.cleanup()
+        return 0
 
     import onnxruntime
     import torch

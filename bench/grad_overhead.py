@@ -1,9 +1,8 @@
 """Forward + gradient against forward only, in onnxruntime, per model, side by side in one run.
 
-Target (DESIGN.md, "Performance targets"): the attack graph's forward + gradient costs at most 3.0x the
-forward-only run of the same model. Models: the reference nets of ``tests/reference_nets.py`` (ResNet- and
-MobileNet-style torch nets, Keras InceptionV3 through tf2onnx) and every shipped attack graph listed in
-``models/manifest.json``.
+Target: the attack graph's forward + gradient costs at most 3.0x the forward-only run of the same model.
+Models: the reference nets of ``tests/reference_nets.py`` (ResNet- and MobileNet-style torch nets, Keras
+InceptionV3 through tf2onnx) and every shipped attack graph listed in ``models/manifest.json``.
 
 * forward + gradient: the attack graph, all outputs (features, objective, grad);
 * forward only: the same file cut to ``image -> features`` with ``onnx.utils.Extractor`` (the backward
@@ -16,7 +15,12 @@ CPU: 2 intra-op threads, ORT_ENABLE_ALL, warm-up, median of ``--runs`` runs, bat
 and falls back to the CPU with a message when onnxruntime has no CUDA provider. Prints ratios; asserts
 nothing about timing.
 
+``--baseline REV`` adds a before/after table: each graph's forward + gradient with the gradient built by
+the autodiff of git revision ``REV``, by this tree, and by this tree without its layout pass, timed side
+by side (see ``bench/gradient_versions.py``), and whether this tree's graph is REV's node for node.
+
     python bench/grad_overhead.py [--device cpu|cuda] [--runs 20] [--models resnet mobilenet ...]
+    python bench/grad_overhead.py --baseline HEAD~3 --batches 8
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class Subject:
 
 
 # --- the models ---------------------------------------------------------------------------------------
+
 
 def reference_subjects(names: list[str], sizes: dict[str, int]) -> list[Subject]:
     import reference_nets as nets
@@ -85,8 +90,9 @@ def shipped_subjects() -> list[Subject]:
         model = onnx.load(str(entry.path))
         outputs = {o.name for o in model.graph.output}
         if not {"features", "grad"} <= outputs:
-            print(f"skip shipped {entry.name}: not an attack graph (outputs {sorted(outputs)})",
-                  file=sys.stderr)
+            print(
+                f"skip shipped {entry.name}: not an attack graph (outputs {sorted(outputs)})", file=sys.stderr
+            )
             continue
         subjects.append(Subject(f"{entry.name} (shipped)", model))
     return subjects
@@ -107,6 +113,7 @@ def forward_only(attack: onnx.ModelProto) -> onnx.ModelProto:
 
 # --- timing -------------------------------------------------------------------------------------------
 
+
 def session(model: onnx.ModelProto, providers: list[str], threads: int) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -116,9 +123,11 @@ def session(model: onnx.ModelProto, providers: list[str], threads: int) -> ort.I
     return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
 
 
-def runner(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], outputs: list[str],
-           device: str) -> Callable[[], None]:
+def runner(
+    sess: ort.InferenceSession, feeds: dict[str, np.ndarray], outputs: list[str], device: str
+) -> Callable[[], None]:
     if device == "cpu":
+
         def run() -> None:
             sess.run(outputs, feeds)
 
@@ -179,8 +188,11 @@ def pick_device(requested: str) -> tuple[str, list[str]]:
     if requested == "cuda":
         if "CUDAExecutionProvider" in ort.get_available_providers():
             return "cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        print("CUDA requested but onnxruntime has no CUDAExecutionProvider "
-              f"(available: {ort.get_available_providers()}); falling back to the CPU.", file=sys.stderr)
+        print(
+            "CUDA requested but onnxruntime has no CUDAExecutionProvider "
+            f"(available: {ort.get_available_providers()}); falling back to the CPU.",
+            file=sys.stderr,
+        )
     return "cpu", ["CPUExecutionProvider"]
 
 
@@ -195,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--torch-size", type=int, default=112, help="input size of the torch nets")
     parser.add_argument("--inception-size", type=int, default=139, help="input size of InceptionV3 (>= 75)")
     parser.add_argument("--no-shipped", action="store_true", help="skip the shipped attack graphs")
+    parser.add_argument("--baseline", metavar="REV", help="also time the gradient built by git revision REV")
+    parser.add_argument("--no-overhead", action="store_true", help="skip the forward-only table")
     args = parser.parse_args(argv)
 
     device, providers = pick_device(args.device)
@@ -203,11 +217,28 @@ def main(argv: list[str] | None = None) -> None:
         subjects += shipped_subjects()
 
     rng = np.random.default_rng(0)
-    print(f"\nonnxruntime {ort.__version__}, {device} ({providers[0]}), {args.threads} intra-op threads, "
-          f"ORT_ENABLE_ALL, median of {args.runs} runs after {args.warmup} warm-up")
+    if not args.no_overhead:
+        overhead_table(subjects, args, device, providers, rng)
+    if args.baseline:
+        baseline_table(subjects, args, device, providers, rng)
+
+
+def overhead_table(
+    subjects: list[Subject],
+    args: argparse.Namespace,
+    device: str,
+    providers: list[str],
+    rng: np.random.Generator,
+) -> None:
+    print(
+        f"\nonnxruntime {ort.__version__}, {device} ({providers[0]}), {args.threads} intra-op threads, "
+        f"ORT_ENABLE_ALL, median of {args.runs} runs after {args.warmup} warm-up"
+    )
     width = max([len("model"), *(len(s.name) for s in subjects)])
-    header = (f"{'model':<{width}} {'batch':>5} {'forward ms':>11} {'fwd+grad ms':>12} {'ratio':>6} "
-              f"{'<= 3.0x':>7} {'nodes run':>15}")
+    header = (
+        f"{'model':<{width}} {'batch':>5} {'forward ms':>11} {'fwd+grad ms':>12} {'ratio':>6} "
+        f"{'<= 3.0x':>7} {'nodes run':>15}"
+    )
     print(header)
     print("-" * len(header))
     verdicts = []
@@ -226,21 +257,78 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{subject.name:<{width}} {batch:>5}   (the graph has a fixed batch of {fixed})")
                 continue
             feeds = feeds_for(subject.attack, batch, rng)
-            fwd, full = median_ms([
-                runner(fwd_sess, {"image": feeds["image"]}, ["features"], device),
-                runner(full_sess, feeds, ["features", "objective", "grad"], device),
-            ], args.runs, args.warmup)
+            fwd, full = median_ms(
+                [
+                    runner(fwd_sess, {"image": feeds["image"]}, ["features"], device),
+                    runner(full_sess, feeds, ["features", "objective", "grad"], device),
+                ],
+                args.runs,
+                args.warmup,
+            )
             ratio = full / fwd
             ok = ratio <= TARGET
             verdicts.append(ok)
-            print(f"{subject.name:<{width}} {batch:>5} {fwd:>11.2f} {full:>12.2f} {ratio:>5.2f}x "
-                  f"{'yes' if ok else 'NO':>7} {nodes:>15}", flush=True)
+            print(
+                f"{subject.name:<{width}} {batch:>5} {fwd:>11.2f} {full:>12.2f} {ratio:>5.2f}x "
+                f"{'yes' if ok else 'NO':>7} {nodes:>15}",
+                flush=True,
+            )
             nodes = "-"
     print(f"\n{sum(verdicts)}/{len(verdicts)} measurements meet the <= {TARGET}x target.")
-    verdict = (f"it skipped unrequested nodes in {sum(pruned)}/{len(pruned)} graphs." if any(pruned)
-               else "it runs them all, so forward-only timings need their own graph (as here).")
-    print("nodes run: node kernels onnxruntime runs for `features` alone / for all outputs of the attack "
-          f"graph; {verdict}")
+    verdict = (
+        f"it skipped unrequested nodes in {sum(pruned)}/{len(pruned)} graphs."
+        if any(pruned)
+        else "it runs them all, so forward-only timings need their own graph (as here)."
+    )
+    print(
+        "nodes run: node kernels onnxruntime runs for `features` alone / for all outputs of the attack "
+        f"graph; {verdict}"
+    )
+
+
+def baseline_table(
+    subjects: list[Subject],
+    args: argparse.Namespace,
+    device: str,
+    providers: list[str],
+    rng: np.random.Generator,
+) -> None:
+    """Forward + gradient of each graph with its gradient built by ``args.baseline`` and by this tree."""
+    import gradient_versions as versions
+
+    rev = versions.revision_name(args.baseline)
+    print(f"\nbuilding the gradients with the autodiff of {rev} ...", file=sys.stderr, flush=True)
+    before = versions.at_revision(args.baseline, [s.attack for s in subjects])
+    print(
+        f"\nforward + gradient, gradient built by {rev} / this tree / this tree without the layout pass; "
+        f"{device}, {args.threads} intra-op threads, median of {args.runs} runs, taking turns"
+    )
+    width = max([len("model"), *(len(s.name) for s in subjects)])
+    header = (
+        f"| {'model':<{width}} | batch | {rev} ms | this tree ms | this / {rev} | no layout pass ms "
+        f"| no pass / this | same graph as {rev} |"
+    )
+    print(header)
+    print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
+    for subject, old in zip(subjects, before, strict=True):
+        new = versions.this_tree(subject.attack, ort_layout=True)
+        plain = versions.this_tree(subject.attack, ort_layout=False)
+        same = versions.same_graph(new, old)
+        sessions = [session(m, providers, args.threads) for m in (old, new, plain)]
+        for batch in args.batches:
+            fixed = fixed_batch(subject.attack)
+            if fixed is not None and fixed != batch:
+                continue
+            feeds = feeds_for(subject.attack, batch, rng)
+            outputs = ["features", "objective", "grad"]
+            old_ms, new_ms, plain_ms = median_ms(
+                [runner(sess, feeds, outputs, device) for sess in sessions], args.runs, args.warmup
+            )
+            print(
+                f"| {subject.name:<{width}} | {batch} | {old_ms:.2f} | {new_ms:.2f} | {new_ms / old_ms:.3f}x "
+                f"| {plain_ms:.2f} | {plain_ms / new_ms:.2f}x | {'yes' if same else 'NO'} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

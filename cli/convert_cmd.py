@@ -160,7 +160,7 @@ def grad(
     """
     with clean_errors():
         quiet_frameworks(verbose)
-        from uncnn_rt.converters.grad import build_attack_graph
+        from uncnn_rt.converters.attack_graph import build_attack_graph
         from uncnn_rt.converters.validate import validate_attack_graph
 
         shape = (

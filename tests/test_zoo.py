@@ -346,7 +346,7 @@ def test_window_past_the_crop_equals_numpy_preprocessing() -> None:
     in the attack graph exactly as in the numpy preprocessing the calibration uses."""
     from onnx import TensorProto, helper
 
-    from uncnn_rt.converters.grad import build_attack_graph
+    from uncnn_rt.converters.attack_graph import build_attack_graph
 
     prep = Preprocessing(
         native_size=(12, 12), layout="NCHW", crop=(-0.25, -0.1, 0.9, 1.1), mean=(127.5,) * 3, std=(128.0,) * 3

@@ -15,6 +15,7 @@ from onnx.reference import ReferenceEvaluator
 
 from uncnn_rt.converters.grad import rules as _rules  # noqa: F401  (registers every rule)
 from uncnn_rt.converters.grad.fuse import fuse_activations
+from uncnn_rt.converters.grad.ort_layout import keep_maps_blocked
 from uncnn_rt.converters.grad.registry import (
     FLOAT_TYPES,
     NON_DIFFERENTIABLE,
@@ -142,12 +143,15 @@ def _infer(model: onnx.ModelProto) -> tuple[dict[str, Shape], dict[str, int]]:
 
 
 def differentiate(
-    model: onnx.ModelProto, *, wrt: str, objective: str, grad_name: str = "grad"
+    model: onnx.ModelProto, *, wrt: str, objective: str, grad_name: str = "grad", ort_layout: bool = True
 ) -> onnx.ModelProto:
     """Return ``model`` with one more output, ``grad_name`` = d sum(objective) / d ``wrt``.
 
     ``wrt`` must be a graph input and ``objective`` a float tensor of the graph; the seed gradient is
-    ones of the objective's shape, so per-sample objectives give per-sample gradients.
+    ones of the objective's shape, so per-sample objectives give per-sample gradients. ``ort_layout``
+    runs :func:`~uncnn_rt.converters.grad.ort_layout.keep_maps_blocked` over the finished gradient
+    (the same values, in ops onnxruntime's CPU provider keeps in its blocked layout); without it the
+    gradient is the rules' plain math.
     """
     model = fold_constants(to_opset(model))
     model, _ = fuse_activations(model, _infer(model)[0])
@@ -176,6 +180,7 @@ def differentiate(
     ctx = GradContext(graph, shapes, types, constants, requires)
     pending: dict[str, list[str]] = {objective: [ctx.filled_like(objective, 1.0)]}
     gradient_of: dict[str, str] = {}  # gradient tensor -> the forward tensor it is the gradient of
+    rule_nodes: list[tuple[onnx.NodeProto, list[onnx.NodeProto]]] = []  # what each rule emitted
     for node in on_path:  # already in reverse topological order
         dys = _gather(ctx, node, pending)
         if dys is None:
@@ -184,7 +189,9 @@ def differentiate(
         rule = RULES.get(node.op_type)
         if rule is None:
             raise UnsupportedOpError(node)
+        start = len(ctx.nodes)
         dxs = list(rule(ctx, node, dys))
+        rule_nodes.append((node, ctx.nodes[start:]))
         if any(dx is not None for dx in dxs[len(node.input) :]):
             raise RuntimeError(
                 f"rule for {node.op_type} returned gradients for inputs the node does not have"
@@ -195,6 +202,8 @@ def differentiate(
 
     grad = _accumulate(ctx, pending.pop(wrt))
     gradient_of[grad] = wrt
+    if ort_layout:
+        keep_maps_blocked(ctx, rule_nodes)
     forward = shape_inference.infer_shapes(model, data_prop=True).graph
     graph.node.extend(ctx.nodes)
     graph.node.append(helper.make_node("Identity", [grad], [grad_name], name="grad/output"))
@@ -213,9 +222,10 @@ def _annotate(model: onnx.ModelProto, gradient_of: dict[str, str], forward: onnx
     graph), symbolic batch dimension included.
 
     Shape inference cannot see through the seed's ``Expand``/``ConstantOfShape`` of a runtime shape, so
-    without this every gradient has an anonymous batch dimension, and onnxruntime's NCHWc pass, which
-    must prove the two operands of a Mul the same shape, reorders around each one. Strict shape
-    inference afterwards rejects any declaration that contradicts what the ops imply.
+    without this every gradient has an anonymous batch dimension, and no optimiser can prove a gradient
+    and its forward tensor the same shape (onnxruntime's blocked layout, ``ort_layout.py``, needs that of
+    the two operands of a Mul). Strict shape inference afterwards rejects any declaration that
+    contradicts what the ops imply.
     """
     infos = {vi.name: vi for vi in [*forward.input, *forward.value_info, *forward.output]}
     declared = {vi.name for vi in [*model.graph.value_info, *model.graph.input, *model.graph.output]}

@@ -35,12 +35,6 @@ NON_DIFFERENTIABLE: frozenset[str] = frozenset(
 
 FLOAT_TYPES: frozenset[int] = frozenset({TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16})
 
-# Ops that onnxruntime's CPU provider runs on its blocked NCHWc layout (nchwc_transformer.cc).
-_LAYOUT_AWARE: frozenset[str] = frozenset(
-    {"Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Add", "Sum", "Concat", "Relu"}
-)
-_STEP_SCALE = 2.0**100  # the slope of GradContext.step's ramp: a power of two, so t * scale is exact
-
 
 def grad_rule(*op_types: str) -> Callable[[GradRule], GradRule]:
     """Register ``fn`` as the gradient rule of each op type in ``op_types``."""
@@ -105,9 +99,6 @@ class GradContext:
         self.initializers: list[TensorProto] = []
         self._used_names: set[str] = _all_names(graph)
         self._shape_cache: dict[str, str] = {}
-        self._step_constants: dict[tuple[int, float, float], tuple[str, str]] = {}
-        self._producers: dict[str, onnx.NodeProto] = {}
-        self._readers: dict[str, list[onnx.NodeProto]] | None = None
         self._counter = 0
 
     # --- what the forward graph knows -------------------------------------------------------
@@ -197,81 +188,8 @@ class GradContext:
     def zeros_like(self, name: str) -> str:
         return self.filled_like(name, 0.0)
 
-    def blocked(self, node: onnx.NodeProto) -> bool:
-        """Whether the maps around activation ``node`` can stay in onnxruntime's blocked CPU layout.
-
-        onnxruntime keeps a float32 ``[N, C, H, W]`` map in NCHWc (blocks of 8 channels with AVX2, 16
-        with AVX-512) while only layout-aware ops touch it: Conv (with a fused activation), pools, Add,
-        Sum, Concat, Relu, and Mul of two same-shaped maps. That holds here when ``node`` reads a
-        blocked Conv's output (:meth:`_after_conv`), every reader of its output is such an op (a Conv
-        that runs blocked, :meth:`_blocked_conv`), and ``C`` is a multiple of 16. Then
-        its gradient is best built from those ops too (:meth:`step`); elsewhere the maps are reordered
-        anyway, and a comparison is cheaper than the Conv that would replace it.
-        """
-        y = node.output[0]
-        shape = self.shape(y)
-        if self.elem_type(y) != TensorProto.FLOAT or len(shape) != 4 or shape[1] is None or shape[1] % 16:
-            return False
-        if self._readers is None:
-            self._producers = {o: n for n in self.graph.node for o in n.output}
-            self._readers = {}
-            for n in self.graph.node:
-                for name in n.input:
-                    self._readers.setdefault(name, []).append(n)
-        readers = self._readers.get(y, [])
-        return (
-            self._after_conv(node.input[0])
-            and bool(readers)
-            and all(
-                r.op_type in _LAYOUT_AWARE and (r.op_type != "Conv" or self._blocked_conv(r)) for r in readers
-            )
-        )
-
-    def _blocked_conv(self, node: onnx.NodeProto) -> bool:
-        """Whether onnxruntime runs Conv ``node`` blocked: a constant 4-D weight with 16k output channels
-        and fewer than 8 or 16k input channels per group (the AVX-512 rule; AVX2 blocks by 8)."""
-        weight = self.value(node.input[1]) if len(node.input) > 1 else None
-        if weight is None or weight.ndim != 4:
-            return False
-        return weight.shape[0] % 16 == 0 and (weight.shape[1] < 8 or weight.shape[1] % 16 == 0)
-
-    def _after_conv(self, name: str) -> bool:
-        """Whether ``name`` is a Conv's output, possibly through Mul/Add by constants that onnxruntime
-        folds into that Conv's weights (an unfolded batch norm), each read only by the next."""
-        assert self._readers is not None
-        producer = self._producers.get(name)
-        while producer is not None and producer.op_type in ("Mul", "Add") and len(producer.input) == 2:
-            variable = [n for n in producer.input if self.value(n) is None]
-            if len(variable) != 1 or len(self._readers.get(variable[0], [])) != 1:
-                return False
-            producer = self._producers.get(variable[0])
-        return producer is not None and producer.op_type == "Conv" and self._blocked_conv(producer)
-
-    def step(self, name: str, threshold: float, *, above: bool, blocked: bool) -> str:
-        """The float mask ``[name > threshold]`` (``above``) or ``[name < threshold]``, shaped like ``name``.
-
-        With ``blocked`` (:meth:`blocked` of the activation ``name`` belongs to) it is a depthwise 1x1
-        Conv (weight ``+-2^100``, bias ``-+2^100 threshold``) clipped to [0, 1]. onnxruntime fuses the clip
-        into the Conv and keeps it, the Mul that applies it and the convolutions around them in its
-        blocked (NCHWc) layout, where a comparison and a Cast are not layout-aware and force a reorder
-        on both sides (about 40% of a batch-8 step of a MobileNet went to those). The values match the
-        comparison: ``2^100 t - 2^100 c`` has the sign of ``t - c`` (an IEEE sum is exact in sign), so
-        the clip gives exactly 0 or 1 except where ``0 < |t - c| < 2^-100`` (8e-31: in float32 only
-        a ``t`` that tiny at a zero threshold), and an overflow to infinity clips to the right end.
-        Elsewhere, or for thresholds beyond ``2^26``, it is ``Cast(Greater/Less)``.
-        """
-        if blocked and abs(threshold) <= 2.0**26:
-            channels = int(self.shape(name)[1] or 0)
-            scale = _STEP_SCALE if above else -_STEP_SCALE
-            key = (channels, scale, threshold)
-            if key not in self._step_constants:  # one pair per distinct step, however many use it
-                self._step_constants[key] = (
-                    self.const(np.full((channels, 1, 1, 1), scale), like=name, hint="step_w"),
-                    self.const(np.full((channels,), -scale * threshold), like=name, hint="step_b"),
-                )
-            weight, bias = self._step_constants[key]
-            ramp = self.emit("Conv", [name, weight, bias], group=channels, kernel_shape=[1, 1])
-            return self.emit("Clip", [ramp, self.const(0.0, like=name), self.const(1.0, like=name)])
+    def step(self, name: str, threshold: float, *, above: bool) -> str:
+        """The float mask ``[name > threshold]`` (``above``) or ``[name < threshold]``, like ``name``."""
         bound = self.const(threshold, like=name)
         compare = self.emit("Greater" if above else "Less", [name, bound])
         # Mul by a cast mask runs several times faster than Where in onnxruntime.

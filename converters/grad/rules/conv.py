@@ -12,7 +12,8 @@ cropping (end pads) or extending with zeros (``output_padding``): inputs no wind
 
 Two Conv cases take a faster route in onnxruntime: a pointwise (1x1, stride 1) conv becomes a Conv with
 the transposed weight, and a depthwise conv a depthwise Conv with the flipped weight over dy spread out
-by the stride (its grouped ConvTranspose is 3-9x slower than a depthwise Conv).
+by the stride (its grouped ConvTranspose is 3-9x slower than a depthwise Conv). A dense stride-1
+ConvTranspose is left to the layout pass (``converters/grad/ort_layout.py``), which makes it a Conv.
 """
 
 from __future__ import annotations
@@ -130,41 +131,32 @@ def conv(ctx: GradContext, node: onnx.NodeProto, dys: Grads) -> Grads:
         dx = depthwise_gradient(ctx, dys[0], weight, x_dims, y_dims, strides, dilations, begin, group, like=w)
         if dx is not None:
             return [dx]
-    if group == 1 and set(strides) == {1} and weight is not None and len(kernel) == 2:
-        # dense, stride 1: a Conv with the flipped, transposed weight, which onnxruntime runs in its
-        # blocked NCHWc layout (its ConvTranspose is an im2col GEMM in plain NCHW, with reorders around)
-        dx = dense_gradient(ctx, dys[0], w, x_dims, y_dims, kernel, dilations, begin)
-        if dx is not None:
-            return [dx]
     geometry = transpose_geometry(x_dims, y_dims, kernel, strides, dilations, begin)
-    dx = ctx.emit("ConvTranspose", [dys[0], w], group=group, kernel_shape=list(kernel), strides=strides,
-                  dilations=dilations, **geometry)
+    dx = ctx.emit(
+        "ConvTranspose",
+        [dys[0], w],
+        group=group,
+        kernel_shape=list(kernel),
+        strides=strides,
+        dilations=dilations,
+        **geometry,
+    )
     return [dx]
 
 
-def dense_gradient(ctx: GradContext, dy: str, w: str, x_dims: Sequence[int], y_dims: Sequence[int],
-                   kernel: Sequence[int], dilations: Sequence[int], begin: Sequence[int]) -> str | None:
-    """dx of a dense stride-1 conv: dx[j] = sum_i W[i] dy[j + p_b - i d] = Conv(dy, W')[j] with W' the
-    weight with its two channel axes swapped and its spatial axes flipped, begin pad dk - 1 - p_b and end
-    pad whatever makes the output x long. W' is a Transpose and a reversing Slice of the initializer
-    (folded once by onnxruntime), so the file holds the weight once. None when a pad goes negative."""
-    rank = len(kernel)
-    spans = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
-    new_begin = [span - 1 - b for span, b in zip(spans, begin, strict=True)]
-    new_end = [x - y - nb + span - 1 for x, y, nb, span in zip(x_dims, y_dims, new_begin, spans, strict=True)]
-    if min(new_begin) < 0 or min(new_end) < 0:
-        return None
-    swapped = ctx.emit("Transpose", [w], perm=[1, 0, *range(2, 2 + rank)])
-    axes = list(range(2, 2 + rank))
-    flipped = ctx.emit("Slice", [swapped, ctx.ints([-1] * rank), ctx.ints([-(2**62)] * rank),
-                                 ctx.ints(axes), ctx.ints([-1] * rank)])
-    return ctx.emit("Conv", [dy, flipped], kernel_shape=list(kernel), dilations=list(dilations),
-                    pads=[*new_begin, *new_end])
-
-
-def depthwise_gradient(ctx: GradContext, dy: str, weight: np.ndarray, x_dims: Sequence[int],
-                        y_dims: Sequence[int], strides: Sequence[int], dilations: Sequence[int],
-                        begin: Sequence[int], group: int, *, like: str) -> str | None:
+def depthwise_gradient(
+    ctx: GradContext,
+    dy: str,
+    weight: np.ndarray,
+    x_dims: Sequence[int],
+    y_dims: Sequence[int],
+    strides: Sequence[int],
+    dilations: Sequence[int],
+    begin: Sequence[int],
+    group: int,
+    *,
+    like: str,
+) -> str | None:
     """dx as a stride-1 Conv: with ``u`` = dy spread out by the stride (zeros between), dx[j] =
     sum_i W[i] u[j + p_b - i d] = sum_i' flip(W)[i'] u[j - p_b' + i' d], p_b' = dk - 1 - p_b. The weight,
     read per group as [C_out/g, C_in/g], is transposed within its group and flipped in space (a small
@@ -174,8 +166,10 @@ def depthwise_gradient(ctx: GradContext, dy: str, weight: np.ndarray, x_dims: Se
     spans = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
     new_begin = [span - 1 - b for span, b in zip(spans, begin, strict=True)]
     # length of u is (y - 1) s + 1; the end pad makes the conv output exactly x long
-    new_end = [x - (y - 1) * s - 1 - nb + span - 1
-               for x, y, s, nb, span in zip(x_dims, y_dims, strides, new_begin, spans, strict=True)]
+    new_end = [
+        x - (y - 1) * s - 1 - nb + span - 1
+        for x, y, s, nb, span in zip(x_dims, y_dims, strides, new_begin, spans, strict=True)
+    ]
     if min(new_begin) < 0 or min(new_end) < 0:
         return None
     flipped = weight.reshape(group, c_out // group, c_in_g, *kernel).swapaxes(1, 2)
@@ -186,8 +180,13 @@ def depthwise_gradient(ctx: GradContext, dy: str, weight: np.ndarray, x_dims: Se
         # onnxruntime); the s - 1 trailing zeros count against the end pad, or are sliced off
         spread = [y * s for y, s in zip(y_dims, strides, strict=True)]
         scales = ctx.const([1.0, 1.0, *[float(s) for s in strides]], hint="scales")
-        dy = ctx.emit("Resize", [dy, "", scales], mode="nearest", coordinate_transformation_mode="asymmetric",
-                      nearest_mode="floor")
+        dy = ctx.emit(
+            "Resize",
+            [dy, "", scales],
+            mode="nearest",
+            coordinate_transformation_mode="asymmetric",
+            nearest_mode="floor",
+        )
         keep = np.zeros(spread)
         keep[tuple(slice(None, None, s) for s in strides)] = 1.0
         dy = ctx.emit("Mul", [dy, ctx.const(keep, like=like, hint="stride_mask")])
@@ -197,9 +196,14 @@ def depthwise_gradient(ctx: GradContext, dy: str, weight: np.ndarray, x_dims: Se
             axes = ctx.ints(list(range(2, 2 + rank)))
             dy = ctx.emit("Slice", [dy, ctx.ints([0] * rank), ctx.ints(lengths), axes])
             new_end = [max(e, 0) for e in new_end]
-    return ctx.emit("Conv", [dy, ctx.const(np.ascontiguousarray(flipped), like=like, hint="flipped_weight")],
-                    group=group, kernel_shape=list(kernel), dilations=list(dilations),
-                    pads=[*new_begin, *new_end])
+    return ctx.emit(
+        "Conv",
+        [dy, ctx.const(np.ascontiguousarray(flipped), like=like, hint="flipped_weight")],
+        group=group,
+        kernel_shape=list(kernel),
+        dilations=list(dilations),
+        pads=[*new_begin, *new_end],
+    )
 
 
 @grad_rule("ConvTranspose")
@@ -233,8 +237,17 @@ def conv_transpose(ctx: GradContext, node: onnx.NodeProto, dys: Grads) -> Grads:
     # Conv(dy) over the padded y reads exactly the windows ConvTranspose wrote; its length
     # floor((y + p_b + p_e - dk) / s) + 1 is x for p_e = s (x - 1) + dk - y - p_b, or for p_e = 0 when
     # that is negative (output_padding < s added those positions)
-    end = [max(s * (xd - 1) + (k - 1) * d + 1 - yd - b, 0)
-           for xd, yd, k, s, d, b in zip(x_dims, y_dims, kernel, strides, dilations, begin, strict=True)]
-    dx = ctx.emit("Conv", [dys[0], node.input[1]], group=int(attrs.get("group", 1)),
-                  kernel_shape=list(kernel), strides=strides, dilations=dilations, pads=[*begin, *end])
+    end = [
+        max(s * (xd - 1) + (k - 1) * d + 1 - yd - b, 0)
+        for xd, yd, k, s, d, b in zip(x_dims, y_dims, kernel, strides, dilations, begin, strict=True)
+    ]
+    dx = ctx.emit(
+        "Conv",
+        [dys[0], node.input[1]],
+        group=int(attrs.get("group", 1)),
+        kernel_shape=list(kernel),
+        strides=strides,
+        dilations=dilations,
+        pads=[*begin, *end],
+    )
     return [dx]

@@ -11,7 +11,6 @@ import math
 import onnx
 
 from uncnn_rt.converters.grad.registry import GradContext, UnsupportedOpError, attributes, grad_rule
-from uncnn_rt.runtime.lowering import per_channel_values
 
 Grads = list[str | None]
 
@@ -158,8 +157,8 @@ def tanh(ctx: GradContext, node: onnx.NodeProto, dys: Grads) -> Grads:
 
 @grad_rule("Relu")
 def relu(ctx: GradContext, node: onnx.NodeProto, dys: Grads) -> Grads:
-    # y = max(x, 0): dy/dx = [x > 0] = [y > 0]. Reading y, not x, keeps onnxruntime's Conv+Relu fusion.
-    mask = ctx.step(node.output[0], 0.0, above=True, blocked=ctx.blocked(node))
+    # y = max(x, 0): dy/dx = [x > 0] = [y > 0]. Reading y leaves x to the Relu alone (a Conv can fuse it).
+    mask = ctx.step(node.output[0], 0.0, above=True)
     return [ctx.emit("Mul", [_dy(dys), mask])]
 
 
@@ -213,19 +212,9 @@ def prelu(ctx: GradContext, node: onnx.NodeProto, dys: Grads) -> Grads:
     if ctx.needs_grad(slope):
         raise UnsupportedOpError(node, "the slope depends on the input; only constant slopes are supported")
     # local = slope + [x > 0] (1 - slope), with 1 - slope folded at build time (Mul beats Where in ORT)
-    blocked = ctx.blocked(node)
-    mask = ctx.step(x, 0.0, above=True, blocked=blocked)
-    slopes = ctx.require_value(slope, node, "slope")
-    shape = ctx.shape(x)
-    per_channel = per_channel_values(slopes, shape[1]) if len(shape) == 4 and shape[1] else None
-    if per_channel is not None and blocked:
-        # the same affine map as a depthwise 1x1 Conv, which stays in onnxruntime's NCHWc layout
-        weight = ctx.const((1.0 - per_channel).reshape(-1, 1, 1, 1), like=x, hint="prelu_w")
-        bias = ctx.const(per_channel, like=x, hint="prelu_b")
-        local = ctx.emit("Conv", [mask, weight, bias], group=per_channel.size, kernel_shape=[1, 1])
-    else:
-        one_minus = ctx.const(1.0 - slopes, like=x)
-        local = ctx.emit("Add", [ctx.emit("Mul", [mask, one_minus]), slope])
+    one_minus = 1.0 - ctx.require_value(slope, node, "slope")
+    mask = ctx.step(x, 0.0, above=True)
+    local = ctx.emit("Add", [ctx.emit("Mul", [mask, ctx.const(one_minus, like=x)]), slope])
     return [ctx.emit("Mul", [_dy(dys), local]), None]
 
 
@@ -245,13 +234,6 @@ def clip(ctx: GradContext, node: onnx.NodeProto, dys: Grads) -> Grads:
     present = [(name, above) for name, above in zip(bounds, (True, False), strict=False) if name]
     if not present:
         return [_dy(dys)]
-    values = [ctx.value(name) for name, _ in present]
-    if ctx.blocked(node) and all(v is not None and v.size == 1 for v in values):
-        dx = _dy(dys)  # one blocked step mask per bound, each applied by a (layout-aware) Mul
-        for (_, above), value in zip(present, values, strict=True):
-            assert value is not None
-            dx = ctx.emit("Mul", [dx, ctx.step(y, float(value), above=above, blocked=True)])
-        return [dx, None, None]
     compares = [ctx.emit("Greater" if above else "Less", [y, name]) for name, above in present]
     inside = compares[0] if len(compares) == 1 else ctx.emit("And", compares)
     # Mul by a cast mask: several times faster than Where in onnxruntime.

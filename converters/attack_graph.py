@@ -1,5 +1,8 @@
 """Attack-graph assembly: preprocessing + source model + head + objective, then its gradient.
 
+The gradient comes from the autodiff in :mod:`uncnn_rt.converters.grad`; this module only builds the
+graph around the model and checks the result.
+
 The result follows the contract of ``uncnn_rt.runtime.contract``: inputs ``image`` [N, S, S, 3]
 (RGB 0..255) and ``reference`` [N, D]; outputs ``features``, ``objective`` and ``grad``.
 
@@ -357,8 +360,8 @@ def _preprocessing_nodes(
     if not (top < bottom and left < right):
         raise ModelError(f"crop window {pre.crop} must satisfy top < bottom and left < right")
     if (h, w) != (size, size) or pre.crop != (0.0, 0.0, 1.0, 1.0):
-        rows = resize_matrix(size, h, top * size, bottom * size, pre.resize)  # [h, S]
-        cols = resize_matrix(size, w, left * size, right * size, pre.resize)  # [w, S]
+        rows = crop_resize_matrix(size, h, top * size, bottom * size, pre.resize)  # [h, S]
+        cols = crop_resize_matrix(size, w, left * size, right * size, pre.resize)  # [w, S]
         nodes.append(
             helper.make_node("MatMul", [const("rows", rows), x], [_P + "rows_out"], name=_P + "rows")
         )
@@ -399,15 +402,17 @@ def _preprocessing_nodes(
     return nodes, inits
 
 
-def resize_matrix(
+def crop_resize_matrix(
     src: int, dst: int, start: float, stop: float, method: Literal["bilinear", "area"] = "bilinear"
 ) -> np.ndarray:
-    """The ``[dst, src]`` matrix that resamples the window ``[start, stop)`` of a length-``src`` axis.
+    """The ``[dst, src]`` matrix that crops the window ``[start, stop)`` of a length-``src`` axis and
+    resamples it to ``dst`` pixels: the model's own crop + resize, folded into the attack graph.
 
     ``bilinear`` samples at pixel centres (half-pixel convention, borders clamped), like ONNX Resize
-    ``linear``/``half_pixel`` without antialiasing. ``area`` averages the source over each output
-    pixel's footprint (box filter), the right choice when shrinking by more than 2x; when enlarging
-    it falls back to bilinear.
+    ``linear``/``half_pixel`` without antialiasing (unlike the attacks' own
+    :func:`uncnn_rt.runtime.attacks.linear.resize_matrix`, whose filter widens when shrinking).
+    ``area`` averages the source over each output pixel's footprint (box filter), the right choice
+    when shrinking by more than 2x; when enlarging it falls back to bilinear.
     """
     scale = (stop - start) / dst
     m = np.zeros((dst, src), dtype=np.float64)

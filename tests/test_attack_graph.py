@@ -12,8 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
 from uncnn_rt.cli.app import app
+from uncnn_rt.converters.attack_graph import build_attack_graph, crop_resize_matrix
 from uncnn_rt.converters.calibrate import preprocess
-from uncnn_rt.converters.grad import build_attack_graph, resize_matrix
 from uncnn_rt.converters.validate import sample_image, validate_attack_graph
 from uncnn_rt.runtime import contract as C
 from uncnn_rt.runtime.errors import ModelError
@@ -68,14 +68,14 @@ FACE_PRE = C.Preprocessing(
 )
 
 
-def test_resize_matrix_rows_are_convex_weights() -> None:
+def test_crop_resize_matrix_rows_are_convex_weights() -> None:
     for method in ("bilinear", "area"):
-        m = resize_matrix(224, 112, 0.0, 224.0, method)  # type: ignore[arg-type]
+        m = crop_resize_matrix(224, 112, 0.0, 224.0, method)  # type: ignore[arg-type]
         np.testing.assert_allclose(m.sum(axis=1), 1.0, rtol=1e-6)
         assert (m >= 0).all()
 
 
-def test_resize_matrix_matches_onnx_resize_linear_half_pixel() -> None:
+def test_crop_resize_matrix_matches_onnx_resize_linear_half_pixel() -> None:
     from onnx.reference import ReferenceEvaluator
 
     x = np.random.default_rng(0).uniform(0, 255, (1, 1, 20, 20)).astype(np.float32)
@@ -91,7 +91,7 @@ def test_resize_matrix_matches_onnx_resize_linear_half_pixel() -> None:
     )
     ref = ReferenceEvaluator(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     expected = ref.run(None, {"x": x})[0]
-    rows, cols = resize_matrix(20, 13, 0.0, 20.0), resize_matrix(20, 7, 0.0, 20.0)
+    rows, cols = crop_resize_matrix(20, 13, 0.0, 20.0), crop_resize_matrix(20, 7, 0.0, 20.0)
     np.testing.assert_allclose(rows @ x[0, 0] @ cols.T, expected[0, 0], rtol=1e-5, atol=1e-3)
 
 
