@@ -110,7 +110,7 @@ def _channel_slopes(
 def per_channel_values(values: np.ndarray, channels: int) -> np.ndarray | None:
     """``values`` as one number per channel when they broadcast against an ``[N, C, H, W]`` map with
     ``C = channels`` along the channel axis only (shapes ``[C, 1, 1]``, ``[1, C, 1, 1]``, a scalar...),
-    else None. Also used by the gradient builder's PRelu rule."""
+    else None. Also used by the gradient graph's layout pass (converters/grad/ort_layout.py) for PRelu."""
     if values.ndim > 4:
         return None
     full = (1,) * (4 - values.ndim) + values.shape

@@ -19,7 +19,9 @@ and B) and a chroma part (what remains, summing to 0 over the channels), and the
 ``chroma`` times the luminance part's step and L-inf bound: people see colour changes on skin long
 before they see the same change in brightness (``0``: luminance only).
 Subclasses choose only ``direction`` (the norm's steepest-ascent direction), the random start and the
-default step size, as in foolbox's ``gradient_descent_base``.
+default step size, as in foolbox's ``gradient_descent_base``. The step size along the run is
+:mod:`.schedule`'s, the grids a step lives on :mod:`.basis`'s, and the victims a step spends its
+gradient on :mod:`.sampling`'s; the feasible set is :class:`_Budget`.
 """
 
 from __future__ import annotations
@@ -38,10 +40,13 @@ from numpy.typing import ArrayLike, NDArray
 
 from uncnn_rt.runtime import image_ops
 from uncnn_rt.runtime.arrays import BoolArray, Float32Array
+from uncnn_rt.runtime.attacks.basis import coarse_basis, step_direction
 from uncnn_rt.runtime.attacks.boosters import EOT, InputDiversity, TranslationInvariance
 from uncnn_rt.runtime.attacks.criteria import Criterion, ModelState, default_criterion
 from uncnn_rt.runtime.attacks.ensemble import Ensemble, Victim, unit_mean_magnitude
-from uncnn_rt.runtime.attacks.linear import LinearMap, Upsample
+from uncnn_rt.runtime.attacks.linear import LinearMap
+from uncnn_rt.runtime.attacks.sampling import VictimFocus
+from uncnn_rt.runtime.attacks.schedule import SCHEDULES, step_rate
 from uncnn_rt.runtime.errors import InputError
 
 # The SSIM floor's search for the largest kept share ``c`` of delta stops once a feasible share is
@@ -190,7 +195,7 @@ class GradientAttack(ABC):
             raise InputError(
                 f"{name}: coarse and scales must be finite factors >= 1, got {self.coarse}, {self.scales}"
             )
-        if self.schedule not in ("constant", "cosine"):
+        if self.schedule not in SCHEDULES:
             raise InputError(f"{name}: schedule must be 'constant' or 'cosine', got {self.schedule!r}")
         if not 0.0 <= self.schedule_floor <= 1.0:
             raise InputError(f"{name}: schedule_floor must be in [0, 1], got {self.schedule_floor}")
@@ -222,23 +227,6 @@ class GradientAttack(ABC):
         self, shape: tuple[int, ...], bound: Float32Array, rng: np.random.Generator
     ) -> Float32Array:
         """A random start inside the budget (``bound``: the per-pixel L-inf budget, eps * mask)."""
-
-    def _direction(self, velocity: Float32Array, basis: Upsample | None, chroma: float) -> Float32Array:
-        """The step's direction, on ``basis``'s coarse grid when given; with ``chroma`` < 1 the luminance
-        and chroma parts of ``velocity`` get their directions apart, the chroma one scaled by ``chroma``."""
-
-        def steepest(v: Float32Array) -> Float32Array:
-            return self.direction(v) if basis is None else basis.forward(self.direction(basis.adjoint(v)))
-
-        if chroma >= 1.0:
-            return steepest(velocity)
-        luminance = np.ascontiguousarray(
-            np.broadcast_to(velocity.mean(axis=3, keepdims=True), velocity.shape)
-        )
-        d = steepest(luminance)
-        if chroma > 0.0:
-            d = d + np.float32(chroma) * _chroma_part(steepest(velocity - luminance))
-        return np.asarray(d, dtype=np.float32)
 
     def __call__(
         self,
@@ -292,58 +280,42 @@ class GradientAttack(ABC):
         chroma = 0.0 if luminance_only else self.chroma
         cap = None if self.cap is None else self.cap.bind(x0)
         budget = _Budget(x0, bound, self.l2, self.ssim_min, quantize, chroma=chroma, cap=cap)
+        focus = VictimFocus(
+            ensemble, per_step=self.victims_per_step, margin=self.success_margin, targeted=targeted
+        )
+        bases = [coarse_basis(c, (h, w)) for c in (self.coarse, *self.scales)]
+        alpha = np.float32(self.alpha)
+        checks = stop_when is not None or self.success_margin is not None
+        # Checks fall on the steps whose iterate the SSIM floor has just held when ssim_every divides
+        # check_every, so an early stop never stops on an image the floor would shrink.
+        check_first = self.check_every == 1 or self.random_start or init is not None
 
-        if init is not None:
-            delta = np.ascontiguousarray(init, dtype=np.float32)
-            if delta.shape != x0.shape:
-                raise InputError(f"init must have shape {list(x0.shape)}, got {list(delta.shape)}")
-        elif self.random_start:
-            delta = self.random_delta(x0.shape, bound, rng)
-        else:
-            delta = np.zeros_like(x0)
-        if luminance_only:
-            delta = np.ascontiguousarray(np.broadcast_to(delta[..., :1], x0.shape))
-        delta = budget.constrain(delta)
+        delta = budget.constrain(self._start(x0, bound, init, rng, luminance_only))
         velocity = np.zeros_like(x0)
         active = np.ones(n, dtype=bool)
         steps = np.zeros(n, dtype=np.int64)
         history: dict[str, list[Float32Array]] = {key: [] for key in ensemble.keys}
-        shares: dict[str, Float32Array] | None = None
-        checks = stop_when is not None or self.success_margin is not None
-        alpha = np.float32(self.alpha)
-        bases = [_coarse_basis(c, (h, w)) for c in (self.coarse, *self.scales)]
         for done in range(self.steps):
             adv = budget.image(delta)
-            drawn = shares
-            if self.victims_per_step is not None:
-                drawn = _draw(shares, ensemble, self.victims_per_step, rng)
-            gradient = ensemble.gradient(adv, rng, diversity=self.diversity, eot=self.eot, shares=drawn)
+            gradient = ensemble.gradient(
+                adv, rng, diversity=self.diversity, eot=self.eot, shares=focus.draw(rng)
+            )
             for key, objective in gradient.objective.items():
                 history[key].append(objective)
             states = gradient.states if checks else None
-            # Checks fall on the steps whose iterate the SSIM floor has just held when ssim_every
-            # divides check_every, so an early stop never stops on an image the floor would shrink.
-            first = self.check_every == 1 or self.random_start or init is not None
-            due = done % self.check_every == 0 and (done > 0 or first)
-            if checks and states is None and due:
+            if checks and states is None and done % self.check_every == 0 and (done > 0 or check_first):
                 states = ensemble.evaluate(adv)
             if states is not None:
-                if self.success_margin is not None:
-                    shares = _shares(states, targeted=targeted, margin=self.success_margin)
+                focus.update(states)
                 if stop_when is not None:
                     active &= ~stop_when(states)
                     if not active.any():
                         break
-            grad = gradient.grad if self.smoothing is None else self.smoothing(gradient.grad)
-            if luminance_only:
-                grad = np.ascontiguousarray(np.broadcast_to(grad.mean(axis=3, keepdims=True), x0.shape))
-            velocity = np.float32(self.momentum) * velocity + unit_mean_magnitude(grad)
-            rate = alpha
-            if self.schedule == "cosine":
-                f = self.schedule_floor
-                rate = np.float32(alpha * (f + (1 - f) * (1 + math.cos(math.pi * done / self.steps)) / 2))
-            directions = [self._direction(weights * velocity, basis, chroma) for basis in bases]
-            step = rate * weights * (directions[0] if len(directions) == 1 else np.mean(directions, axis=0))
+            velocity = np.float32(self.momentum) * velocity + unit_mean_magnitude(
+                self._smoothed(gradient.grad, luminance_only)
+            )
+            rate = step_rate(alpha, self.schedule, self.schedule_floor, done, self.steps)
+            step = rate * weights * step_direction(self.direction, weights * velocity, bases, chroma)
             delta = budget.constrain(
                 np.where(active[:, None, None, None], delta + step, delta),
                 ssim=(done + 1) % self.ssim_every == 0,
@@ -369,6 +341,37 @@ class GradientAttack(ABC):
             success=_success(states, targeted=targeted),
             steps=steps,
         )
+
+    def _start(
+        self,
+        x0: Float32Array,
+        bound: Float32Array,
+        init: ArrayLike | None,
+        rng: np.random.Generator,
+        luminance_only: bool,
+    ) -> Float32Array:
+        """The first perturbation: ``init``, a random start inside the budget, or 0 (the same on R, G
+        and B with ``luminance_only``)."""
+        if init is not None:
+            delta = np.ascontiguousarray(init, dtype=np.float32)
+            if delta.shape != x0.shape:
+                raise InputError(f"init must have shape {list(x0.shape)}, got {list(delta.shape)}")
+        elif self.random_start:
+            delta = self.random_delta(x0.shape, bound, rng)
+        else:
+            delta = np.zeros_like(x0)
+        if luminance_only:
+            delta = np.ascontiguousarray(np.broadcast_to(delta[..., :1], x0.shape))
+        return delta
+
+    def _smoothed(self, grad: Float32Array, luminance_only: bool) -> Float32Array:
+        """The gradient after translation-invariant smoothing, and averaged over R, G, B with
+        ``luminance_only``."""
+        if self.smoothing is not None:
+            grad = self.smoothing(grad)
+        if luminance_only:
+            grad = np.ascontiguousarray(np.broadcast_to(grad.mean(axis=3, keepdims=True), grad.shape))
+        return grad
 
 
 class VisibilityCap(ABC):
@@ -755,11 +758,6 @@ def _next_share(
     return np.where(usable, root, (lo + hi) / 2)
 
 
-def _chroma_part(values: Float32Array) -> Float32Array:
-    """What remains of ``[N, H, W, 3]`` values after their channel mean (their luminance part)."""
-    return np.asarray(values - values.mean(axis=3, keepdims=True), dtype=np.float32)
-
-
 def _quantize(delta: Float32Array, integer_bound: Float32Array, l2: float | None) -> Float32Array:
     """Round to integers. With integral ``x0`` and integer bounds, rounding keeps the L-inf box and the
     pixel range; where rounding away from 0 breaks the L2 ball, truncation towards 0 cannot."""
@@ -768,14 +766,6 @@ def _quantize(delta: Float32Array, integer_bound: Float32Array, l2: float | None
         over = np.sqrt(np.square(q, dtype=np.float64).sum(axis=(1, 2, 3))) > l2
         q[over] = np.clip(np.trunc(delta[over]), -integer_bound[over], integer_bound[over])
     return np.asarray(q, dtype=np.float32)
-
-
-def _coarse_basis(factor: float, size: tuple[int, int]) -> Upsample | None:
-    """Bilinear upsampling from a grid ``factor`` times coarser onto ``size``, or None for ``factor`` 1."""
-    if factor <= 1.0:
-        return None
-    grid = (max(1, round(size[0] / factor)), max(1, round(size[1] / factor)))
-    return Upsample(grid, size)
 
 
 def _mapped_size(input_map: LinearMap, x0: Float32Array) -> tuple[int, int]:
@@ -826,46 +816,6 @@ def _check_mask(mask: ArrayLike | None, shape: tuple[int, ...]) -> Float32Array:
     if m.size and not (np.isfinite(m).all() and m.min() >= 0.0 and m.max() <= 1.0):
         raise InputError(f"mask values must be in [0, 1], got range [{m.min()}, {m.max()}]")
     return m
-
-
-def _draw(
-    shares: dict[str, Float32Array] | None, ensemble: Ensemble, count: int, rng: np.random.Generator
-) -> dict[str, Float32Array]:
-    """The shares of ``count`` victims drawn without replacement in proportion to their weight times
-    their summed shares over the batch; the others' are zero (not run)."""
-    n = ensemble.batch
-    full = {key: np.ones(n, np.float32) if shares is None else shares[key] for key in ensemble.keys}
-    weight = np.array([float(full[m.key].sum()) * m.weight for m in ensemble.members], dtype=np.float64)
-    live = np.flatnonzero(weight > 0)
-    if live.size > count:
-        live = rng.choice(live, size=count, replace=False, p=weight[live] / weight[live].sum())
-    chosen = {ensemble.keys[i] for i in live}
-    return {key: full[key] if key in chosen else np.zeros(n, np.float32) for key in ensemble.keys}
-
-
-_MIN_SHARE = 0.1  # a victim short of success keeps at least this share of the farthest one's weight
-
-
-def _shares(states: dict[str, ModelState], *, targeted: bool, margin: float) -> dict[str, Float32Array]:
-    """Per victim and image, its distance from success relative to the image's farthest victim, in
-    [0.1, 1], or 0 once it meets its criterion by ``margin``. Classifiers and thresholdless face models
-    count as distance 1 until met (classifiers) or always (thresholdless)."""
-    distance = {}
-    for key, s in states.items():
-        if s.kind == "face" and s.threshold is not None:
-            goal = s.threshold + margin if targeted else s.threshold - margin
-            gap = goal - s.objective if targeted else s.objective - goal
-            distance[key] = np.maximum(gap, 0.0).astype(np.float32)
-        elif s.kind == "face":
-            distance[key] = np.ones_like(s.objective, dtype=np.float32)
-        else:
-            met = default_criterion(key, s.kind, targeted=targeted)(states)
-            distance[key] = np.where(met, 0.0, 1.0).astype(np.float32)
-    farthest = np.maximum(np.max(np.stack(list(distance.values())), axis=0), np.float32(1e-12))
-    return {
-        key: np.where(d > 0, np.maximum(d / farthest, _MIN_SHARE), 0.0).astype(np.float32)
-        for key, d in distance.items()
-    }
 
 
 def _success(states: dict[str, ModelState], *, targeted: bool) -> dict[str, BoolArray]:
