@@ -308,47 +308,36 @@ def cloak_image(
         if missing:
             raise InputError(f"the target has no embedding for {', '.join(missing)}")
     original = loaded.rgb
-    height, width = original.shape[:2]
+    targeted = target is not None
+    aimed = None if target is None else {n: np.asarray(target[n], np.float32) for n in names}
     sites = find_faces(original, detector, size=size, no_align=no_align, name=loaded.name)
     chosen = select_faces(sites, face=face, largest=largest)
-    warps = {i: Warp(sites[i].crop_to_photo, (height, width), size) for i in chosen}
-    regions = {i: region_box(warps[i], height, width) for i in chosen}
-    visible = {i: visible_region(sites[i], regions[i], original.shape) for i in chosen}
-    limits = {i: face_limits(original, visible[i], settings) for i in chosen}
+    faces = [_Face.of(i, sites[i], original, size, settings, recognizers, aimed) for i in chosen]
+    _share_the_budget(faces, original, settings)
     output_quality = None
     if isinstance(saved, LossyOutput):
-        roomy = room_for_the_cloak(original, [lim for lim in limits.values() if lim is not None], saved)
+        roomy = room_for_the_cloak(original, [f.limits for f in faces if f.limits is not None], saved)
         if roomy.quality != saved.quality:
             saved, output_quality = roomy, roomy.quality
+    if settings.scatter > 0 and not targeted:
+        for f in faces:
+            directions = scatter_directions(f.clean, scatter_rng(seed, original, f.index))
+            f.steer = {n: -np.float32(settings.scatter) * d for n, d in directions.items()}
 
     photo = original.copy()
-    rng = np.random.default_rng(seed)
-    attack = _attack(settings)
-    targeted = target is not None
-    clean = {i: embed(original, sites[i], recognizers) for i in chosen}
-    aimed = None if target is None else {n: np.asarray(target[n], np.float32) for n in names}
-    references = {i: clean[i] if aimed is None else aimed for i in chosen}
-    # Per face, its share of the budget on its region: every pixel belongs to at most one face.
-    owned = {}
-    for i in chosen:
-        mask = exclusive_mask(i, chosen, warps, regions[i], settings)
-        owned[i] = shaped_mask(mask, original, regions[i], visible[i], settings)
     run = _BatchRunner(
-        attack, settings, recognizers, original, targeted=targeted, saved=saved, rng=rng,
-        luminance_only=loaded.is_grayscale, progress=progress, faces_per_batch=faces_per_batch,
+        _attack(settings), settings, recognizers, original, targeted=targeted, saved=saved,
+        rng=np.random.default_rng(seed), luminance_only=loaded.is_grayscale, progress=progress,
+        faces_per_batch=faces_per_batch,
     )  # fmt: skip
-    steers: dict[int, dict[str, Float32Array] | None] = dict.fromkeys(chosen)
-    if settings.scatter > 0 and not targeted:
-        for i in chosen:
-            directions = scatter_directions(clean[i], scatter_rng(seed, original, i))
-            steers[i] = {n: -np.float32(settings.scatter) * d for n, d in directions.items()}
-    jobs = [
-        _Job(i, warps[i], regions[i], owned[i], limits[i], references[i], steer=steers[i]) for i in chosen
-    ]
-    outcomes, steps_run = {}, dict.fromkeys(chosen, 0)
-    for job, (_, outcome, taken) in run(jobs, photo, settings.steps):
-        outcomes[job.face], steps_run[job.face] = outcome, taken
+    by_index = {f.index: f for f in faces}
 
+    def attack(jobs: Sequence[_Job], most: int) -> None:
+        for job, (_, outcome, taken) in run(jobs, photo, most):
+            by_index[job.face].outcomes = outcome
+            by_index[job.face].steps += taken
+
+    attack([f.job() for f in faces], settings.steps)
     # Recognizers align the cloaked photo themselves, and landmarks found on it differ a little from the
     # clean photo's. Each refinement round re-detects the faces as the verify step will and continues the
     # attack, from the perturbation so far, on faces that fall short under their new alignment.
@@ -356,70 +345,22 @@ def cloak_image(
         if no_align or detector is None:
             break
         found = sites_from_detections(detector.detect(photo), size)
-        redo = []
-        for i in chosen:
-            again = rematch(sites[i], found)
-            if not again.matched:
-                continue
-            moved = again.site
-            if not _past_margin(photo, moved, recognizers, references[i], targeted, settings.success_margin):
-                redo.append((i, moved))
-        if not redo:
+        short = [
+            (f, again.site)
+            for f, again in ((f, rematch(f.site, found)) for f in faces)
+            if again.matched
+            and not _past_margin(
+                photo, again.site, recognizers, f.reference, targeted, settings.success_margin
+            )
+        ]
+        if not short:
             break
-        jobs = []
-        for i, moved in redo:
-            warp = Warp(moved.crop_to_photo, (height, width), size)
-            region = union(regions[i], region_box(warp, height, width))
-            fresh = shaped_mask(
-                face_mask(warp, region, settings.feather), original, region, visible[i], settings
-            )
-            earlier = paste(owned[i], regions[i], region)
-            mine = np.maximum(earlier, fresh)
-            for j in chosen:
-                if j != i and overlaps(regions[j], region):
-                    mine[paste(owned[j], regions[j], region) > 0] = 0.0
-            jobs.append(
-                _Job(i, warp, region, mine, limits[i], references[i], prior=earlier > 0, steer=steers[i])
-            )
-            owned[i], regions[i] = mine, region
-        for job, (_, outcome, taken) in run(jobs, photo, settings.refine_steps):
-            outcomes[job.face], steps_run[job.face] = outcome, steps_run[job.face] + taken
+        attack([f.moved_to(moved, original, faces, settings) for f, moved in short], settings.refine_steps)
 
-    if settings.ssim_min is not None and any(
-        overlaps(regions[i], regions[j]) for a, i in enumerate(chosen) for j in chosen[a + 1 :]
-    ):
-        photo = hold_ssim_together(original, photo, [regions[i] for i in chosen], settings.ssim_min)
-    shown = photo if saved is None else saved(photo)
-    figures = {i: visibility.measure(original[visible[i].slices], shown[visible[i].slices]) for i in chosen}
-    if any(exceeds(figures[i], limits[i]) for i in chosen):
-        held = [lim for lim in limits.values() if lim is not None]
-        photo = hold_caps_together(original, photo, held, saved)
-        shown = photo if saved is None else saved(photo)
-        figures = {
-            i: visibility.measure(original[visible[i].slices], shown[visible[i].slices]) for i in chosen
-        }
-    faces = []
-    for i in chosen:
-        before, after = original[regions[i].slices], photo[regions[i].slices]
-        faces.append(
-            CloakedFace(
-                number=i + 1,
-                site=sites[i],
-                region=regions[i],
-                steps=steps_run[i],
-                clean=clean[i],
-                references=references[i],
-                outcomes=outcomes[i],
-                linf=int(np.abs(after.astype(np.int16) - before).max(initial=0)),
-                ssim=figures[i].ssim,
-                visible_region=visible[i],
-                visibility=figures[i],
-                limits=limits[i],
-            )
-        )
+    photo, figures = _held(original, photo, faces, settings, saved)
     return CloakResult(
         image=photo,
-        faces=tuple(faces),
+        faces=tuple(f.result(original, photo, figure) for f, figure in zip(faces, figures, strict=True)),
         settings=settings,
         targeted=targeted,
         no_align=no_align,
@@ -429,6 +370,127 @@ def cloak_image(
         seed=seed,
         output_quality=output_quality,
     )
+
+
+@dataclass(eq=False)
+class _Face:
+    """One chosen face through the cloak: where it is, what it is measured and capped on, what the attack
+    aims at, its share of the budget, and what the attack has done to it so far."""
+
+    index: int
+    """Index of the face in the photo's detections."""
+    site: FaceSite
+    warp: Warp
+    region: Box
+    """The box the face's perturbation lives in (grown when a refinement round re-aligns the face)."""
+    visible: Box
+    """The face region its visibility is measured and capped on (:func:`visible_region`)."""
+    limits: FaceLimits | None
+    clean: dict[str, Float32Array]
+    reference: dict[str, Float32Array]
+    owned: Float32Array = field(init=False, repr=False)
+    """``[h, w]`` on ``region``: the face's share of the budget (0 where another face owns the pixel)."""
+    steer: dict[str, Float32Array] | None = None
+    outcomes: tuple[ModelOutcome, ...] = ()
+    steps: int = 0
+
+    @classmethod
+    def of(
+        cls,
+        index: int,
+        site: FaceSite,
+        original: Uint8Array,
+        size: int,
+        settings: CloakSettings,
+        recognizers: Sequence[AttackSession],
+        aimed: dict[str, Float32Array] | None,
+    ) -> _Face:
+        height, width = original.shape[:2]
+        warp = Warp(site.crop_to_photo, (height, width), size)
+        region = region_box(warp, height, width)
+        visible = visible_region(site, region, original.shape)
+        clean = embed(original, site, recognizers)
+        limits = face_limits(original, visible, settings)
+        return cls(index, site, warp, region, visible, limits, clean, clean if aimed is None else aimed)
+
+    def job(self) -> _Job:
+        return _Job(
+            self.index, self.warp, self.region, self.owned, self.limits, self.reference, steer=self.steer
+        )
+
+    def moved_to(
+        self, moved: FaceSite, original: Uint8Array, faces: Sequence[_Face], settings: CloakSettings
+    ) -> _Job:
+        """The job that continues this face's attack with the crop of ``moved`` (its re-detection on
+        the cloaked photo), from its perturbation so far, on a region grown to hold both crops. The
+        face's region and share take the new values, so faces after it keep out of its pixels."""
+        height, width = original.shape[:2]
+        warp = Warp(moved.crop_to_photo, (height, width), moved.size)
+        region = union(self.region, region_box(warp, height, width))
+        fresh = shaped_mask(
+            face_mask(warp, region, settings.feather), original, region, self.visible, settings
+        )
+        earlier = paste(self.owned, self.region, region)
+        mine = np.maximum(earlier, fresh)
+        for other in faces:
+            if other is not self and overlaps(other.region, region):
+                mine[paste(other.owned, other.region, region) > 0] = 0.0
+        self.owned, self.region = mine, region
+        return _Job(
+            self.index, warp, region, mine, self.limits, self.reference, prior=earlier > 0, steer=self.steer
+        )
+
+    def result(self, original: Uint8Array, photo: Uint8Array, figures: visibility.Visibility) -> CloakedFace:
+        before, after = original[self.region.slices], photo[self.region.slices]
+        return CloakedFace(
+            number=self.index + 1,
+            site=self.site,
+            region=self.region,
+            steps=self.steps,
+            clean=self.clean,
+            references=self.reference,
+            outcomes=self.outcomes,
+            linf=int(np.abs(after.astype(np.int16) - before).max(initial=0)),
+            ssim=figures.ssim,
+            visible_region=self.visible,
+            visibility=figures,
+            limits=self.limits,
+        )
+
+
+def _share_the_budget(faces: Sequence[_Face], original: Uint8Array, settings: CloakSettings) -> None:
+    """Each face's share of the budget on its region, shaped by the mode: every pixel belongs to at most
+    one face (:func:`exclusive_mask`)."""
+    chosen = [f.index for f in faces]
+    warps = {f.index: f.warp for f in faces}
+    for f in faces:
+        mask = exclusive_mask(f.index, chosen, warps, f.region, settings)
+        f.owned = shaped_mask(mask, original, f.region, f.visible, settings)
+
+
+def _held(
+    original: Uint8Array,
+    photo: Uint8Array,
+    faces: Sequence[_Face],
+    settings: CloakSettings,
+    saved: Callable[[Uint8Array], Uint8Array] | None,
+) -> tuple[Uint8Array, list[visibility.Visibility]]:
+    """The photo with the floors and caps held across faces (each face's attack held them alone), and
+    each face's figures on it as it will be saved."""
+    if settings.ssim_min is not None and any(
+        overlaps(a.region, b.region) for k, a in enumerate(faces) for b in faces[k + 1 :]
+    ):
+        photo = hold_ssim_together(original, photo, [f.region for f in faces], settings.ssim_min)
+
+    def measured(candidate: Uint8Array) -> list[visibility.Visibility]:
+        shown = candidate if saved is None else saved(candidate)
+        return [visibility.measure(original[f.visible.slices], shown[f.visible.slices]) for f in faces]
+
+    figures = measured(photo)
+    if any(exceeds(figure, f.limits) for figure, f in zip(figures, faces, strict=True)):
+        photo = hold_caps_together(original, photo, [f.limits for f in faces if f.limits is not None], saved)
+        figures = measured(photo)
+    return photo, figures
 
 
 @dataclass(frozen=True)
