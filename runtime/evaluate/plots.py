@@ -1,4 +1,4 @@
-"""PNG figures of an evaluation (:mod:`.evaluate`): protection against image quality, per-model bars,
+"""PNG figures of an evaluation (:class:`.EvalReport`): protection against image quality, per-model bars,
 and a before/after strip of sample faces.
 
 matplotlib is an optional extra (``pip install 'uncnn-rt[plot]'``); it is imported inside the functions,
@@ -15,7 +15,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from uncnn_rt.runtime.errors import UncnnError
-from uncnn_rt.runtime.evaluate import AS_SAVED, PROTOCOLS, SCORE_KINDS, EvalReport, Sample
+from uncnn_rt.runtime.evaluate.protocol import AS_SAVED, PROTOCOLS, SCORE_KINDS
+from uncnn_rt.runtime.evaluate.report import EvalReport, Sample
 from uncnn_rt.runtime.plotting import pyplot, save_png
 
 AMPLIFY: Final = 10
