@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Final, Literal, Protocol
 
 import numpy as np
-import onnxruntime as ort
 
 from uncnn_rt.runtime import catalog
 from uncnn_rt.runtime.arrays import Float32Array, Float64Array, Uint8Array
@@ -24,7 +23,7 @@ from uncnn_rt.runtime.errors import InputError, ModelError
 from uncnn_rt.runtime.geometry.align import canonical_to_arcface112
 from uncnn_rt.runtime.geometry.faces import Detector, FaceSite, find_faces, sites_from_detections
 from uncnn_rt.runtime.geometry.warp import Warp, invert_affine
-from uncnn_rt.runtime.sessions import AttackSession, open_session, resolve_device, stop_spinning
+from uncnn_rt.runtime.sessions import AttackSession, open_session, plain_session, run_chunked
 
 FaceFinder = Callable[[Uint8Array], Sequence[FaceSite]]
 """The faces of a photo ``[H, W, 3]``, each with its crop transform (empty when none is found)."""
@@ -165,16 +164,7 @@ class OnnxEmbedder:
         name: str | None = None,
     ) -> None:
         self.path = Path(path)
-        placement = resolve_device(device)
-        try:
-            self._session = ort.InferenceSession(
-                str(self.path),
-                sess_options=stop_spinning(ort.SessionOptions()),
-                providers=list(placement.providers),
-                provider_options=placement.provider_options(),
-            )
-        except Exception as exc:  # onnxruntime raises bare RuntimeError subclasses for any load failure
-            raise ModelError(f"{self.path}: onnxruntime cannot load it ({exc})") from exc
+        self._session = plain_session(self.path, device=device)
         inputs = self._session.get_inputs()
         shape = list(inputs[0].shape)
         if len(inputs) != 1 or len(shape) != 4 or 3 not in (shape[1], shape[3]):
@@ -239,17 +229,12 @@ class OnnxEmbedder:
     def embed(self, faces: Sequence[FaceView]) -> Float32Array:
         if not faces:
             return np.zeros((0, 0), np.float32)
-        x = self.preprocess(faces)
-        step = self._batch or x.shape[0]
-        pieces = []
-        for start in range(0, x.shape[0], step):
-            chunk = x[start : start + step]
-            pad = step - chunk.shape[0]
-            if pad:  # a fixed batch dimension: pad with copies, then trim
-                chunk = np.concatenate([chunk, np.repeat(chunk[:1], pad, axis=0)])
-            out = np.asarray(self._session.run(None, {self._input: chunk})[0], np.float32)
-            pieces.append(out.reshape(step, -1)[: step - pad])
-        features = np.concatenate(pieces)
+
+        def first_output(feeds: dict[str, Float32Array]) -> list[Float32Array]:
+            out = np.asarray(self._session.run(None, feeds)[0], np.float32)
+            return [out.reshape(feeds[self._input].shape[0], -1)]
+
+        (features,) = run_chunked(first_output, {self._input: self.preprocess(faces)}, self._batch)
         norms = np.linalg.norm(features, axis=1, keepdims=True)
         return np.asarray(features / np.maximum(norms, 1e-12), np.float32)
 
@@ -274,11 +259,7 @@ def open_evaluator(
     file = Path(path)
     if not file.is_file():
         raise InputError(f"{file}: evaluator model not found")
-    try:
-        meta = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"]).get_modelmeta()
-    except Exception as exc:  # onnxruntime raises bare RuntimeError subclasses for any load failure
-        raise ModelError(f"{file}: onnxruntime cannot load it ({exc})") from exc
-    metadata = dict(meta.custom_metadata_map)
+    metadata = dict(plain_session(file, device="cpu").get_modelmeta().custom_metadata_map)
     if META_KIND in metadata:
         if threshold is None and META_THRESHOLD not in metadata:
             raise InputError(f"{file}: the attack graph has no threshold; give one (--threshold)")
