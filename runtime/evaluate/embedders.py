@@ -137,6 +137,12 @@ class OnnxPreprocessing:
     The crop is resampled to ``size`` (default: the model's fixed input size), put in ``channel_order``,
     normalised as ``(pixel - mean) / std`` in 0..255 units, and laid out as the model's input says
     (NCHW when its channel axis is 1, else NHWC).
+
+    Not :class:`~uncnn_rt.runtime.contract.Preprocessing`, which converters fold into an attack graph
+    and which works on the canonical crop's own pixels: the ``arcface`` window is a similarity
+    transform that reaches past that crop (it needs forehead the crop does not hold), so the face is
+    resampled straight from the photo; the size and layout may be left to the model's input; and the
+    defaults are those of ArcFace-style models, ``(pixel - 127.5) / 127.5``.
     """
 
     window: str | tuple[float, float, float, float] = "arcface"
