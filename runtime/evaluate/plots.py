@@ -22,7 +22,8 @@ from uncnn_rt.runtime.plotting import pyplot, save_png
 AMPLIFY: Final = 10
 """The difference image shows ``128 + AMPLIFY * (cloaked - original)``."""
 GOALS: Final = {AS_SAVED: 90.0, "jpeg75": 80.0}
-"""The protection goals of the issue tracker, at mean SSIM >= :data:`GOAL_SSIM`."""
+"""Per condition, the protection (% of eligible probes) the figures mark as the goal, at mean SSIM >=
+:data:`GOAL_SSIM`."""
 GOAL_SSIM: Final = 0.95
 _KIND_COLOURS: Final = {"white-box": "#7f7f7f", "leave-one-out": "#d62728", "external": "#1f77b4"}
 _KIND_LABELS: Final = {

@@ -280,7 +280,7 @@ class EvaluatorInfo:
     """Photos recognized when clean (of the photos with a face)."""
     no_face: int
     controls: dict[str, tuple[Rate, Rate, Rate]]
-    """Per condition, (P1, P2) protection of the transform alone (uncloaked photos), over the probes."""
+    """Per condition, (P1, P2, P3) protection of the transform alone (uncloaked photos), over the probes."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
