@@ -25,7 +25,7 @@ from typing import Any
 from uncnn_rt.runtime import catalog
 from uncnn_rt.runtime import evaluate as ev
 from uncnn_rt.runtime.cloak import MODES, CloakSettings, default_recognizer_names, load_recognizers
-from uncnn_rt.runtime.plots import protection_bars, protection_vs_flip, protection_vs_ssim
+from uncnn_rt.runtime.evaluate.plots import protection_bars, protection_vs_flip, protection_vs_ssim
 
 SHORT = {"as_saved": "saved"}
 

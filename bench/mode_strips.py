@@ -22,8 +22,8 @@ from skimage import data
 
 from uncnn_rt.runtime import cloak, visibility
 from uncnn_rt.runtime.evaluate import Sample
+from uncnn_rt.runtime.evaluate.plots import face_strip
 from uncnn_rt.runtime.imageio import load_image
-from uncnn_rt.runtime.plots import face_strip
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """A quick leave-one-out probe of one cloak recipe on the colour set: protection against visibility.
 
-Runs ``uncnn-rt eval``'s protocol (runtime/evaluate.py) on the first identities of
+Runs ``uncnn-rt eval``'s protocol (runtime/evaluate/) on the first identities of
 ``../shared/faces/colour`` (``--limit`` photos, whole identities), as saved and after JPEG 75, with a
 mode's settings changed by a JSON object of ``CloakSettings`` fields, and prints one JSON line: pooled
 white-box and leave-one-out P1/P2 as ``[protected, eligible]`` and P3 as ``[unlinked, eligible]``, the

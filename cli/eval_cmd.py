@@ -303,7 +303,7 @@ def run_eval(
         report = replace(report, warnings=report.warnings + tuple(group_warnings))
         written = []
         if plots is not None:
-            from uncnn_rt.runtime.plots import write_plots
+            from uncnn_rt.runtime.evaluate.plots import write_plots
 
             written = write_plots(report, plots)
     payload = report.to_dict()

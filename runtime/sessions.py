@@ -15,7 +15,7 @@ import json
 import os
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal, NamedTuple
@@ -449,22 +449,11 @@ class AttackSession:
         forward_only: bool = False,
     ) -> list[Float32Array]:
         session = self._forward() if forward_only else self._session
-        fixed = self.info.batch_size
-        n = images.shape[0]
-        if fixed is None or fixed == n:
-            return [
-                np.asarray(o, np.float32) for o in session.run(list(names), self._feeds(images, references))
-            ]
-        pieces: list[list[Float32Array]] = []
-        for start in range(0, n, fixed):
-            x, r = images[start : start + fixed], references[start : start + fixed]
-            pad = fixed - x.shape[0]
-            if pad:  # the last chunk is padded with copies of its first image, then trimmed
-                x = np.concatenate([x, np.repeat(x[:1], pad, axis=0)])
-                r = np.concatenate([r, np.repeat(r[:1], pad, axis=0)])
-            outs = session.run(list(names), self._feeds(x, r))
-            pieces.append([np.asarray(o, np.float32)[: fixed - pad] for o in outs])
-        return [np.concatenate([p[i] for p in pieces]) for i in range(len(names))]
+        return run_chunked(
+            lambda feeds: session.run(list(names), feeds),
+            self._feeds(images, references),
+            self.info.batch_size,
+        )
 
     @staticmethod
     def _feeds(images: Float32Array, references: Float32Array) -> dict[str, Float32Array]:
@@ -545,6 +534,49 @@ def stop_spinning(options: ort.SessionOptions) -> ort.SessionOptions:
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return options
+
+
+def plain_session(path: str | Path, *, device: str = "auto") -> ort.InferenceSession:
+    """An onnxruntime session over any ONNX file (no contract, no rewrites) on ``device``, its idle
+    threads not spinning (:func:`stop_spinning`).
+
+    Raises:
+        DeviceError: the device is unknown or its provider is missing.
+        ModelError: onnxruntime cannot load the file.
+    """
+    placement = resolve_device(device)
+    try:
+        return ort.InferenceSession(
+            str(path),
+            sess_options=stop_spinning(ort.SessionOptions()),
+            providers=list(placement.providers),
+            provider_options=placement.provider_options(),
+        )
+    except Exception as exc:  # onnxruntime raises bare RuntimeError subclasses for any load failure
+        raise ModelError(f"{path}: onnxruntime cannot load it ({exc})") from exc
+
+
+def run_chunked(
+    run: Callable[[dict[str, Float32Array]], Sequence[ArrayLike]],
+    feeds: Mapping[str, Float32Array],
+    batch: int | None,
+) -> list[Float32Array]:
+    """``run(feeds)`` for a graph whose batch dimension is fixed at ``batch`` (None: any size).
+
+    The feeds, all ``N`` rows, go in chunks of ``batch`` rows; the last chunk is padded with copies of
+    its first row, and each output (as float32) is trimmed back to the rows fed, then joined.
+    """
+    n = next(iter(feeds.values())).shape[0]
+    if batch is None or batch == n:
+        return [np.asarray(o, np.float32) for o in run(dict(feeds))]
+    pieces: list[list[Float32Array]] = []
+    for start in range(0, n, batch):
+        chunk = {name: x[start : start + batch] for name, x in feeds.items()}
+        pad = batch - min(batch, n - start)
+        if pad:
+            chunk = {name: np.concatenate([x, np.repeat(x[:1], pad, axis=0)]) for name, x in chunk.items()}
+        pieces.append([np.asarray(o, np.float32)[: batch - pad] for o in run(chunk)])
+    return [np.concatenate(outputs) for outputs in zip(*pieces, strict=True)]
 
 
 def _thread_count(name: str, value: int) -> int:

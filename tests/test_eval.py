@@ -411,7 +411,8 @@ def test_real_cloak_function_end_to_end(tmp_path: Path, linear_face_graph: Linea
 def test_runtime_imports_without_matplotlib(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
-    from uncnn_rt.runtime import plots, plotting  # noqa: F401  (plots imports without matplotlib)
+    from uncnn_rt.runtime import plotting
+    from uncnn_rt.runtime.evaluate import plots  # noqa: F401  (plots imports without matplotlib)
 
     with pytest.raises(MissingExtraError, match=r"\[plot\]"):
         plotting.require_matplotlib()
@@ -419,7 +420,7 @@ def test_runtime_imports_without_matplotlib(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_plots_are_written(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from uncnn_rt.runtime import plots
+    from uncnn_rt.runtime.evaluate import plots
 
     report = run(write_dataset(tmp_path / "data"), noise_for({"ann1", "bob2"}), samples=2)
     assert len(report.modes[0].samples) == 2

@@ -32,7 +32,7 @@ RUNTIME_LAYERS: tuple[tuple[str, ...], ...] = (
     ("visibility", "plotting"),  # how visible a change is (FLIP, CIEDE2000, SSIM); matplotlib, lazily
     ("attacks",),  # the loop, its rules, boosters, criteria, ensembles
     ("cloak", "jobs"),  # side by side: cloak a photo; batch jobs over data sets
-    ("evaluate", "plots"),  # the evaluation protocol and its report
+    ("evaluate",),  # the evaluation protocol, its report and its figures
 )  # fmt: skip
 SIDE_BY_SIDE = ("cloak", "jobs")
 CONVERTER_BASE = {f"uncnn_rt.runtime.{m}" for m in RUNTIME_LAYERS[0]}

@@ -1,4 +1,4 @@
-"""PNG figures of an evaluation (:mod:`.evaluate`): protection against image quality, per-model bars,
+"""PNG figures of an evaluation (:class:`.EvalReport`): protection against image quality, per-model bars,
 and a before/after strip of sample faces.
 
 matplotlib is an optional extra (``pip install 'uncnn-rt[plot]'``); it is imported inside the functions,
@@ -15,13 +15,15 @@ import numpy as np
 from numpy.typing import NDArray
 
 from uncnn_rt.runtime.errors import UncnnError
-from uncnn_rt.runtime.evaluate import AS_SAVED, PROTOCOLS, SCORE_KINDS, EvalReport, Sample
+from uncnn_rt.runtime.evaluate.protocol import AS_SAVED, PROTOCOLS, SCORE_KINDS
+from uncnn_rt.runtime.evaluate.report import EvalReport, Sample
 from uncnn_rt.runtime.plotting import pyplot, save_png
 
 AMPLIFY: Final = 10
 """The difference image shows ``128 + AMPLIFY * (cloaked - original)``."""
 GOALS: Final = {AS_SAVED: 90.0, "jpeg75": 80.0}
-"""The protection goals of the issue tracker, at mean SSIM >= :data:`GOAL_SSIM`."""
+"""Per condition, the protection (% of eligible probes) the figures mark as the goal, at mean SSIM >=
+:data:`GOAL_SSIM`."""
 GOAL_SSIM: Final = 0.95
 _KIND_COLOURS: Final = {"white-box": "#7f7f7f", "leave-one-out": "#d62728", "external": "#1f77b4"}
 _KIND_LABELS: Final = {
