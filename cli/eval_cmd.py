@@ -129,7 +129,8 @@ def run_eval(
     models: Annotated[
         str | None,
         typer.Option(
-            help="The ensemble, comma-separated shipped recognizers \\[default: the default ensemble]."
+            help="The ensemble, comma-separated: shipped recognizers, or paths of face attack graphs "
+            "(uncnn-rt convert grad) \\[default: the default ensemble]."
         ),
     ] = None,
     evaluator: Annotated[
@@ -232,8 +233,14 @@ def run_eval(
             _split(models, "--models") if models is not None else cloaking.default_recognizer_names()
         )
         shipped = [e.name for e in catalog.load_manifest() if e.kind == "face" and e.threshold is not None]
-        sessions = cloaking.load_recognizers(list(dict.fromkeys(ensemble_names + shipped)), device=device)
+        requested = list(dict.fromkeys(ensemble_names + shipped))
+        sessions = cloaking.load_recognizers(requested, device=device)
         by_name = {s.name: s for s in sessions}
+        if len(by_name) < len(sessions):
+            raise InputError(f"--models names two recognizers alike: {', '.join(s.name for s in sessions)}")
+        # A --models entry may be the path of an attack graph: from here on it goes by its model's name.
+        named = dict(zip(requested, (s.name for s in sessions), strict=True))
+        ensemble_names = [named[n] for n in dict.fromkeys(ensemble_names)]
         embedders = ev.shipped_embedders(sessions)
         if evaluator is not None:
             preprocessing = ev.OnnxPreprocessing(

@@ -60,7 +60,10 @@ SCATTER_HELP = (
 
 Models = Annotated[
     str | None,
-    typer.Option(help="Comma-separated recognizers \\[default: the shipped default ensemble]."),
+    typer.Option(
+        help="Comma-separated recognizers: shipped names, or paths of face attack graphs (uncnn-rt convert "
+        "grad) \\[default: the shipped default ensemble]."
+    ),
 ]
 """``--models`` of ``cloak`` and ``compare``."""
 Cap = Annotated[str | None, typer.Option(help=CAP_HELP)]

@@ -97,7 +97,8 @@ def serve(
     models: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated recognizers cloaks use \\[default: the shipped default ensemble]."
+            help="Comma-separated recognizers cloaks use: shipped names, or paths of face attack graphs "
+            "\\[default: the shipped default ensemble]."
         ),
     ] = None,
     access_log: Annotated[

@@ -536,19 +536,25 @@ def stop_spinning(options: ort.SessionOptions) -> ort.SessionOptions:
     return options
 
 
-def plain_session(path: str | Path, *, device: str = "auto") -> ort.InferenceSession:
+def plain_session(
+    path: str | Path, *, device: str = "auto", intra_op_threads: int | None = None
+) -> ort.InferenceSession:
     """An onnxruntime session over any ONNX file (no contract, no rewrites) on ``device``, its idle
-    threads not spinning (:func:`stop_spinning`).
+    threads not spinning (:func:`stop_spinning`), with ``intra_op_threads`` threads per run (None:
+    onnxruntime's default, one per core).
 
     Raises:
         DeviceError: the device is unknown or its provider is missing.
         ModelError: onnxruntime cannot load the file.
     """
     placement = resolve_device(device)
+    options = stop_spinning(ort.SessionOptions())
+    if intra_op_threads is not None:
+        options.intra_op_num_threads = intra_op_threads
     try:
         return ort.InferenceSession(
             str(path),
-            sess_options=stop_spinning(ort.SessionOptions()),
+            sess_options=options,
             providers=list(placement.providers),
             provider_options=placement.provider_options(),
         )

@@ -15,5 +15,7 @@ def step_rate(alpha: np.float32, schedule: str, floor: float, done: int, steps: 
     ``alpha * (floor + (1 - floor) * (1 + cos(pi * done / steps)) / 2)``, from ``alpha`` down towards
     ``floor * alpha`` (SGDR's annealing, without restarts). Computed in float32, as the step is."""
     if schedule == "cosine":
-        return np.float32(alpha * (floor + (1 - floor) * (1 + math.cos(math.pi * done / steps)) / 2))
+        share = floor + (1 - floor) * (1 + math.cos(math.pi * done / steps)) / 2
+        rate: np.float32 = np.float32(alpha * share)
+        return rate
     return alpha

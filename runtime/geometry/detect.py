@@ -71,13 +71,12 @@ from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
-import onnxruntime as ort
 from numpy.typing import NDArray
 from PIL import Image
 
 from uncnn_rt.runtime.arrays import Float32Array, Float64Array, IntArray, Uint8Array
 from uncnn_rt.runtime.errors import InputError, ModelError
-from uncnn_rt.runtime.sessions import resolve_device, stop_spinning
+from uncnn_rt.runtime.sessions import plain_session
 
 NUM_KEYPOINTS: Final = 6
 KEYPOINT_NAMES: Final = (
@@ -474,21 +473,9 @@ class FaceDetector:
         self.iou_threshold = iou_threshold
         self.max_faces = max_faces
         self.min_face = float(min_face)
-        placement = resolve_device(device)
         # Runs are short (about 7 ms of CPU each at S = 256): threads that spin between them only take
-        # cores from other work, and halve the speed on a busy machine.
-        options = stop_spinning(ort.SessionOptions())
-        if intra_op_threads is not None:
-            options.intra_op_num_threads = intra_op_threads
-        try:
-            self._session = ort.InferenceSession(
-                str(self.path),
-                sess_options=options,
-                providers=list(placement.providers),
-                provider_options=placement.provider_options(),
-            )
-        except Exception as exc:  # onnxruntime raises bare RuntimeError subclasses for any load failure
-            raise ModelError(f"{self.path}: onnxruntime cannot load it ({exc})") from exc
+        # cores from other work (plain_session stops them).
+        self._session = plain_session(self.path, device=device, intra_op_threads=intra_op_threads)
         self.input_size, self._batch, self._input_name = self._read_input()
         self.anchors = anchor_centres(self.input_size)
         self._slots = self._read_outputs()
