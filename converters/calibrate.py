@@ -26,6 +26,7 @@ from PIL import Image
 from uncnn_rt.runtime.contract import Preprocessing
 from uncnn_rt.runtime.errors import InputError
 from uncnn_rt.runtime.imageio import IMAGE_SUFFIXES
+from uncnn_rt.runtime.sessions import run_chunked
 
 EmbedFn = Callable[[NDArray[np.float32]], NDArray[np.float32]]
 
@@ -189,14 +190,10 @@ def onnx_embedder(
         for i in range(0, len(crops), step):
             chunk = crops[i : i + step]
             if prep is not None:
-                x = preprocess(chunk, prep)
-                if fixed_batch is not None:
-                    # A model exported with batch 1 (e.g. from TFLite) runs one crop at a time; one whose
-                    # fixed batch is larger is fed copies and the first row is kept.
-                    x = np.concatenate([x] + [x[:1]] * (fixed_batch - len(x))) if len(x) < fixed_batch else x
-                    y = sess.run(None, {inputs[0].name: x})[0][: len(chunk)]
-                else:
-                    y = sess.run(None, {inputs[0].name: x})[0]
+                # A model exported with a fixed batch (1, from TFLite) runs in chunks of it, the last
+                # padded with copies (sessions.run_chunked, as the runtime runs such graphs).
+                feeds = {inputs[0].name: preprocess(chunk, prep)}
+                y = run_chunked(lambda f: sess.run(None, f), feeds, fixed_batch)[0]
             else:
                 feeds = {"image": chunk.astype(np.float32)}
                 dim = sess.get_outputs()[0].shape[-1]

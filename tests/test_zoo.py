@@ -385,3 +385,24 @@ def test_models_list_keeps_each_source_whole(columns: int) -> None:
         source = f"{e.source.get('package')}@{e.source.get('version')}"
         assert any(source in line for line in lines), (source, result.output)
         assert sum(line.startswith(e.name + " ") for line in lines) == 1  # one row per model
+
+
+@pytest.mark.parametrize("fixed", [1, 2, None])
+def test_onnx_embedder_runs_fixed_batch_models_in_chunks(tmp_path: Path, fixed: int | None) -> None:
+    """A forward model exported with a fixed batch (TFLite's 1, or 2) embeds 5 crops as a dynamic one
+    does: chunks of its batch, the last padded with copies and trimmed (``sessions.run_chunked``)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [fixed or "N", 4, 4, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [fixed or "N", 48])
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 48])
+    graph = helper.make_graph([helper.make_node("Reshape", ["x", "shape"], ["y"])], "flat", [x], [y], [shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "flat.onnx"
+    onnx.save(model, path)
+    crops = np.random.default_rng(0).uniform(0, 255, (5, 8, 8, 3)).astype(np.float32)
+    prep = Preprocessing(native_size=(4, 4), mean=(127.5,) * 3, std=(127.5,) * 3)
+    got = calibrate.onnx_embedder(path, prep, batch=3)(crops)
+    np.testing.assert_array_equal(got, calibrate.preprocess(crops, prep).reshape(5, -1))
