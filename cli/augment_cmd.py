@@ -196,7 +196,12 @@ def robustness(
     model: Annotated[str, typer.Argument(metavar="MODEL", help=MODEL_HELP + " Classifiers only.")],
     data: Annotated[Path, typer.Argument(metavar="DATA", help=DATA_HELP + " Labels are required.")],
     attacks: Annotated[
-        str, typer.Option(help="Comma-separated attacks: fgsm, bim, pgd, mifgsm.")
+        str,
+        typer.Option(
+            help="Comma-separated attacks: fgsm, bim, pgd, mifgsm (fixed steps); autoattack (Croce & Hein's "
+            "standard ensemble: apgd-ce, apgd-t, fab-t, square; the report says which broke each image), "
+            "autoattack-plus; or one of apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square alone."
+        ),
     ] = "fgsm,pgd",
     eps: Annotated[
         str, typer.Option(help="Comma-separated budgets in grey levels (0..255); 0 is the clean accuracy.")
@@ -222,12 +227,14 @@ def robustness(
         ),
     ] = None,
 ) -> None:
-    """Accuracy of a classifier under FGSM/PGD over a range of eps: a table, JSON and a PNG curve.
+    """Accuracy of a classifier under attack over a range of eps: a table, JSON and a PNG curve.
 
     Each labelled image of DATA is attacked (untargeted, against its own label, on 8-bit pixels, through
     the same view of the image as `augment`) at each eps, and counts as correct when the model still
     predicts its label; an image misclassified clean counts as wrong at every eps, and eps 0 is the
-    clean accuracy. Exit codes: 0 measured; 2 bad input (unlabelled or unreadable images are listed);
+    clean accuracy. --attacks autoattack reports RobustBench-style robust accuracy (Croce & Hein's
+    ensemble, each attack on the images the ones before it left robust) and which attack broke how
+    many images at each eps. Exit codes: 0 measured; 2 bad input (unlabelled or unreadable images are listed);
     3 a model that is missing, plain ONNX, not a classifier's or breaks the contract.
     """
     options = global_options(ctx)
@@ -291,9 +298,14 @@ def _print_table(report: rob.RobustnessReport) -> None:
     for e in report.config.eps:
         table.add_column(f"eps {e:g}", justify="right")
     for attack, accuracy in rob.accuracy_rows(report):
-        steps = "" if attack == "fgsm" else f" ({report.config.steps} steps)"
+        steps = "" if attack == "fgsm" or rob.is_autoattack(attack) else f" ({report.config.steps} steps)"
         table.add_row(attack + steps, *(_pct(a) for a in accuracy))
     Console().print(table)
+    for attack, per_eps in report.broken_by.items():
+        for eps, counts in zip(report.config.eps, per_eps, strict=True):
+            if counts:
+                broke = ", ".join(f"{name} {count}" for name, count in counts.items())
+                typer.echo(f"{attack} at eps {eps:g}: images broken by {broke}")
 
 
 def _pct(value: Any) -> str:

@@ -1,4 +1,9 @@
-"""Robust accuracy of a classifier: its accuracy on a labelled data set under FGSM and PGD at each eps.
+"""Robust accuracy of a classifier: its accuracy on a labelled data set under attack at each eps.
+
+The attacks: FGSM, BIM, PGD and MI-FGSM (:data:`~.variants.ATTACKS`, fixed steps), and AutoAttack
+(``autoattack``: Croce & Hein's standard ensemble; ``autoattack-plus``) or any of its attacks by name
+(:data:`uncnn_rt.runtime.attacks.autoattack.ATTACKS`). AutoAttack's report says which attack broke each
+image; its accuracy is RobustBench's robust accuracy.
 
 For every image and every (attack, eps) the untargeted attack runs against the image's own label,
 through the same view of the image as :mod:`.augment` (its centred square, resized exactly to the
@@ -16,12 +21,13 @@ import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
 from uncnn_rt.runtime import catalog
 from uncnn_rt.runtime.attacks import Misclassified, Victim
+from uncnn_rt.runtime.attacks import autoattack as aa
 from uncnn_rt.runtime.errors import InputError, ModelError, UncnnError
 from uncnn_rt.runtime.imageio import load_image
 from uncnn_rt.runtime.jobs.datasets import Item, class_index, class_lookup, item_hash, iter_dataset
@@ -31,6 +37,16 @@ from uncnn_rt.runtime.plotting import pyplot, save_png
 from uncnn_rt.runtime.sessions import AttackSession, open_session
 
 DEFAULT_EPS: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0)
+ENSEMBLES: Final = {"autoattack": "standard", "autoattack-plus": "plus"}
+"""AutoAttack's versions as ``--attacks`` names them."""
+ROBUSTNESS_ATTACKS: Final = (*ATTACKS, *ENSEMBLES, *aa.ATTACKS)
+"""Every attack ``robustness`` runs: the fixed-step ones, AutoAttack, and each of AutoAttack's alone."""
+
+
+def is_autoattack(name: str) -> bool:
+    """Whether ``name`` runs through :class:`~uncnn_rt.runtime.attacks.autoattack.AutoAttack` (which
+    reports the attack that broke each image)."""
+    return name in ENSEMBLES or name in aa.ATTACKS
 
 
 def parse_eps_list(text: str) -> tuple[float, ...]:
@@ -49,9 +65,10 @@ class RobustnessConfig:
     """What to measure.
 
     Args:
-        attacks: any of :data:`~.augment.ATTACKS` (``fgsm`` and ``pgd`` by default).
+        attacks: any of :data:`ROBUSTNESS_ATTACKS` (``fgsm`` and ``pgd`` by default).
         eps: the budgets (0..255 units); 0 gives the clean accuracy.
-        steps: iterations of the iterative attacks.
+        steps: iterations of the fixed-step attacks (AutoAttack's use the reference's: 100 iterations,
+            5000 Square queries).
         step_size: per-step size; ``None``: each attack's default.
         seed: seed of the random starts.
         threads: onnxruntime intra-op threads per worker.
@@ -67,10 +84,9 @@ class RobustnessConfig:
     limit: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.attacks or any(a not in ATTACKS for a in self.attacks):
-            raise InputError(
-                f"attacks must be among {', '.join(ATTACKS)}, got {', '.join(self.attacks) or 'none'}"
-            )
+        if not self.attacks or any(a not in ROBUSTNESS_ATTACKS for a in self.attacks):
+            given = ", ".join(self.attacks) or "none"
+            raise InputError(f"attacks must be among {', '.join(ROBUSTNESS_ATTACKS)}, got {given}")
         if not self.eps or any(not 0 <= e <= 255 for e in self.eps):
             raise InputError(f"eps must be values in 0..255, got {list(self.eps)}")
         if self.steps < 1:
@@ -87,6 +103,8 @@ class _Result:
     clean: bool
     robust: dict[str, list[bool]]
     error: str | None = None
+    broken_by: dict[str, list[str | None]] = field(default_factory=dict)
+    """Per AutoAttack run and eps, the attack that broke the image (None: robust, or not attacked)."""
 
 
 @dataclass
@@ -100,6 +118,8 @@ class RobustnessReport:
     clean_correct: int = 0
     correct: dict[str, list[int]] = field(default_factory=dict)
     errors: list[tuple[str, str]] = field(default_factory=list)
+    broken_by: dict[str, list[dict[str, int]]] = field(default_factory=dict)
+    """Per AutoAttack run and eps, how many images each of its attacks broke."""
 
     @property
     def clean_accuracy(self) -> float:
@@ -120,8 +140,9 @@ class RobustnessReport:
                 attack: {
                     "accuracy": [_round(a) for a in self.accuracy(attack)],
                     "correct": self.correct[attack],
-                    "steps": 1 if attack == "fgsm" else self.config.steps,
+                    "steps": None if is_autoattack(attack) else 1 if attack == "fgsm" else self.config.steps,
                 }
+                | ({"broken_by": self.broken_by[attack]} if attack in self.broken_by else {})
                 for attack in self.config.attacks
             },
             "config": config | {"attacks": list(self.config.attacks), "eps": list(self.config.eps)},
@@ -142,11 +163,33 @@ def robust_item(session: AttackSession, config: RobustnessConfig, item: Item, la
     reference = np.zeros((1, session.info.embedding_dim), np.float32)
     reference[0, label] = 1.0
     robust: dict[str, list[bool]] = {}
+    broken_by: dict[str, list[str | None]] = {}
     for attack_name in config.attacks:
         flags = []
         for eps in config.eps:
             if not clean or eps == 0:  # misclassified already, or a budget that changes no pixel
                 flags.append(clean)
+                if is_autoattack(attack_name):
+                    broken_by.setdefault(attack_name, []).append(None)
+                continue
+            seed = int.from_bytes(item_hash(config.seed, item.name, attack_name, f"{eps:g}")[:8], "little")
+            if is_autoattack(attack_name):
+                ensemble = aa.AutoAttack(
+                    eps=eps,
+                    version=ENSEMBLES.get(attack_name, "standard"),  # type: ignore[arg-type]
+                    attacks=None if attack_name in ENSEMBLES else (attack_name,),
+                )
+                outcome = ensemble(
+                    x0,
+                    [Victim(session, reference, name=MODEL_KEY)],
+                    mask=None if view.crop is None else view.crop.mask(),
+                    quantize=True,
+                    seed=seed,
+                    input_map=view.crop,
+                    luminance_only=loaded.is_grayscale,
+                )
+                flags.append(outcome.broken_by[0] is None)
+                broken_by.setdefault(attack_name, []).append(outcome.broken_by[0])
                 continue
             attack = make_attack(attack_name, eps, config.steps, config.step_size, random_start=False)
             result = attack(
@@ -155,13 +198,13 @@ def robust_item(session: AttackSession, config: RobustnessConfig, item: Item, la
                 mask=None if view.crop is None else view.crop.mask(),
                 quantize=True,
                 stop_when=Misclassified(MODEL_KEY),
-                seed=int.from_bytes(item_hash(config.seed, item.name, attack_name, f"{eps:g}")[:8], "little"),
+                seed=seed,
                 input_map=view.crop,
                 luminance_only=loaded.is_grayscale,
             )
             flags.append(bool(np.argmax(result.features[MODEL_KEY][0]) == label))
         robust[attack_name] = flags
-    return _Result(item.name, clean, robust)
+    return _Result(item.name, clean, robust, broken_by=broken_by)
 
 
 def _robust_chunk(job: tuple[RobustnessConfig, list[tuple[Item, int]]]) -> list[_Result]:
@@ -203,6 +246,7 @@ def measure_robustness(
         data=str(data),
         config=config,
         correct={a: [0] * len(config.eps) for a in config.attacks},
+        broken_by={a: [{} for _ in config.eps] for a in config.attacks if is_autoattack(a)},
     )
 
     def labelled() -> Iterator[tuple[Item, int]]:
@@ -228,6 +272,10 @@ def measure_robustness(
                     report.correct[attack] = [
                         c + f for c, f in zip(report.correct[attack], flags, strict=True)
                     ]
+                for attack, names in result.broken_by.items():
+                    for counts, name in zip(report.broken_by[attack], names, strict=True):
+                        if name is not None:
+                            counts[name] = counts.get(name, 0) + 1
             if progress is not None:
                 progress(result.name)
     if report.images == 0:
@@ -241,7 +289,7 @@ def plot_robustness(report: RobustnessReport, path: str | Path) -> Path:
     eps = list(report.config.eps)
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
     for attack in report.config.attacks:
-        steps = "" if attack == "fgsm" else f", {report.config.steps} steps"
+        steps = "" if attack == "fgsm" or is_autoattack(attack) else f", {report.config.steps} steps"
         ax.plot(eps, [100 * a for a in report.accuracy(attack)], marker="o", label=f"{attack.upper()}{steps}")
     ax.axhline(100 * report.clean_accuracy, color="grey", linestyle="--", linewidth=1, label="clean")
     ax.set_xlabel("eps (grey levels, 0..255)")
@@ -261,6 +309,8 @@ def accuracy_rows(report: RobustnessReport) -> list[tuple[str, list[float]]]:
 
 __all__ = [
     "DEFAULT_EPS",
+    "ENSEMBLES",
+    "ROBUSTNESS_ATTACKS",
     "RobustnessConfig",
     "RobustnessReport",
     "accuracy_rows",
