@@ -260,3 +260,18 @@ def test_rejects_bad_hyperparameters() -> None:
         APGD(loss="hinge")  # type: ignore[arg-type]
     with pytest.raises(InputError, match="rho"):
         APGD(rho=0.0)
+
+
+def test_images_larger_than_the_model_keep_their_own_grid(linear_classifier_graph: LinearGraph) -> None:
+    """32 x 32 images reach the 16 x 16 model through a resize; budget and quantisation stay in 32 x 32."""
+    rng = np.random.default_rng(15)
+    images = rng.integers(0, 256, (4, 32, 32, 3)).astype(np.float32)
+    session = AttackSession(linear_classifier_graph.path, device="cpu")
+    view = ClassifierView(session, (32, 32))
+    labels = view.log_probs(images).argmax(axis=1)
+    victims = [Victim(session, np.eye(10, dtype=np.float32)[labels], name=KEY)]
+    result = APGD(loss="dlr", eps=8.0, steps=20)(images, victims, quantize=True)
+    assert result.images.shape == images.shape
+    assert np.abs(result.images - images).max() <= 8.0
+    np.testing.assert_array_equal(result.success[KEY], view.log_probs(result.images).argmax(axis=1) != labels)
+    assert result.success[KEY].all()
