@@ -260,6 +260,8 @@ def test_rejects_bad_hyperparameters() -> None:
         APGD(loss="hinge")  # type: ignore[arg-type]
     with pytest.raises(InputError, match="rho"):
         APGD(rho=0.0)
+    with pytest.raises(InputError, match="norm"):
+        APGD(norm="l1")  # type: ignore[arg-type]
 
 
 def test_images_larger_than_the_model_keep_their_own_grid(linear_classifier_graph: LinearGraph) -> None:
@@ -275,3 +277,43 @@ def test_images_larger_than_the_model_keep_their_own_grid(linear_classifier_grap
     assert np.abs(result.images - images).max() <= 8.0
     np.testing.assert_array_equal(result.success[KEY], view.log_probs(result.images).argmax(axis=1) != labels)
     assert result.success[KEY].all()
+
+
+@pytest.mark.parametrize("loss", ["ce", "dlr"])
+@pytest.mark.parametrize("quantize", [False, True])
+def test_l2_stays_in_its_ball_the_range_and_the_mask(
+    linear_classifier_graph: LinearGraph, loss: str, quantize: bool
+) -> None:
+    images, labels = _batch(linear_classifier_graph, 6, seed=16)
+    size = linear_classifier_graph.size
+    mask = np.ones((size, size), np.float32)
+    mask[:, :5] = 0.0
+    attack = APGD(loss=loss, eps=40.0, steps=20, norm="l2", target_classes=3)  # type: ignore[arg-type]
+    result = attack(images, _victim(linear_classifier_graph, labels), mask=mask, quantize=quantize)
+    norms = np.sqrt(np.square(result.perturbation.astype(np.float64)).sum(axis=(1, 2, 3)))
+    assert np.all(norms <= 40.0 + 1e-3) and norms.max() > 10.0
+    assert result.images.min() >= 0 and result.images.max() <= 255
+    np.testing.assert_array_equal(result.images[:, :, :5], images[:, :, :5])
+    if quantize:
+        assert np.array_equal(result.images, np.rint(result.images))
+    np.testing.assert_array_equal(
+        result.success[KEY], _logits(linear_classifier_graph, result.images).argmax(axis=1) != labels
+    )
+
+
+def test_l2_dlr_breaks_just_above_the_l2_boundary_and_never_below_it(
+    linear_classifier_graph: LinearGraph,
+) -> None:
+    """The L2 distance to the boundary with class j is ``(z_y - z_j) / ||w_y - w_j||_2`` (0..1 units)."""
+    images, labels = _batch(linear_classifier_graph, 6, seed=17, lo=96, hi=160)
+    z, w = _logits(linear_classifier_graph, images), linear_classifier_graph.weights.astype(np.float64)
+    session = AttackSession(linear_classifier_graph.path, device="cpu")
+    for i, y in enumerate(labels):
+        distance = min(
+            (z[i, y] - z[i, j]) / np.linalg.norm(w[:, y] - w[:, j]) * 255 for j in range(10) if j != y
+        )
+        one = [Victim(session, np.eye(10, dtype=np.float32)[labels[i : i + 1]], name=KEY)]
+        above = APGD(loss="dlr", eps=1.1 * distance, steps=50, norm="l2")(images[i : i + 1], one)
+        below = APGD(loss="dlr", eps=0.95 * distance, steps=50, norm="l2")(images[i : i + 1], one)
+        assert above.success[KEY][0], f"image {i} at 1.1x its L2 distance {distance:.3f}"
+        assert not below.success[KEY][0], f"image {i} broken below its L2 distance {distance:.3f}"

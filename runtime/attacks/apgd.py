@@ -24,6 +24,10 @@ With the order fixed at the current point, DLR's numerator and denominator are z
 ``c_num . z`` and ``c_den . z`` of the logits, so ``grad(num / den) = grad(c . z)`` with
 ``c = c_num / den - num / den^2 c_den``: one gradient pass of the classifier per step (after a
 forward pass that finds the order), exact, through :meth:`~.classifier.ClassifierView.value_and_grad`.
+
+Under the L2 norm (``norm="l2"``, the reference's other norm) ``sign(grad)`` becomes ``grad / ||grad||_2``,
+the start is a random point on the sphere of radius ``eps`` and ``P`` scales the perturbation into the
+ball, then clips it to the pixel range, as the reference does.
 """
 
 from __future__ import annotations
@@ -67,14 +71,15 @@ def checkpoints(steps: int) -> tuple[int, ...]:
 
 @dataclass(frozen=True, kw_only=True)
 class APGD:
-    """Auto-PGD under the L-inf norm (module docstring): APGD-CE, APGD-DLR and APGD-T.
+    """Auto-PGD under the L-inf (or L2) norm (module docstring): APGD-CE, APGD-DLR and APGD-T.
 
     Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble of diverse
     parameter-free attacks", ICML 2020, arXiv:2003.01690. AutoAttack runs ``APGD(loss="ce")`` (one
     run, no restarts) and ``APGD(loss="dlr", target_classes=9)`` (APGD-T).
 
     Args:
-        eps: L-inf budget per pixel and channel, in 0..255 units (times the mask per pixel).
+        eps: the budget in 0..255 units: per pixel and channel (L-inf; times the mask per pixel), or the
+            radius of each image's L2 ball (L2; the mask scales the step, and its 0 pixels never change).
         loss: ``ce`` (cross-entropy) or ``dlr`` (the difference of logits ratio, invariant to a shift
             and a scaling of the logits); with a target, their targeted forms (module docstring).
         steps: iterations per run (``N_iter``); each costs one gradient pass of the images still
@@ -87,6 +92,7 @@ class APGD:
         rho: the share of loss-raising steps between two checkpoints below which ``eta`` halves.
         alpha: momentum: the weight of the new gradient step against the last move (the first step
             has none).
+        norm: ``linf`` (AutoAttack's standard) or ``l2``. The step size starts at ``2 eps`` for both.
 
     Details where the paper and the reference differ or say nothing (what this does):
 
@@ -113,6 +119,7 @@ class APGD:
     target_classes: int = 0
     rho: float = 0.75
     alpha: float = 0.75
+    norm: Literal["linf", "l2"] = "linf"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.eps < math.inf:
@@ -129,6 +136,8 @@ class APGD:
             raise InputError(f"APGD: rho must be in (0, 1], got {self.rho}")
         if not 0.0 < self.alpha <= 1.0:
             raise InputError(f"APGD: alpha must be in (0, 1], got {self.alpha}")
+        if self.norm not in ("linf", "l2"):
+            raise InputError(f"APGD: norm must be 'linf' or 'l2', got {self.norm!r}")
 
     def __call__(
         self,
@@ -191,8 +200,9 @@ class APGD:
             if start.shape != x0.shape:
                 raise InputError(f"init must have shape {list(x0.shape)}, got {list(start.shape)}")
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-        bound = _per_pixel_bound(self.eps, weights, x0.shape)
-        box = _Box(x0, bound, np.broadcast_to(weights, x0.shape), quantize)
+        l2 = self.eps if self.norm == "l2" else None
+        bound = _per_pixel_bound(self.eps if l2 is None else math.inf, weights, x0.shape)
+        box = _Box(x0, bound, np.broadcast_to(weights, x0.shape), quantize, l2)
 
         clean = view.log_probs(x0)
         runs: list[tuple[IntArray | None, IntArray | None]]
@@ -221,7 +231,7 @@ class APGD:
             if start is not None and number == 0:
                 delta = start[idx]
             else:
-                delta = _random_start(rng, bound[idx], luminance_only)
+                delta = _random_start(rng, bound[idx], luminance_only, l2)
             objective = _Objective(
                 view,
                 self.loss,
@@ -275,7 +285,8 @@ class APGD:
                 break
             a = np.float32(1.0 if k == 0 else self.alpha)
             xl = x[live]
-            z = box.project(xl + eta[live, None, None, None] * box.weights[live] * np.sign(grad[live]), live)
+            direction = box.direction(box.weights[live] * grad[live])
+            z = box.project(xl + eta[live, None, None, None] * box.weights[live] * direction, live)
             moved = box.project(xl + a * (z - xl) + (1 - a) * (xl - x_prev[live]), live)
             x_prev[live], x[live] = xl, moved
             shown_live = box.shown(moved, live)
@@ -347,12 +358,25 @@ class _Box:
     bound: Float32Array
     weights: Float32Array
     quantize: bool
+    l2: float | None = None
+    """The L2 radius per image (0..255 units); None: the L-inf box ``bound`` alone."""
 
     def of(self, idx: IntArray) -> _Box:
-        return _Box(self.x0[idx], self.bound[idx], self.weights[idx], self.quantize)
+        return _Box(self.x0[idx], self.bound[idx], self.weights[idx], self.quantize, self.l2)
+
+    def direction(self, grad: Float32Array) -> Float32Array:
+        """The steepest-ascent step of unit norm: ``sign(g)`` (L-inf), ``g / ||g||_2`` (L2)."""
+        if self.l2 is None:
+            return np.sign(grad).astype(np.float32)
+        return np.asarray(grad / np.maximum(_norms(grad), 1e-12), dtype=np.float32)
 
     def project(self, x: Float32Array, idx: IntArray | None = None) -> Float32Array:
+        """Into the budget: for L2, ``delta`` scaled into the ball and then clipped to the box (which
+        only shrinks it), as the reference does; not the exact projection onto their intersection."""
         x0, bound = (self.x0, self.bound) if idx is None else (self.x0[idx], self.bound[idx])
+        if self.l2 is not None:
+            delta = np.where(bound > 0, x - x0, np.float32(0.0))
+            x = x0 + delta * np.minimum(1.0, self.l2 / np.maximum(_norms(delta), 1e-12))
         lo, hi = np.maximum(x0 - bound, 0.0), np.minimum(x0 + bound, 255.0)
         return np.asarray(np.clip(x, lo, hi), dtype=np.float32)
 
@@ -363,15 +387,31 @@ class _Box:
             return x
         x0, bound = (self.x0, self.bound) if idx is None else (self.x0[idx], self.bound[idx])
         integral = np.floor(bound)
-        return np.asarray(x0 + np.clip(np.rint(x - x0), -integral, integral), dtype=np.float32)
+        delta = np.clip(np.rint(x - x0), -integral, integral)
+        if self.l2 is not None:  # where rounding away from 0 leaves the ball, truncation towards 0 cannot
+            over = _norms(delta)[:, 0, 0, 0] > self.l2
+            delta[over] = np.clip(np.trunc(x[over] - x0[over]), -integral[over], integral[over])
+        return np.asarray(x0 + delta, dtype=np.float32)
 
 
-def _random_start(rng: np.random.Generator, bound: Float32Array, luminance_only: bool) -> Float32Array:
-    """``bound * t / max|t|`` per image, ``t`` uniform in ``[-1, 1]`` (one value per pixel for grey)."""
+def _random_start(
+    rng: np.random.Generator, bound: Float32Array, luminance_only: bool, l2: float | None
+) -> Float32Array:
+    """The reference's random starts: ``bound * t / max|t|``, ``t`` uniform in ``[-1, 1]`` (L-inf), or
+    ``l2 * t / ||t||_2`` over the unmasked pixels, ``t`` Gaussian (L2); one value per pixel for grey."""
     m, h, w, _ = bound.shape
-    t = rng.uniform(-1.0, 1.0, size=(m, h, w, 1 if luminance_only else 3))
-    t = t / np.maximum(np.abs(t).max(axis=(1, 2, 3), keepdims=True), 1e-12)
-    return np.asarray(np.broadcast_to(t, bound.shape) * bound, dtype=np.float32)
+    shape = (m, h, w, 1 if luminance_only else 3)
+    if l2 is None:
+        t = rng.uniform(-1.0, 1.0, size=shape)
+        t = np.broadcast_to(t / np.maximum(np.abs(t).max(axis=(1, 2, 3), keepdims=True), 1e-12), bound.shape)
+        return np.asarray(t * bound, dtype=np.float32)
+    t = np.broadcast_to(rng.standard_normal(size=shape), bound.shape) * (bound > 0)
+    return np.asarray(l2 * t / np.maximum(_norms(t), 1e-12), dtype=np.float32)
+
+
+def _norms(x: NDArray[np.floating]) -> NDArray[np.float64]:
+    """``[N, 1, 1, 1]`` L2 norms of the images of ``x``."""
+    return np.sqrt(np.square(x, dtype=np.float64).sum(axis=(1, 2, 3), keepdims=True))
 
 
 @dataclass
