@@ -96,8 +96,9 @@ class APGD:
 
     Details where the paper and the reference differ or say nothing (what this does):
 
-    * the random start is ``x0 + eps * mask * t / max|t|`` with ``t`` uniform in ``[-1, 1]`` (the
-      reference's), projected onto the pixel range;
+    * the random start is the reference's: ``x0 + eps * mask * t / max|t|`` with ``t`` uniform in
+      ``[-1, 1]`` (L-inf), ``x0 + eps * t / ||t||_2`` with ``t`` Gaussian on the unmasked pixels (L2),
+      projected onto the pixel range;
     * the count of loss-raising steps at a checkpoint compares each iterate with the one before,
       counting a jump back to the best point as an iterate of the best loss (the paper), and halves
       when it is strictly below ``rho`` times the steps since the last checkpoint (the paper; the
@@ -175,8 +176,9 @@ class APGD:
                 instead of a random one; later runs start at random.
 
         Returns:
-            :class:`~.base.AttackResult` with ``history`` ``[runs * steps, N]`` (each iterate's loss, NaN
-            where an image was not attacked), ``objective`` the margin ``max_{i != y} z_i - z_y``
+            :class:`~.base.AttackResult` with ``history`` ``[runs * steps, N]`` (the loss of each iterate
+            after the start, run after run; NaN where an image was not attacked: already broken, or
+            stopped), ``objective`` the margin ``max_{i != y} z_i - z_y``
             (``targeted``: ``z_t - max_{i != t} z_i``) of the returned images, positive where they
             succeed, ``success``, and ``steps`` the iterations each image received over all runs.
         """
@@ -411,7 +413,8 @@ def _random_start(
 
 def _norms(x: NDArray[np.floating]) -> NDArray[np.float64]:
     """``[N, 1, 1, 1]`` L2 norms of the images of ``x``."""
-    return np.sqrt(np.square(x, dtype=np.float64).sum(axis=(1, 2, 3), keepdims=True))
+    squares = np.square(x, dtype=np.float64).sum(axis=(1, 2, 3), keepdims=True)
+    return np.asarray(np.sqrt(squares), dtype=np.float64)
 
 
 @dataclass
