@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import LinearGraph
 
-from uncnn_rt.runtime.attacks.apgd import APGD, _Objective, checkpoints
+from uncnn_rt.runtime.attacks.apgd import APGD, _halves, _Objective, checkpoints
 from uncnn_rt.runtime.attacks.classifier import ClassifierView
 from uncnn_rt.runtime.attacks.ensemble import Victim
 from uncnn_rt.runtime.errors import InputError
@@ -317,3 +317,27 @@ def test_l2_dlr_breaks_just_above_the_l2_boundary_and_never_below_it(
         below = APGD(loss="dlr", eps=0.95 * distance, steps=50, norm="l2")(images[i : i + 1], one)
         assert above.success[KEY][0], f"image {i} at 1.1x its L2 distance {distance:.3f}"
         assert not below.success[KEY][0], f"image {i} broken below its L2 distance {distance:.3f}"
+
+
+def test_the_step_size_halves_on_the_papers_two_conditions() -> None:
+    span, rho = 16, 0.75  # 12 of 16 raising steps is exactly rho: not below it
+    raised = np.array([11, 12, 12, 12, 16])
+    halved_before = np.array([False, False, False, True, False])
+    best_before = np.array([1.0, 1.0, 1.0, 1.0, 1.0])
+    best = np.array([2.0, 2.0, 1.0, 1.0, 1.0])
+    np.testing.assert_array_equal(
+        _halves(raised, span, rho, halved_before, best, best_before), [True, False, True, False, True]
+    )
+
+
+def test_more_restarts_break_a_superset(linear_classifier_graph: LinearGraph) -> None:
+    """The first run is the same for the same seed; later runs only add images."""
+    images, labels = _batch(linear_classifier_graph, 10, seed=18)
+    victims = _victim(linear_classifier_graph, labels)
+    one = APGD(loss="ce", eps=1.0, steps=10)(images, victims, seed=5)
+    three = APGD(loss="ce", eps=1.0, steps=10, restarts=3)(images, victims, seed=5)
+    assert 0 < one.success[KEY].sum() < len(labels)
+    assert np.all(three.success[KEY][one.success[KEY]])
+    np.testing.assert_array_equal(three.images[one.success[KEY]], one.images[one.success[KEY]])
+    assert three.history[KEY].shape == (30, 10)
+    assert np.isnan(three.history[KEY][10:, one.success[KEY]]).all()

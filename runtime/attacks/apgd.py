@@ -310,9 +310,9 @@ class APGD:
 
             mark = k + 1
             if mark in span and mark < self.steps:
-                few_raises = raised < self.rho * span[mark]
-                stalled = ~halved_at_mark & (loss_best <= best_at_mark)
-                halve = (few_raises | stalled) & ~broken
+                halve = (
+                    _halves(raised, span[mark], self.rho, halved_at_mark, loss_best, best_at_mark) & ~broken
+                )
                 eta[halve] /= 2
                 x[halve], grad[halve], last[halve] = x_best[halve], grad_best[halve], loss_best[halve]
                 halved_at_mark, best_at_mark = halve, loss_best.copy()
@@ -325,6 +325,23 @@ class APGD:
             steps,
             history,
         )
+
+
+def _halves(
+    raised: NDArray[np.int64],
+    span: int,
+    rho: float,
+    halved_before: BoolArray,
+    best: NDArray[np.float64],
+    best_before: NDArray[np.float64],
+) -> BoolArray:
+    """At a checkpoint ``span`` iterations after the last: whether each image's step size halves.
+
+    The paper's two conditions: fewer than ``rho * span`` of those steps raised the loss (``raised``),
+    or the last checkpoint did not halve it (``halved_before``) and the best loss has not risen since
+    (``best <= best_before``).
+    """
+    return np.asarray((raised < rho * span) | (~halved_before & (best <= best_before)))
 
 
 @dataclass(frozen=True)
