@@ -13,6 +13,7 @@ Typical use::
     result.images, result.success["faceres"], result.history["faceres"]
 """
 
+from uncnn_rt.runtime.attacks.apgd import APGD
 from uncnn_rt.runtime.attacks.base import AttackResult, BoundCap, GradientAttack, PerImageCap, VisibilityCap
 from uncnn_rt.runtime.attacks.boosters import (
     EOT,
@@ -40,6 +41,7 @@ from uncnn_rt.runtime.attacks.linear import LinearMap, PerImage, Resize, ResizeP
 from uncnn_rt.runtime.attacks.pgd import BIM, FGSM, IFGSM, L2PGD, MIFGSM, PGD, LinfPGD
 
 __all__ = [
+    "APGD",
     "BIM",
     "EOT",
     "FGSM",
