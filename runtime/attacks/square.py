@@ -227,7 +227,8 @@ def _scores(
 def _p_selection(p_init: float, iteration: int, queries: int) -> float:
     """The window's share of the image at ``iteration``: the reference's schedule rescaled to ``queries``."""
     it = int(iteration / queries * _SCHEDULE_LENGTH)
-    return p_init / 2 ** sum(it > t for t in _P_HALVINGS)
+    halvings = sum(it > t for t in _P_HALVINGS)
+    return p_init / float(2**halvings)
 
 
 class _Space:
@@ -294,7 +295,7 @@ class _Space:
 
     @staticmethod
     def l2_norms(latent: Float32Array) -> NDArray[np.float64]:
-        return np.sqrt(np.square(latent, dtype=np.float64).sum(axis=(1, 2, 3)))
+        return np.asarray(np.sqrt(np.square(latent, dtype=np.float64).sum(axis=(1, 2, 3))), np.float64)
 
     def to_ball(self, latent: Float32Array, idx: NDArray[np.intp], *, exact: bool) -> Float32Array:
         """L2: ``u`` of images ``idx`` restricted to their unmasked pixels and scaled to norm ``eps``
@@ -394,7 +395,7 @@ class _Run:
         proposal[at, rows[:, :, None], cols[:, None, :]] = (
             signs * bound[at, rows[:, :, None], cols[:, None, :]]
         )
-        return proposal
+        return np.asarray(proposal, dtype=np.float32)
 
     def _l2_proposal(self, live: NDArray[np.intp], s: int) -> Float32Array:
         """The paper's L2 update: the window's old content (per channel, at unit norm) plus a fresh
