@@ -74,8 +74,8 @@ class Square:
 
     ``__call__`` takes ``images`` ``[N, H, W, 3]`` and one classifier :class:`~.ensemble.Victim` with
     one-hot references ``[N, K]`` (true labels, or targets when ``targeted``) and returns an
-    :class:`~.base.AttackResult`: ``history`` ``[iterations + 1, N]`` the margin of each image's current
-    point after the start and each iteration (untargeted ``z_y - max_{i != y} z_i``, targeted
+    :class:`~.base.AttackResult`: ``history`` ``[rows, N]`` the margin of each image's current point
+    after each restart's start and after each iteration (untargeted ``z_y - max_{i != y} z_i``, targeted
     ``max_{i != t} z_i - z_t``: negative once broken), ``objective`` ``[N]`` that margin on the returned
     images, ``features`` ``[N, K]`` their log-probabilities, ``success`` ``[N]`` the argmax criterion on
     them, ``steps`` ``[N]`` the queries each image cost (the final check of the returned images, one
