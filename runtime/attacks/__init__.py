@@ -39,6 +39,7 @@ from uncnn_rt.runtime.attacks.criteria import (
 from uncnn_rt.runtime.attacks.ensemble import Ensemble, Gradient, Victim
 from uncnn_rt.runtime.attacks.linear import LinearMap, PerImage, Resize, ResizePad, Upsample, resize_matrix
 from uncnn_rt.runtime.attacks.pgd import BIM, FGSM, IFGSM, L2PGD, MIFGSM, PGD, LinfPGD
+from uncnn_rt.runtime.attacks.square import Square
 
 __all__ = [
     "APGD",
@@ -72,6 +73,7 @@ __all__ = [
     "ResizePad",
     "SimilarityAbove",
     "SimilarityBelow",
+    "Square",
     "TargetReached",
     "Transform",
     "TranslationInvariance",
