@@ -26,6 +26,7 @@ from typing import Any, Final
 import numpy as np
 
 from uncnn_rt.runtime import catalog
+from uncnn_rt.runtime.arrays import Float32Array
 from uncnn_rt.runtime.attacks import Misclassified, Victim
 from uncnn_rt.runtime.attacks import autoattack as aa
 from uncnn_rt.runtime.errors import InputError, ModelError, UncnnError
@@ -37,6 +38,10 @@ from uncnn_rt.runtime.plotting import pyplot, save_png
 from uncnn_rt.runtime.sessions import AttackSession, open_session
 
 DEFAULT_EPS: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0)
+CHUNK: Final = 4
+"""Images per task of the fixed-step attacks (each image is attacked alone)."""
+AUTOATTACK_CHUNK: Final = 64
+"""Images per task with AutoAttack, which attacks a task's images of one size together."""
 ENSEMBLES: Final = {"autoattack": "standard", "autoattack-plus": "plus"}
 """AutoAttack's versions as ``--attacks`` names them."""
 ROBUSTNESS_ATTACKS: Final = (*ATTACKS, *ENSEMBLES, *aa.ATTACKS)
@@ -154,71 +159,129 @@ def _round(value: float) -> float | None:
     return None if math.isnan(value) else round(value, 6)
 
 
-def robust_item(session: AttackSession, config: RobustnessConfig, item: Item, label: int) -> _Result:
-    """Whether one image is classified correctly clean and under each attack and eps."""
+@dataclass(frozen=True)
+class _Image:
+    """One labelled image, decoded, with its view of the model and its clean verdict."""
+
+    item: Item
+    label: int
+    x0: Float32Array
+    view: View
+    grey: bool
+    clean: bool
+
+
+def _load(session: AttackSession, item: Item, label: int) -> _Image:
     loaded = load_image(item.source, name=item.name)
     x0 = loaded.rgb[None].astype(np.float32)
     view = View.of(loaded.height, loaded.width, session.info.canonical_size)
     clean = bool(np.argmax(session.features(view(x0))[0]) == label)
-    reference = np.zeros((1, session.info.embedding_dim), np.float32)
-    reference[0, label] = 1.0
-    robust: dict[str, list[bool]] = {}
-    broken_by: dict[str, list[str | None]] = {}
+    return _Image(item, label, x0, view, loaded.is_grayscale, clean)
+
+
+def robust_item(session: AttackSession, config: RobustnessConfig, item: Item, label: int) -> _Result:
+    """Whether one image is classified correctly clean and under each attack and eps."""
+    return robust_items(session, config, [_load(session, item, label)])[0]
+
+
+def robust_items(session: AttackSession, config: RobustnessConfig, images: list[_Image]) -> list[_Result]:
+    """Whether each image is classified correctly clean and under each attack and eps.
+
+    The fixed-step attacks run image by image. AutoAttack runs once per eps on all the images of one
+    size and colour kind that are classified correctly clean (its attacks are batched; each image is
+    still attacked against its own label), seeded by the images' names, so the figures depend on the
+    chunks the job is cut into (fixed by the data set's order), not on the number of workers.
+    """
+    robust = [{a: [m.clean] * len(config.eps) for a in config.attacks} for m in images]
+    broken_by: list[dict[str, list[str | None]]] = [
+        {a: [None] * len(config.eps) for a in config.attacks if is_autoattack(a)} for _ in images
+    ]
     for attack_name in config.attacks:
-        flags = []
-        for eps in config.eps:
-            if not clean or eps == 0:  # misclassified already, or a budget that changes no pixel
-                flags.append(clean)
-                if is_autoattack(attack_name):
-                    broken_by.setdefault(attack_name, []).append(None)
+        for e, eps in enumerate(config.eps):
+            if eps == 0:  # a budget that changes no pixel: the clean verdict
                 continue
-            seed = int.from_bytes(item_hash(config.seed, item.name, attack_name, f"{eps:g}")[:8], "little")
             if is_autoattack(attack_name):
-                ensemble = aa.AutoAttack(
-                    eps=eps,
-                    version=ENSEMBLES.get(attack_name, "standard"),  # type: ignore[arg-type]
-                    attacks=None if attack_name in ENSEMBLES else (attack_name,),
-                )
-                outcome = ensemble(
-                    x0,
-                    [Victim(session, reference, name=MODEL_KEY)],
-                    mask=None if view.crop is None else view.crop.mask(),
-                    quantize=True,
-                    seed=seed,
-                    input_map=view.crop,
-                    luminance_only=loaded.is_grayscale,
-                )
-                flags.append(outcome.broken_by[0] is None)
-                broken_by.setdefault(attack_name, []).append(outcome.broken_by[0])
+                for group in _groups([k for k, m in enumerate(images) if m.clean], images):
+                    outcome = _autoattack(session, config, attack_name, eps, [images[k] for k in group])
+                    for k, name in zip(group, outcome.broken_by, strict=True):
+                        robust[k][attack_name][e] = name is None
+                        broken_by[k][attack_name][e] = name
                 continue
-            attack = make_attack(attack_name, eps, config.steps, config.step_size, random_start=False)
-            result = attack(
-                x0,
-                [Victim(session, reference, name=MODEL_KEY)],
-                mask=None if view.crop is None else view.crop.mask(),
-                quantize=True,
-                stop_when=Misclassified(MODEL_KEY),
-                seed=seed,
-                input_map=view.crop,
-                luminance_only=loaded.is_grayscale,
-            )
-            flags.append(bool(np.argmax(result.features[MODEL_KEY][0]) == label))
-        robust[attack_name] = flags
-    return _Result(item.name, clean, robust, broken_by=broken_by)
+            for k, m in enumerate(images):
+                if m.clean:
+                    robust[k][attack_name][e] = _fixed_step(session, config, attack_name, eps, m)
+    return [_Result(m.item.name, m.clean, robust[k], broken_by=broken_by[k]) for k, m in enumerate(images)]
+
+
+def _groups(indices: list[int], images: list[_Image]) -> list[list[int]]:
+    """``indices`` grouped by image size and colour kind (what one batched attack call can take)."""
+    groups: dict[tuple[tuple[int, ...], bool], list[int]] = {}
+    for k in indices:
+        groups.setdefault((images[k].x0.shape, images[k].grey), []).append(k)
+    return list(groups.values())
+
+
+def _seed(config: RobustnessConfig, names: list[str], attack: str, eps: float) -> int:
+    return int.from_bytes(item_hash(config.seed, "\n".join(names), attack, f"{eps:g}")[:8], "little")
+
+
+def _fixed_step(
+    session: AttackSession, config: RobustnessConfig, attack_name: str, eps: float, m: _Image
+) -> bool:
+    attack = make_attack(attack_name, eps, config.steps, config.step_size, random_start=False)
+    result = attack(
+        m.x0,
+        [Victim(session, _one_hot(session, [m.label]), name=MODEL_KEY)],
+        mask=None if m.view.crop is None else m.view.crop.mask(),
+        quantize=True,
+        stop_when=Misclassified(MODEL_KEY),
+        seed=_seed(config, [m.item.name], attack_name, eps),
+        input_map=m.view.crop,
+        luminance_only=m.grey,
+    )
+    return bool(np.argmax(result.features[MODEL_KEY][0]) == m.label)
+
+
+def _autoattack(
+    session: AttackSession, config: RobustnessConfig, attack_name: str, eps: float, group: list[_Image]
+) -> aa.AutoAttackResult:
+    first = group[0]
+    ensemble = aa.AutoAttack(
+        eps=eps,
+        version=ENSEMBLES.get(attack_name, "standard"),  # type: ignore[arg-type]
+        attacks=None if attack_name in ENSEMBLES else (attack_name,),
+    )
+    return ensemble(
+        np.concatenate([m.x0 for m in group]),
+        [Victim(session, _one_hot(session, [m.label for m in group]), name=MODEL_KEY)],
+        mask=None if first.view.crop is None else first.view.crop.mask(),
+        quantize=True,
+        seed=_seed(config, [m.item.name for m in group], attack_name, eps),
+        input_map=first.view.crop,
+        luminance_only=first.grey,
+    )
+
+
+def _one_hot(session: AttackSession, labels: list[int]) -> Float32Array:
+    out = np.zeros((len(labels), session.info.embedding_dim), np.float32)
+    out[np.arange(len(labels)), labels] = 1.0
+    return out
 
 
 def _robust_chunk(job: tuple[RobustnessConfig, list[tuple[Item, int]]]) -> list[_Result]:
     config, pairs = job
     session = worker_session()
-    out = []
-    for item, label in pairs:
+    images: list[_Image] = []
+    failed: dict[int, _Result] = {}
+    for k, (item, label) in enumerate(pairs):
         try:
-            out.append(robust_item(session, config, item, label))
+            images.append(_load(session, item, label))
         except ModelError:
             raise
         except UncnnError as exc:
-            out.append(_Result(item.name, False, {}, error=str(exc)))
-    return out
+            failed[k] = _Result(item.name, False, {}, error=str(exc))
+    measured = iter(robust_items(session, config, images) if images else [])
+    return [failed[k] if k in failed else next(measured) for k in range(len(pairs))]
 
 
 def measure_robustness(
@@ -260,7 +323,8 @@ def measure_robustness(
             yield item, class_index(item.label, lookup, session)
 
     spec = WorkerSpec(str(path), device, config.threads)
-    chunks = ((config, chunk) for chunk in chunked(labelled(), 4))
+    size = AUTOATTACK_CHUNK if any(is_autoattack(a) for a in config.attacks) else CHUNK
+    chunks = ((config, chunk) for chunk in chunked(labelled(), size))
     for batch in ordered_map(_robust_chunk, chunks, spec=spec, workers=workers):
         for result in batch:
             if result.error is not None:
