@@ -1,0 +1,295 @@
+"""FAB (L-inf, untargeted and FAB-T) against the linear classifier, whose boundaries are known exactly:
+between classes ``y`` and ``j`` the smallest L-inf change is ``margin / ||w_y - w_j||_1 * 255`` (pixel
+units, where the pixel range does not bind), and the linear approximation FAB makes is exact."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import LinearGraph
+from scipy.optimize import linprog
+
+from uncnn_rt.runtime.attacks.criteria import Misclassified
+from uncnn_rt.runtime.attacks.ensemble import Victim
+from uncnn_rt.runtime.attacks.fab import FAB, project_linf
+from uncnn_rt.runtime.errors import InputError
+from uncnn_rt.runtime.sessions import AttackSession
+
+KEY = "linear_classifier"
+
+
+def _logits(graph: LinearGraph, images: np.ndarray) -> np.ndarray:
+    x = np.asarray(images, np.float64).reshape(len(images), -1) / 255.0 - 0.5
+    return x @ graph.weights.astype(np.float64) + graph.bias
+
+
+def _minimal_distance(graph: LinearGraph, images: np.ndarray) -> np.ndarray:
+    """``[N]``: the exact L-inf distance (0..255) from each image to the nearest other class."""
+    z = _logits(graph, images)
+    y = z.argmax(axis=1)
+    w = graph.weights.astype(np.float64)
+    out = []
+    for i in range(len(images)):
+        out.append(
+            min(
+                (z[i, y[i]] - z[i, j]) / np.abs(w[:, y[i]] - w[:, j]).sum() * 255.0
+                for j in range(w.shape[1])
+                if j != y[i]
+            )
+        )
+    return np.asarray(out)
+
+
+def _victim(graph: LinearGraph, classes: np.ndarray) -> list[Victim]:
+    session = AttackSession(graph.path, device="cpu")
+    return [Victim(session, np.eye(10, dtype=np.float32)[classes])]
+
+
+def _near_grey(n: int, seed: int = 0) -> np.ndarray:
+    """Images whose minimal adversarial changes no pixel by more than a few grey levels, so the pixel
+    range never binds and the closed-form distance is exact."""
+    return np.random.default_rng(seed).uniform(96, 160, (n, 16, 16, 3)).astype(np.float32)
+
+
+def _labels(graph: LinearGraph, images: np.ndarray) -> np.ndarray:
+    return _logits(graph, images).argmax(axis=1)
+
+
+def _linf(result_images: np.ndarray, images: np.ndarray) -> np.ndarray:
+    return np.abs(result_images.astype(np.float64) - images).reshape(len(images), -1).max(axis=1)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_projection_is_the_linear_programs_optimum(seed: int) -> None:
+    """min ||d||_inf s.t. w . d = r, lower <= d <= upper, against scipy's LP solver (variables d, t;
+    minimise t with -t <= d_i <= t); small boxes make the box bind on some rows."""
+    rng = np.random.default_rng(seed)
+    m, n = 5, 12
+    w = rng.standard_normal((m, n)) * (rng.uniform(size=(m, n)) > 0.2)
+    lower = -rng.uniform(0.0, 1.5, (m, n))
+    upper = rng.uniform(0.0, 1.5, (m, n))
+    r = rng.standard_normal(m) * 2.0
+    d = project_linf(w, r, lower, upper)
+    for i in range(m):
+        cost = np.r_[np.zeros(n), 1.0]
+        a_ub = np.block([[np.eye(n), -np.ones((n, 1))], [-np.eye(n), -np.ones((n, 1))]])
+        bounds = [(lower[i, k], upper[i, k]) for k in range(n)] + [(0, None)]
+        lp = linprog(
+            cost, A_ub=a_ub, b_ub=np.zeros(2 * n), A_eq=np.r_[w[i], 0.0][None], b_eq=[r[i]], bounds=bounds
+        )
+        if lp.status == 0:
+            assert np.dot(w[i], d[i]) == pytest.approx(r[i], abs=1e-9)
+            assert np.all(d[i] >= lower[i] - 1e-12) and np.all(d[i] <= upper[i] + 1e-12)
+            assert np.abs(d[i]).max() == pytest.approx(lp.fun, rel=1e-7, abs=1e-9)
+        else:
+            # Infeasible: the box's corner closest to the hyperplane.
+            assert lp.status == 2
+            corner = np.where(w[i] * np.sign(r[i]) > 0, upper[i], lower[i]) * (w[i] != 0)
+            np.testing.assert_allclose(d[i], corner)
+
+
+def test_untargeted_fab_finds_the_minimal_distance(linear_classifier_graph: LinearGraph) -> None:
+    images = _near_grey(8)
+    labels = _labels(linear_classifier_graph, images)
+    truth = _minimal_distance(linear_classifier_graph, images)
+    result = FAB(eps=255.0, steps=100)(images, _victim(linear_classifier_graph, labels))
+    found = _linf(result.images, images)
+    assert result.success[KEY].all()
+    assert np.all(found >= truth * (1 - 1e-4)), "no attack can beat the exact distance"
+    assert np.all(found <= truth * 1.03), (found / truth).round(4).tolist()
+    assert np.all(np.argmax(_logits(linear_classifier_graph, result.images), axis=1) != labels)
+
+
+def test_fab_t_breaks_exactly_the_images_within_eps(linear_classifier_graph: LinearGraph) -> None:
+    """FAB-T (9 target classes) breaks every image whose minimal distance is below eps (by 3%), and
+    none above it (which no attack can); eps sits in the widest gap between the distances."""
+    images = _near_grey(16, seed=3)
+    labels = _labels(linear_classifier_graph, images)
+    truth = _minimal_distance(linear_classifier_graph, images)
+    ordered = np.sort(truth)
+    gap = int(np.argmax(ordered[1:] / ordered[:-1]))
+    eps = float(np.sqrt(ordered[gap] * ordered[gap + 1]))
+    assert ordered[gap + 1] / ordered[gap] > 1.08, "the test needs distances on both sides of eps"
+    result = FAB(eps=eps, steps=100, target_classes=9)(images, _victim(linear_classifier_graph, labels))
+    np.testing.assert_array_equal(result.success[KEY], truth < eps)
+    assert np.all(_linf(result.images, images) <= eps + 1e-4)
+    # Success is what the returned images show.
+    broken = np.argmax(_logits(linear_classifier_graph, result.images), axis=1) != labels
+    np.testing.assert_array_equal(result.success[KEY], broken)
+    # Each run after the first attacks only the images the earlier ones left unbroken.
+    assert np.all(result.steps[truth > eps] == 9 * 100)
+    assert result.history[KEY].shape == (9 * 100, 16)
+
+
+def test_fab_t_distance_matches_the_minimal_one(linear_classifier_graph: LinearGraph) -> None:
+    images = _near_grey(6, seed=5)
+    labels = _labels(linear_classifier_graph, images)
+    truth = _minimal_distance(linear_classifier_graph, images)
+    result = FAB(eps=255.0, steps=100, target_classes=9)(images, _victim(linear_classifier_graph, labels))
+    found = _linf(result.images, images)
+    # The first target (the runner-up by clean logits) need not be the closest boundary, so FAB-T's
+    # first success may be up to a few times farther: compare with the distance to that target's
+    # boundary instead, and with the true minimum where the two classes agree.
+    assert result.success[KEY].all()
+    assert np.all(found >= truth * (1 - 1e-4))
+    z = _logits(linear_classifier_graph, images)
+    runner_up = np.argsort(-z, axis=1)[:, 1]
+    w = linear_classifier_graph.weights.astype(np.float64)
+    to_target = np.array(
+        [
+            (z[i, labels[i]] - z[i, runner_up[i]]) / np.abs(w[:, labels[i]] - w[:, runner_up[i]]).sum() * 255
+            for i in range(len(images))
+        ]
+    )
+    assert np.all(found <= to_target * 1.03), (found / to_target).round(4).tolist()
+
+
+def test_it_never_leaves_the_budget_or_the_pixel_range(linear_classifier_graph: LinearGraph) -> None:
+    rng = np.random.default_rng(1)
+    images = rng.uniform(0, 255, (6, 16, 16, 3)).astype(np.float32)
+    images[0] = 0.0  # every box binds on one side
+    images[1] = 255.0
+    labels = _labels(linear_classifier_graph, images)
+    mask = rng.uniform(0.0, 1.0, (16, 16)).astype(np.float32)
+    for m in (None, mask):
+        result = FAB(eps=3.0, steps=30, restarts=2)(images, _victim(linear_classifier_graph, labels), mask=m)
+        bound = 3.0 * (np.ones((16, 16)) if m is None else m)[None, :, :, None]
+        assert np.all(np.abs(result.perturbation) <= bound + 1e-4)
+        assert result.images.min() >= 0.0 and result.images.max() <= 255.0
+
+
+def test_quantize_gives_integers_and_honest_success(linear_classifier_graph: LinearGraph) -> None:
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (8, 16, 16, 3)).astype(np.uint8)
+    labels = _labels(linear_classifier_graph, images)
+    truth = _minimal_distance(linear_classifier_graph, images)
+    for eps in (1.0, 4.0, 2.5):
+        result = FAB(eps=eps, steps=40)(images, _victim(linear_classifier_graph, labels), quantize=True)
+        np.testing.assert_array_equal(result.images, np.rint(result.images))
+        assert np.all(np.abs(result.perturbation) <= np.floor(eps))
+        predicted = np.argmax(_logits(linear_classifier_graph, result.images), axis=1)
+        np.testing.assert_array_equal(result.success[KEY], predicted != labels)
+        assert not result.success[KEY][truth > eps].any()
+    assert result.success[KEY].any(), "the test needs some images broken after rounding"
+
+
+def test_eps_zero_breaks_nothing_and_changes_nothing(linear_classifier_graph: LinearGraph) -> None:
+    images = _near_grey(4)
+    labels = _labels(linear_classifier_graph, images)
+    for target_classes in (0, 9):
+        result = FAB(eps=0.0, steps=20, target_classes=target_classes)(
+            images, _victim(linear_classifier_graph, labels)
+        )
+        assert not result.success[KEY].any()
+        np.testing.assert_array_equal(result.images, images)
+
+
+def test_a_large_eps_breaks_everything(linear_classifier_graph: LinearGraph) -> None:
+    images = np.random.default_rng(4).uniform(0, 255, (8, 16, 16, 3)).astype(np.float32)
+    labels = _labels(linear_classifier_graph, images)
+    result = FAB(eps=32.0, steps=50)(images, _victim(linear_classifier_graph, labels))
+    assert result.success[KEY].all()
+    assert np.all(result.objective[KEY] < 0), "the margin of a misclassified image is negative"
+
+
+def test_misclassified_images_count_as_broken_unchanged(linear_classifier_graph: LinearGraph) -> None:
+    images = _near_grey(4)
+    labels = _labels(linear_classifier_graph, images)
+    wrong = (labels + 1) % 10
+    result = FAB(eps=4.0, steps=10)(images, _victim(linear_classifier_graph, wrong))
+    assert result.success[KEY].all()
+    np.testing.assert_array_equal(result.images, images)
+    assert np.all(result.steps == 0)
+
+
+def test_targeted_mode_reaches_the_target(linear_classifier_graph: LinearGraph) -> None:
+    images = np.random.default_rng(5).uniform(0, 255, (6, 16, 16, 3)).astype(np.float32)
+    labels = _labels(linear_classifier_graph, images)
+    targets = (labels + np.arange(1, 7)) % 10
+    result = FAB(eps=64.0, steps=100)(images, _victim(linear_classifier_graph, targets), targeted=True)
+    predicted = np.argmax(_logits(linear_classifier_graph, result.images), axis=1)
+    np.testing.assert_array_equal(predicted, targets)
+    assert result.success[KEY].all()
+    assert np.all(result.objective[KEY] > 0)
+
+
+def test_the_same_seed_gives_the_same_result(linear_classifier_graph: LinearGraph) -> None:
+    images = np.random.default_rng(6).uniform(0, 255, (4, 16, 16, 3)).astype(np.float32)
+    labels = _labels(linear_classifier_graph, images)
+    attack = FAB(eps=1.0, steps=15, restarts=3)  # small eps: the random restarts run
+    first = attack(images, _victim(linear_classifier_graph, labels), seed=7)
+    second = attack(images, _victim(linear_classifier_graph, labels), seed=7)
+    assert (first.steps == 45).any(), "the restarts must run for the test to mean anything"
+    np.testing.assert_array_equal(first.images, second.images)
+    np.testing.assert_array_equal(first.history[KEY], second.history[KEY])
+    other = attack(images, _victim(linear_classifier_graph, labels), seed=8)
+    assert not np.array_equal(first.history[KEY], other.history[KEY])
+
+
+def test_luminance_only_keeps_grey_images_grey(linear_classifier_graph: LinearGraph) -> None:
+    grey = np.random.default_rng(7).uniform(0, 255, (5, 16, 16, 1)).astype(np.float32)
+    images = np.repeat(grey, 3, axis=3)
+    labels = _labels(linear_classifier_graph, images)
+    result = FAB(eps=24.0, steps=40, restarts=2)(
+        images, _victim(linear_classifier_graph, labels), luminance_only=True
+    )
+    assert result.success[KEY].any()
+    np.testing.assert_array_equal(result.images[..., 0], result.images[..., 1])
+    np.testing.assert_array_equal(result.images[..., 0], result.images[..., 2])
+
+
+def test_masked_pixels_never_change(linear_classifier_graph: LinearGraph) -> None:
+    images = np.random.default_rng(8).uniform(0, 255, (4, 16, 16, 3)).astype(np.float32)
+    labels = _labels(linear_classifier_graph, images)
+    mask = np.zeros((16, 16), np.float32)
+    mask[:, :8] = 1.0
+    result = FAB(eps=64.0, steps=40, restarts=2, target_classes=3)(
+        images, _victim(linear_classifier_graph, labels), mask=mask
+    )
+    assert result.success[KEY].any()
+    np.testing.assert_array_equal(result.images[:, :, 8:], images[:, :, 8:])
+
+
+def test_a_masked_budget_is_the_weighted_distance(linear_classifier_graph: LinearGraph) -> None:
+    """With mask ``m`` FAB minimises ``max_i |d_i| / m_i``: for a uniform mask 0.5 the pixel distance is
+    the unmasked one and the budget that breaks it doubles."""
+    images = _near_grey(4, seed=9)
+    labels = _labels(linear_classifier_graph, images)
+    truth = _minimal_distance(linear_classifier_graph, images)
+    half = np.full((16, 16), 0.5, np.float32)
+    result = FAB(eps=255.0, steps=100)(images, _victim(linear_classifier_graph, labels), mask=half)
+    found = _linf(result.images, images)
+    assert np.all((found >= truth * (1 - 1e-4)) & (found <= truth * 1.03))
+    eps = float(np.median(truth)) * 1.5
+    below = FAB(eps=eps, steps=100)(images, _victim(linear_classifier_graph, labels), mask=half)
+    np.testing.assert_array_equal(below.success[KEY], 2 * truth * 1.03 < eps)
+
+
+def test_on_step_history_and_stop_when(linear_classifier_graph: LinearGraph) -> None:
+    images = _near_grey(4)
+    labels = _labels(linear_classifier_graph, images)
+    calls: list[int] = []
+    result = FAB(eps=255.0, steps=12, target_classes=2)(
+        images, _victim(linear_classifier_graph, labels), on_step=calls.append
+    )
+    assert result.success[KEY].all()
+    assert calls == list(range(1, 13)), "the second target finds every image broken and does not run"
+    assert result.history[KEY].shape == (12, 4) and np.isfinite(result.history[KEY]).all()
+    stopped = FAB(eps=255.0, steps=12)(
+        images, _victim(linear_classifier_graph, labels), stop_when=Misclassified(KEY)
+    )
+    assert stopped.success[KEY].all()
+    assert np.all(stopped.steps < 12)
+
+
+def test_bad_arguments_are_refused(linear_classifier_graph: LinearGraph) -> None:
+    images = _near_grey(2)
+    labels = _labels(linear_classifier_graph, images)
+    with pytest.raises(InputError, match="target_classes"):
+        FAB(target_classes=9)(images, _victim(linear_classifier_graph, labels), targeted=True)
+    with pytest.raises(InputError, match="integer-valued"):
+        FAB()(images + 0.5, _victim(linear_classifier_graph, labels), quantize=True)
+    with pytest.raises(InputError, match="eta"):
+        FAB(eta=0.5)
+    with pytest.raises(InputError, match="steps"):
+        FAB(steps=0)
