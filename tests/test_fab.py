@@ -12,6 +12,7 @@ from scipy.optimize import linprog
 from uncnn_rt.runtime.attacks.criteria import Misclassified
 from uncnn_rt.runtime.attacks.ensemble import Victim
 from uncnn_rt.runtime.attacks.fab import FAB, project_linf
+from uncnn_rt.runtime.attacks.linear import Resize
 from uncnn_rt.runtime.errors import InputError
 from uncnn_rt.runtime.sessions import AttackSession
 
@@ -293,3 +294,51 @@ def test_bad_arguments_are_refused(linear_classifier_graph: LinearGraph) -> None
         FAB(eta=0.5)
     with pytest.raises(InputError, match="steps"):
         FAB(steps=0)
+
+
+def test_an_init_outside_the_budget_still_returns_images_inside(linear_classifier_graph: LinearGraph) -> None:
+    rng = np.random.default_rng(10)
+    images = rng.uniform(0, 255, (4, 16, 16, 3)).astype(np.float32)
+    labels = _labels(linear_classifier_graph, images)
+    init = rng.uniform(-60, 60, images.shape).astype(np.float32)
+    result = FAB(eps=2.0, steps=10)(images, _victim(linear_classifier_graph, labels), init=init)
+    assert np.all(np.abs(result.perturbation) <= 2.0 + 1e-4)
+    with pytest.raises(InputError, match="init"):
+        FAB(eps=2.0, steps=1)(images, _victim(linear_classifier_graph, labels), init=init[:2])
+
+
+def test_images_larger_than_the_model_attack_through_the_resize(linear_classifier_graph: LinearGraph) -> None:
+    """32x32 images reach the 16x16 model through the view's resize (linear), the gradient back through
+    its adjoint: the composition is a linear classifier on 32x32 images, with weights ``R^T W / 255``,
+    and FAB finds its minimal distance."""
+    images = np.random.default_rng(11).uniform(96, 160, (4, 32, 32, 3)).astype(np.float32)
+    resize = Resize((32, 32), (16, 16))
+    seen = resize.forward(images)
+    z = _logits(linear_classifier_graph, seen)
+    labels = z.argmax(axis=1)
+    w = linear_classifier_graph.weights.astype(np.float64)
+    truth = []
+    for i in range(len(images)):
+        per_class = []
+        for j in range(10):
+            if j != labels[i]:
+                normal = (w[:, j] - w[:, labels[i]]).reshape(1, 16, 16, 3).astype(np.float32) / 255.0
+                per_class.append((z[i, labels[i]] - z[i, j]) / np.abs(resize.adjoint(normal)).sum())
+        truth.append(min(per_class))
+    result = FAB(eps=255.0, steps=60)(images, _victim(linear_classifier_graph, labels))
+    assert result.success[KEY].all()
+    found = _linf(result.images, images)
+    assert np.all((found >= np.array(truth) * (1 - 1e-3)) & (found <= np.array(truth) * 1.05))
+
+
+def test_quantized_fab_finds_the_minimal_integer_distance(linear_classifier_graph: LinearGraph) -> None:
+    """On integer images the smallest integer L-inf change is ``ceil(distance)`` (the minimal real
+    change's signs at that radius; no integer radius below it reaches the boundary), and FAB with
+    ``quantize`` finds it: rounding its iterates to the nearest integer alone would often fall short."""
+    images = np.rint(np.random.default_rng(12).uniform(40, 215, (8, 16, 16, 3))).astype(np.float32)
+    labels = _labels(linear_classifier_graph, images)
+    truth = _minimal_distance(linear_classifier_graph, images)
+    assert np.ptp(np.ceil(truth)) > 0, "the test needs more than one integer distance"
+    result = FAB(eps=255.0, steps=100)(images, _victim(linear_classifier_graph, labels), quantize=True)
+    assert result.success[KEY].all()
+    np.testing.assert_array_equal(_linf(result.images, images), np.ceil(truth))

@@ -36,12 +36,14 @@ from uncnn_rt.runtime.attacks.criteria import (
     default_criterion,
 )
 from uncnn_rt.runtime.attacks.ensemble import Ensemble, Gradient, Victim
+from uncnn_rt.runtime.attacks.fab import FAB
 from uncnn_rt.runtime.attacks.linear import LinearMap, PerImage, Resize, ResizePad, Upsample, resize_matrix
 from uncnn_rt.runtime.attacks.pgd import BIM, FGSM, IFGSM, L2PGD, MIFGSM, PGD, LinfPGD
 
 __all__ = [
     "BIM",
     "EOT",
+    "FAB",
     "FGSM",
     "IFGSM",
     "L2PGD",

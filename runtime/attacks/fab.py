@@ -37,8 +37,10 @@ as broken when its smallest adversarial lies within the budget ``|d_i| <= eps m_
 An image whose smallest adversarial lies beyond the budget is returned clipped into it (nearly always
 still correctly classified), one without any adversarial as the clean image: the returned images
 always lie in the budget and the pixel range, and ``success`` is judged on them. With ``quantize`` every
-kept adversarial is the rounded iterate (rounded towards 0 where rounding away would leave the budget),
-checked on the model as it is. With ``luminance_only`` the attack works in one value per pixel, the same
+kept adversarial is an integer point checked on the model as it is: the iterate rounded to the nearest
+integers, or, where that falls back across the boundary while the iterate is adversarial, rounded away
+from 0 (towards 0 wherever rounding away would leave the budget); the iterate itself stays real-valued.
+With ``luminance_only`` the attack works in one value per pixel, the same
 on R, G and B (the gradient summed over the channels, the box the channels' intersection, the mask the
 channels' minimum), so grey images stay grey.
 
@@ -169,6 +171,10 @@ class _Geometry:
         """``max_i |v_i| / m_i``: the L-inf norm in ``eps`` units."""
         return np.asarray(np.abs(v / self._safe_scale[idx]).max(axis=1, initial=0.0), dtype=np.float64)
 
+    def along(self, w: Float64Array, v: Float64Array, idx: NDArray[np.intp]) -> Float64Array:
+        """``w_u . (v / m)``: how far the step ``v`` has moved along the hyperplane's normal."""
+        return np.asarray((w * (v / self._safe_scale[idx])).sum(axis=1), dtype=np.float64)
+
     def step(self, w: Float64Array, r: Float64Array, v: Float64Array, idx: NDArray[np.intp]) -> Float64Array:
         """The minimal step ``dv`` from ``v`` with ``w_u . (dv / m) = r`` inside the pixel range."""
         s = self._safe_scale[idx]
@@ -183,6 +189,12 @@ class _Geometry:
         """Integer steps (integral ``x0``): rounded, towards 0 where rounding away leaves the budget."""
         q = np.rint(v)
         return np.asarray(np.where(np.abs(q) <= self.bound[idx], q, np.trunc(v)), dtype=np.float64)
+
+    def outward(self, v: Float64Array, idx: NDArray[np.intp]) -> Float64Array:
+        """Integer steps rounded away from 0 (within the pixel range, since its ends are integers);
+        :meth:`rounded` where that leaves the budget."""
+        q = np.sign(v) * np.ceil(np.abs(v) - 1e-9)
+        return np.asarray(np.where(np.abs(q) <= self.bound[idx], q, self.rounded(v, idx)), dtype=np.float64)
 
     def clipped(self, v: Float64Array, idx: NDArray[np.intp]) -> Float64Array:
         """Into the budget (and the pixel range)."""
@@ -393,7 +405,7 @@ class _Run:
             w = g.weights(grad, act)
             # The hyperplane df + grad . (x' - x) = 0: from x a step d with grad . d = -df; from x0 one
             # with grad . d = -df + grad . (x - x0).
-            reach = (w * (va / g._safe_scale[act])).sum(axis=1)
+            reach = g.along(w, va, act)
             d_here = g.step(w, -df, va, act)
             d_orig = g.step(w, -df + reach, np.zeros_like(va), act)
             a_here = np.maximum(g.norm(d_here, act), _TINY)
@@ -404,9 +416,7 @@ class _Run:
             adversarial = self._adversarial(self.view.log_probs(self._images(va, act)), act)
             candidate, cand_log_probs, cand_adv = va, None, adversarial
             if self.quantize:
-                candidate = g.rounded(va, act)
-                cand_log_probs = self.view.log_probs(self._images(candidate, act))
-                cand_adv = self._adversarial(cand_log_probs, act)
+                candidate, cand_log_probs, cand_adv = self._quantized(va, act, adversarial)
             cand_norm = g.norm(candidate, act)
             better = cand_adv & (cand_norm < state.norm[act])
             if better.any():
@@ -426,6 +436,25 @@ class _Run:
             if stop_when is not None:
                 live[live] &= ~(state.broken[act] & stop_when(self._states(act, state)))
             yield row, act
+
+    def _quantized(
+        self, v: Float64Array, idx: NDArray[np.intp], adversarial: BoolArray
+    ) -> tuple[Float64Array, Float32Array, BoolArray]:
+        """The integer point kept for the iterate ``v``, its log-probabilities and whether it is
+        adversarial: ``v`` rounded; where that is not adversarial but ``v`` is, ``v`` rounded away from 0
+        (FAB ends just past the boundary, mostly at ``+-lambda`` on every coordinate, and rounding
+        ``lambda`` down falls back across it; rounding up moves every coordinate further the same way)."""
+        g = self.geometry
+        candidate = g.rounded(v, idx)
+        log_probs = self.view.log_probs(self._images(candidate, idx))
+        reached = self._adversarial(log_probs, idx)
+        retry = np.flatnonzero(adversarial & ~reached)
+        if retry.size:
+            outward = g.outward(v[retry], idx[retry])
+            lp = self.view.log_probs(self._images(outward, idx[retry]))
+            ok = self._adversarial(lp, idx[retry])
+            candidate[retry[ok]], log_probs[retry[ok]], reached[retry[ok]] = outward[ok], lp[ok], True
+        return candidate, log_probs, reached
 
     def _images(self, v: Float64Array, idx: NDArray[np.intp]) -> Float32Array:
         return np.asarray(np.clip(self.x0[idx] + self.geometry.to_pixels(v), 0.0, 255.0), dtype=np.float32)
