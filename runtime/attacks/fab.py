@@ -65,7 +65,7 @@ target reached); ``steps`` counts the iterations each image received over all ru
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -246,7 +246,7 @@ class FAB:
     def __call__(
         self,
         images: ArrayLike,
-        victims: list[Victim],
+        victims: Sequence[Victim],
         *,
         targeted: bool = False,
         mask: ArrayLike | None = None,
@@ -413,23 +413,21 @@ class _Run:
             alpha = np.minimum(a_here / (a_here + a_orig), fab.alpha_max)[:, None]
             va = g.clip((1.0 - alpha) * (va + fab.eta * d_here) + alpha * fab.eta * d_orig, act)
 
-            adversarial = self._adversarial(self.view.log_probs(self._images(va, act)), act)
-            candidate, cand_log_probs, cand_adv = va, None, adversarial
+            reached_log_probs = self.view.log_probs(self._images(va, act))
+            adversarial = self._adversarial(reached_log_probs, act)
+            # The point kept for this iterate if it beats the smallest adversarial so far: the iterate
+            # itself, or an integer point near it.
+            candidate, cand_log_probs, cand_adv = va, reached_log_probs, adversarial
             if self.quantize:
                 candidate, cand_log_probs, cand_adv = self._quantized(va, act, adversarial)
             cand_norm = g.norm(candidate, act)
             better = cand_adv & (cand_norm < state.norm[act])
-            if better.any():
-                if cand_log_probs is None:
-                    cand_log_probs = self.view.log_probs(self._images(candidate[better], act[better]))
-                    state.kept_log_probs[act[better]] = cand_log_probs
-                else:
-                    state.kept_log_probs[act[better]] = cand_log_probs[better]
-                state.delta[act[better]] = candidate[better]
-                state.norm[act[better]] = cand_norm[better]
-                state.broken[act[better]] = g.within(candidate[better], act[better])
-            va[adversarial] *= fab.beta
-            v[live] = va
+            kept = act[better]
+            state.kept_log_probs[kept] = cand_log_probs[better]
+            state.delta[kept] = candidate[better]
+            state.norm[kept] = cand_norm[better]
+            state.broken[kept] = g.within(candidate[better], kept)
+            v[live] = np.where(adversarial[:, None], fab.beta * va, va)
 
             row = np.full(n, np.nan, dtype=np.float32)
             row[act] = _margin(log_probs, self.classes[act])
