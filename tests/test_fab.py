@@ -4,15 +4,22 @@ units, where the pixel range does not bind), and the linear approximation FAB ma
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
-from conftest import LinearGraph
+from conftest import LinearGraph, _common_meta, _constants, _graph_io, _save
+from onnx import helper, numpy_helper
 from scipy.optimize import linprog
 
+from uncnn_rt.runtime import contract
+from uncnn_rt.runtime.attacks.classifier import ClassifierView
 from uncnn_rt.runtime.attacks.criteria import Misclassified
 from uncnn_rt.runtime.attacks.ensemble import Victim
 from uncnn_rt.runtime.attacks.fab import FAB, project_linf
 from uncnn_rt.runtime.attacks.linear import Resize
+from uncnn_rt.runtime.attacks.pgd import LinfPGD
 from uncnn_rt.runtime.errors import InputError
 from uncnn_rt.runtime.sessions import AttackSession
 
@@ -342,3 +349,79 @@ def test_quantized_fab_finds_the_minimal_integer_distance(linear_classifier_grap
     result = FAB(eps=255.0, steps=100)(images, _victim(linear_classifier_graph, labels), quantize=True)
     assert result.success[KEY].all()
     np.testing.assert_array_equal(_linf(result.images, images), np.ceil(truth))
+
+
+def _relu_classifier(path: Path, size: int = 16, hidden: int = 64, classes: int = 10) -> Path:
+    """A one-hidden-layer ReLU classifier attack graph, its gradient written out by hand: ``logits =
+    relu(x W1 + b1) W2 + b2`` with ``x = flatten(image) / 255 - 0.5``; the gradient of ``features . r``
+    is ``((r - softmax sum(r)) W2^T * [h > 0]) W1^T / 255``."""
+    rng = np.random.default_rng(2)
+    d = size * size * 3
+    w1 = (rng.standard_normal((d, hidden)) / np.sqrt(d) * 6).astype(np.float32)
+    w2 = (rng.standard_normal((hidden, classes)) / np.sqrt(hidden) * 2).astype(np.float32)
+    n = helper.make_node
+    nodes = [
+        n("Reshape", ["image", "flat_shape"], ["flat"]),
+        n("Mul", ["flat", "inv255"], ["unit"]),
+        n("Sub", ["unit", "half"], ["x"]),
+        n("MatMul", ["x", "W"], ["xw"]),
+        n("Add", ["xw", "b1"], ["pre"]),
+        n("Relu", ["pre"], ["h"]),
+        n("MatMul", ["h", "W2"], ["hw"]),
+        n("Add", ["hw", "b2"], ["logits"]),
+        n("LogSoftmax", ["logits"], [contract.OUTPUT_FEATURES], axis=1),
+        n("Mul", [contract.OUTPUT_FEATURES, contract.INPUT_REFERENCE], ["fr"]),
+        n("ReduceSum", ["fr", "axis1"], [contract.OUTPUT_OBJECTIVE], keepdims=0),
+        n("Softmax", ["logits"], ["p"], axis=1),
+        n("ReduceSum", [contract.INPUT_REFERENCE, "axis1"], ["r_sum"], keepdims=1),
+        n("Mul", ["p", "r_sum"], ["p_r"]),
+        n("Sub", [contract.INPUT_REFERENCE, "p_r"], ["grad_logits"]),
+        n("MatMul", ["grad_logits", "W2T"], ["grad_h"]),
+        n("Sign", ["h"], ["active"]),
+        n("Mul", ["grad_h", "active"], ["grad_pre"]),
+        n("MatMul", ["grad_pre", "WT"], ["grad_x"]),
+        n("Mul", ["grad_x", "inv255"], ["grad_flat"]),
+        n("Reshape", ["grad_flat", "image_shape"], [contract.OUTPUT_GRAD]),
+    ]
+    initializers = [
+        *_constants(size, w1),
+        numpy_helper.from_array((rng.standard_normal(hidden) * 0.3).astype(np.float32), "b1"),
+        numpy_helper.from_array(w2, "W2"),
+        numpy_helper.from_array(np.ascontiguousarray(w2.T), "W2T"),
+        numpy_helper.from_array((rng.standard_normal(classes) * 0.1).astype(np.float32), "b2"),
+    ]
+    inputs, outputs = _graph_io(size, classes)
+    graph = helper.make_graph(nodes, "relu_classifier", inputs, outputs, initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    labels = json.dumps([f"class_{i}" for i in range(classes)])
+    meta = _common_meta("relu_classifier", "classifier", size, classes) | {contract.META_LABELS: labels}
+    return _save(model, path, meta)
+
+
+def test_on_a_relu_network_fab_needs_no_more_than_pgd(tmp_path: Path) -> None:
+    """Off the linear model the boundary is curved and FAB's linearisation only local. For each image
+    and each of a few budgets at which 60-step PGD breaks it, FAB's distance is at most that budget."""
+    session = AttackSession(_relu_classifier(tmp_path / "relu.onnx"), device="cpu")
+    view = ClassifierView(session, (16, 16))
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (10, 16, 16, 3)).astype(np.float32)
+    labels = np.argmax(view.log_probs(images), axis=1)
+    # The hand-written gradient against central differences along a random direction.
+    c = np.eye(10, dtype=np.float32)[labels] - np.eye(10, dtype=np.float32)[(labels + 1) % 10]
+    _, _, grad = view.value_and_grad(images, c)
+    direction = rng.standard_normal(images.shape).astype(np.float32)
+    ahead = (view.log_probs(images + 1e-2 * direction) * c).sum(axis=1)
+    behind = (view.log_probs(images - 1e-2 * direction) * c).sum(axis=1)
+    np.testing.assert_allclose((ahead - behind) / 2e-2, (grad * direction).sum(axis=(1, 2, 3)), atol=2e-3)
+
+    victims = [Victim(session, np.eye(10, dtype=np.float32)[labels])]
+    result = FAB(eps=255.0, steps=100, target_classes=9)(images, victims)
+    assert result.success["relu_classifier"].all()
+    found = _linf(result.images, images)
+    pgd_broke_any = False
+    for eps in (1.0, 2.0, 3.0):
+        pgd = LinfPGD(eps=eps, steps=60)(images, victims, seed=0)
+        broken = pgd.success["relu_classifier"]
+        pgd_broke_any |= broken.any()
+        assert np.all(found[broken] <= eps), (eps, found[broken].round(3).tolist())
+    assert pgd_broke_any
