@@ -14,9 +14,10 @@ box [0, 255] (:func:`project_linf`, the minimal L-inf step). It then moves to th
     x <- clip((1 - alpha) (x + eta d_x) + alpha (x0 + eta d_0))
     alpha = min(|d_x| / (|d_x| + |d_0|), alpha_max)
 
-(``eta`` overshoots the boundary a little; the original's share ``alpha`` keeps the iterate close to
-``x0``). Once the iterate is adversarial it is kept if it is the smallest adversarial so far, and pulled
-back towards the original, ``x <- x0 + beta (x - x0)``, to find a closer one on the next steps.
+with ``d_x``, ``d_0`` the minimal L-inf steps from ``x`` and from ``x0`` onto the hyperplane (``eta``
+overshoots it a little; the original's share ``alpha`` keeps the iterate close to ``x0``). Once the
+iterate is adversarial it is kept if it is the smallest adversarial so far, and pulled back towards the
+original, ``x <- x0 + beta (x - x0)``, to find a closer one on the next steps.
 
 Untargeted (``target_classes = 0``) the pair is the one whose linearised boundary is closest, ``j =
 argmin_j |f_j| / ||grad f_j||_1`` (the L-inf distance to the hyperplane), which costs ``K - 1`` gradients
@@ -31,18 +32,22 @@ reference's smaller ball: uniform noise scaled so that its largest coordinate is
 ``targeted=True`` (not in the reference) makes the references the target classes ``t``: each step takes
 the pair ``(t, c)`` with ``c`` the strongest other class at the iterate, and success is ``argmax = t``.
 
-Budget and bookkeeping. FAB minimises the L-inf norm weighted by the ``mask`` (``max_i |d_i| / m_i``;
-pixels with ``m_i = 0`` never change), so its distance is in the same units as ``eps``. An image counts
-as broken when its smallest adversarial lies within the budget ``|d_i| <= eps m_i``; it is then returned.
-An image whose smallest adversarial lies beyond the budget is returned clipped into it (nearly always
-still correctly classified), one without any adversarial as the clean image: the returned images
-always lie in the budget and the pixel range, and ``success`` is judged on them. With ``quantize`` every
-kept adversarial is an integer point checked on the model as it is: the iterate rounded to the nearest
-integers, or, where that falls back across the boundary while the iterate is adversarial, rounded away
-from 0 (towards 0 wherever rounding away would leave the budget); the iterate itself stays real-valued.
-With ``luminance_only`` the attack works in one value per pixel, the same
-on R, G and B (the gradient summed over the channels, the box the channels' intersection, the mask the
-channels' minimum), so grey images stay grey.
+Budget and bookkeeping. An image misclassified already (targeted: at its target) counts as broken
+unchanged, and no run attacks it, as in the reference. FAB minimises the L-inf norm weighted by the
+``mask`` (``max_i |d_i| / m_i``; pixels with ``m_i = 0`` never change), so its distance is in the same
+units as ``eps``. An image counts as broken when its smallest adversarial lies within the budget
+``|d_i| <= eps m_i``; it is then returned. An image whose smallest adversarial lies beyond the budget is
+returned clipped into it (nearly always still correctly classified), one without any adversarial as the
+clean image: the returned images always lie in the budget and the pixel range, and ``success`` is judged
+on them. With ``quantize`` every kept adversarial is an integer point checked on the model as it is: the
+iterate rounded to the nearest integers, or, where that falls back across the boundary while the iterate
+is adversarial, rounded away from 0 (towards 0 wherever rounding away would leave the budget); the
+iterate itself stays real-valued. With ``luminance_only`` the attack works in one value per pixel, the
+same on R, G and B (the gradient summed over the channels, the box the channels' intersection, the mask
+the channels' minimum), so grey images stay grey.
+
+Cost per step and image: ``K - 1`` gradients untargeted, one for FAB-T (plus a forward for
+``targeted=True``), a forward to check the iterate, one or two more with ``quantize``.
 
 Args:
     eps: the L-inf budget within which a found adversarial counts (0..255 units, times the mask);
@@ -56,10 +61,10 @@ Args:
     beta: after an adversarial iterate, keep this share of its perturbation (0.9).
 
 Shapes: ``images`` ``[N, H, W, 3]`` (0..255); the one victim's references ``[N, K]`` one-hot. The
-result's ``history`` is ``[runs * steps, N]``: the iterate's margin ``z_r - max_{j != r} z_j`` (``r``: the
-label, or the target when targeted) at each step of each run, NaN for an image that run did not attack;
-``objective`` is that margin on the returned images (negative: misclassified; positive when targeted:
-target reached); ``steps`` counts the iterations each image received over all runs.
+result's ``history`` has one row ``[N]`` per step run (at most ``runs * steps``): the iterate's margin
+``z_r - max_{j != r} z_j`` (``r``: the label, or the target when targeted), NaN for an image that run
+did not attack; ``objective`` is that margin on the returned images (negative: misclassified; positive
+when targeted: target reached); ``steps`` counts the iterations each image received over all runs.
 """
 
 from __future__ import annotations
