@@ -37,6 +37,7 @@ from uncnn_rt.runtime.attacks.criteria import (
     default_criterion,
 )
 from uncnn_rt.runtime.attacks.ensemble import Ensemble, Gradient, Victim
+from uncnn_rt.runtime.attacks.fab import FAB
 from uncnn_rt.runtime.attacks.linear import LinearMap, PerImage, Resize, ResizePad, Upsample, resize_matrix
 from uncnn_rt.runtime.attacks.pgd import BIM, FGSM, IFGSM, L2PGD, MIFGSM, PGD, LinfPGD
 from uncnn_rt.runtime.attacks.square import Square
@@ -45,6 +46,7 @@ __all__ = [
     "APGD",
     "BIM",
     "EOT",
+    "FAB",
     "FGSM",
     "IFGSM",
     "L2PGD",
