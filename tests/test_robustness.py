@@ -105,3 +105,27 @@ def test_cli_table_json_and_plot(
     face = runner.invoke(app, ["robustness", str(linear_face_graph.path), str(data)])
     assert face.exit_code == 2
     assert "measures a classifier's accuracy" in face.stderr
+
+
+def test_autoattack_is_never_above_pgd_and_says_what_broke_each_image(
+    labelled: tuple[Path, float], classifier: AttackSession
+) -> None:
+    """``--attacks autoattack``: the robust accuracy is at most PGD's at every eps (the ensemble's first
+    attack alone is as strong as fixed-step PGD on a linear model), every image it breaks is credited to
+    one of its attacks, and the counts add up to the clean accuracy minus the robust one."""
+    data, clean = labelled
+    config = RobustnessConfig(attacks=("pgd", "autoattack"), eps=(0, 2, 4), steps=10)
+    report = measure_robustness(classifier.path, data, config)
+    pgd, auto = report.accuracy("pgd"), report.accuracy("autoattack")
+    assert auto[0] == pgd[0] == clean
+    assert all(a <= p for a, p in zip(auto, pgd, strict=True)), (auto, pgd)
+    assert auto[-1] < clean
+    payload = report.to_dict()
+    broken = payload["attacks"]["autoattack"]["broken_by"]
+    assert broken[0] == {}
+    for eps_index, counts in enumerate(broken):
+        assert set(counts) <= {"apgd-ce", "apgd-t", "fab-t", "square"}
+        assert sum(counts.values()) == report.clean_correct - report.correct["autoattack"][eps_index]
+    assert payload["attacks"]["autoattack"]["steps"] is None
+    one = RobustnessConfig(attacks=("square",), eps=(0, 8), seed=1)
+    assert measure_robustness(classifier.path, data, one).to_dict()["attacks"]["square"]["broken_by"][1]
