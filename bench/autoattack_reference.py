@@ -69,13 +69,24 @@ def torch_model(forward_onnx: object) -> object:
     model = onnx.load(forward_onnx) if isinstance(forward_onnx, (str, Path)) else forward_onnx
     inner = convert(model).eval()
 
+    class ToNHWC(torch.autograd.Function):
+        """NCHW -> NHWC whose gradient comes back contiguous (torchattacks' FAB views gradients)."""
+
+        @staticmethod
+        def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+            return x.permute(0, 2, 3, 1).contiguous()
+
+        @staticmethod
+        def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+            return grad.permute(0, 3, 1, 2).contiguous()
+
     class Wrapped(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.inner = inner
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.inner(x.permute(0, 2, 3, 1) * 255.0)
+            return self.inner(ToNHWC.apply(x) * 255.0)
 
     return Wrapped().eval()
 
@@ -101,7 +112,7 @@ def reference_robust(
     import torch
     import torchattacks
 
-    x = torch.from_numpy(images.transpose(0, 3, 1, 2) / 255.0).float()
+    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)) / 255.0).float().contiguous()
     y = torch.from_numpy(labels).long()
     attack = torchattacks.AutoAttack(
         model,
