@@ -11,11 +11,11 @@ above it), and seconds per image of each implementation on this CPU.
 Needs a separate environment, as torchattacks pulls torchvision (keep it out of the dev venv, whose
 torch is pinned)::
 
-    python3 -m venv /tmp/aaref && /tmp/aaref/bin/pip install torch==2.13.0 torchvision==0.28.0 \\
-        onnx2torch torchattacks && /tmp/aaref/bin/pip install -e '.[cpu]'
+    python3 -m venv /tmp/aaref && /tmp/aaref/bin/pip install torch==2.14.1 torchvision==0.29.1 \\
+        onnx2torch torchattacks scikit-image && /tmp/aaref/bin/pip install -e '.[cpu]'
     .venv/bin/python examples/digits/run.py --work /tmp/uncnn-digits        # the two digits models
     /tmp/aaref/bin/python bench/autoattack_reference.py --work /tmp/uncnn-digits --limit 500
-    /tmp/aaref/bin/python bench/autoattack_reference.py --shipped efficientnet_lite0 --eps 1,2,4
+    /tmp/aaref/bin/python bench/autoattack_reference.py --shipped efficientnet_lite0 --eps 1,4
 """
 
 from __future__ import annotations
