@@ -127,5 +127,8 @@ def test_autoattack_is_never_above_pgd_and_says_what_broke_each_image(
         assert set(counts) <= {"apgd-ce", "apgd-t", "fab-t", "square"}
         assert sum(counts.values()) == report.clean_correct - report.correct["autoattack"][eps_index]
     assert payload["attacks"]["autoattack"]["steps"] is None
+    per_image = payload["attacks"]["autoattack"]["broken_images"]  # which attack broke each image
+    assert sum(names[-1] is not None for names in per_image.values()) == sum(broken[-1].values())
+    assert all(len(names) == 3 and names[0] is None for names in per_image.values())
     one = RobustnessConfig(attacks=("square",), eps=(0, 8), seed=1)
     assert measure_robustness(classifier.path, data, one).to_dict()["attacks"]["square"]["broken_by"][1]

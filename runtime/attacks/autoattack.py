@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal, Protocol
+from typing import Any, Final, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -36,12 +36,8 @@ from uncnn_rt.runtime.attacks.ensemble import Victim
 from uncnn_rt.runtime.attacks.linear import LinearMap
 from uncnn_rt.runtime.errors import InputError
 
-
-class RobustnessAttack(Protocol):
-    """What the ensemble runs: any attack of this package (an instance called like :class:`AttackResult`'s
-    producers)."""
-
-    def __call__(self, images: ArrayLike, victims: Sequence[Victim], **kwargs: Any) -> AttackResult: ...
+RobustnessAttack = Callable[..., AttackResult]
+"""What the ensemble runs: any attack of this package, called with the common attack arguments."""
 
 
 def _apgd(**options: Any) -> Callable[[float], RobustnessAttack]:

@@ -125,6 +125,8 @@ class RobustnessReport:
     errors: list[tuple[str, str]] = field(default_factory=list)
     broken_by: dict[str, list[dict[str, int]]] = field(default_factory=dict)
     """Per AutoAttack run and eps, how many images each of its attacks broke."""
+    broken_images: dict[str, dict[str, list[str | None]]] = field(default_factory=dict)
+    """Per AutoAttack run, per image broken at some eps, the attack that broke it at each eps."""
 
     @property
     def clean_accuracy(self) -> float:
@@ -147,7 +149,11 @@ class RobustnessReport:
                     "correct": self.correct[attack],
                     "steps": None if is_autoattack(attack) else 1 if attack == "fgsm" else self.config.steps,
                 }
-                | ({"broken_by": self.broken_by[attack]} if attack in self.broken_by else {})
+                | (
+                    {"broken_by": self.broken_by[attack], "broken_images": self.broken_images[attack]}
+                    if attack in self.broken_by
+                    else {}
+                )
                 for attack in self.config.attacks
             },
             "config": config | {"attacks": list(self.config.attacks), "eps": list(self.config.eps)},
@@ -310,6 +316,7 @@ def measure_robustness(
         config=config,
         correct={a: [0] * len(config.eps) for a in config.attacks},
         broken_by={a: [{} for _ in config.eps] for a in config.attacks if is_autoattack(a)},
+        broken_images={a: {} for a in config.attacks if is_autoattack(a)},
     )
 
     def labelled() -> Iterator[tuple[Item, int]]:
@@ -337,6 +344,8 @@ def measure_robustness(
                         c + f for c, f in zip(report.correct[attack], flags, strict=True)
                     ]
                 for attack, names in result.broken_by.items():
+                    if any(names):
+                        report.broken_images.setdefault(attack, {})[result.name] = names
                     for counts, name in zip(report.broken_by[attack], names, strict=True):
                         if name is not None:
                             counts[name] = counts.get(name, 0) + 1
