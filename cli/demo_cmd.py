@@ -43,13 +43,22 @@ def demo(
     mode: Annotated[
         str, typer.Option(help="Cloak strength: low, mid or high (high protects this portrait).")
     ] = "high",
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Seed of the cloak's random draws, to repeat a demo exactly \\[default: a fresh one].",
+        ),
+    ] = None,
 ) -> None:
     """Cloak a sample portrait (astronaut.png, from scikit-image) with the shipped models and verify it.
 
     Writes astronaut.png (unless it exists) and astronaut.cloaked.png into --folder (by default a new
     temporary folder, so that nothing is left in the current one), then prints the per-model similarity
     before and after and the PROTECTED verdict, as `uncnn-rt cloak` does. The demo runs the high mode:
-    on this portrait mid leaves two of the four recognizers above their thresholds.
+    on this portrait mid leaves two of the four recognizers above their thresholds. Like cloak, it draws a
+    fresh seed each run (--seed repeats one); now and then a seed leaves a recognizer matched, and the demo
+    then says NOT PROTECTED and exits 4, as cloak does.
     """
     with clean_errors():
         if folder is None:
@@ -59,4 +68,4 @@ def demo(
         if not photo.exists():
             atomic_write_bytes(photo, _sample_png())
         typer.echo(f"sample photo: {photo}", err=True)
-    cloak_cmd.cloak(ctx, paths=[str(photo)], mode=mode)
+    cloak_cmd.cloak(ctx, paths=[str(photo)], mode=mode, seed=seed)
