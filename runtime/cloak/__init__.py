@@ -16,7 +16,15 @@ the recognizers a cloak runs against are resolved by :mod:`uncnn_rt.runtime.cata
 
 from uncnn_rt.runtime.catalog import default_recognizer_names, load_recognizers
 from uncnn_rt.runtime.cloak.caps import ENCODER_SHARE, FaceLimits, exceeds, face_limits
-from uncnn_rt.runtime.cloak.modes import DEFAULT_MODE, MODES, CloakSettings, parse_cap, settings_for
+from uncnn_rt.runtime.cloak.modes import (
+    DEFAULT_MODE,
+    MODES,
+    SEED_LIMIT,
+    CloakSettings,
+    check_seed,
+    parse_cap,
+    settings_for,
+)
 from uncnn_rt.runtime.cloak.photo import (
     BATCH_FACES,
     CloakedFace,
@@ -36,6 +44,7 @@ __all__ = [
     "DEFAULT_MODE",
     "ENCODER_SHARE",
     "MODES",
+    "SEED_LIMIT",
     "CloakProgress",
     "CloakProgressCallback",
     "CloakResult",
@@ -45,6 +54,7 @@ __all__ = [
     "FaceLimits",
     "ModelOutcome",
     "NoFaceError",
+    "check_seed",
     "cloak_image",
     "default_recognizer_names",
     "exceeds",

@@ -5,6 +5,7 @@ and ``high`` (:data:`MODES`); the table and the reasons are in :mod:`uncnn_rt.ru
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
@@ -200,8 +201,9 @@ def settings_for(
     else:
         raise InputError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
     if eps is not None:
-        if not 0 <= eps <= 255 or math.isnan(eps):
-            raise InputError(f"eps must be in 0..255 (grey levels), got {eps}")
+        if not 0 < eps <= 255 or math.isnan(eps):
+            # eps 0 would write the photo unchanged and call it a cloak.
+            raise InputError(f"eps must be above 0 and at most 255 (grey levels), got {eps:g}")
         # The step keeps its share of the budget, so a larger eps is reached in as many steps.
         settings = replace(settings, eps=float(eps), step_size=settings.step_size * eps / settings.eps)
     if steps is not None:
@@ -233,6 +235,25 @@ def settings_for(
     if (eps, steps, ssim_min, coarse, cap, scatter) != (None,) * 6 and not settings.mode.endswith("(custom)"):
         settings = replace(settings, mode=f"{settings.mode} (custom)")
     return settings
+
+
+SEED_LIMIT: Final = 2**32
+"""Seeds are ``0 <= seed < SEED_LIMIT``: what every random source of a cloak accepts, and what a JSON
+reader holds exactly."""
+
+
+def check_seed(seed: int) -> int:
+    """``seed`` when it is a valid seed of a cloak's random draws; an :class:`InputError` otherwise.
+
+    Checked with the other options, before any model loads (``cloak --seed``, the service's ``seed``
+    field), rather than by numpy deep inside the first attack."""
+    try:
+        value = operator.index(seed)  # ints and numpy integers; not floats or text
+    except TypeError:
+        value = None
+    if value is None or isinstance(seed, bool) or not 0 <= value < SEED_LIMIT:
+        raise InputError(f"seed must be a whole number in 0..{SEED_LIMIT - 1}, got {seed!r}")
+    return value
 
 
 def parse_cap(text: str) -> tuple[int | None, float]:
