@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from typing import Annotated
 
 import typer
@@ -88,4 +91,24 @@ _add_command_groups()
 
 
 def main() -> None:
-    app()
+    """The ``uncnn-rt`` entry point.
+
+    A command that ends while models are still opening in the background (``cloak`` on a photo that
+    fails to decode, or stopped by Ctrl-C during the loading) must not go through the interpreter's
+    shutdown, which would kill onnxruntime mid-way and abort the process (exit 134) after the right
+    error line: its output is flushed and the process ends at once with the command's exit code.
+    """
+    try:
+        app()
+    except SystemExit as done:
+        from uncnn_rt.cli.cloak_cmd import loading_models
+
+        if not loading_models():
+            raise
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+        if not isinstance(done.code, int | None):
+            print(done.code, file=sys.stderr)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more to say
+                stream.flush()
+        os._exit(code)

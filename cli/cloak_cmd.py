@@ -16,14 +16,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from uncnn_rt.cli.errors import clean_errors
-from uncnn_rt.cli.exit_codes import EXIT_INPUT, EXIT_NOT_PROTECTED, EXIT_OK, worst_exit_code
+from uncnn_rt.cli.exit_codes import (
+    EXIT_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_NOT_PROTECTED,
+    EXIT_OK,
+    worst_exit_code,
+)
 from uncnn_rt.cli.options import Cap, Models, Scatter, global_options
 from uncnn_rt.cli.progress import progress_bar
 from uncnn_rt.runtime import catalog
@@ -47,6 +53,7 @@ from uncnn_rt.runtime.cloak.verify import (
     verify,
 )
 from uncnn_rt.runtime.errors import InputError, ModelError, OutputPathError, UncnnError
+from uncnn_rt.runtime.fileio import check_new_folder, make_folder
 from uncnn_rt.runtime.imageio import (
     DEFAULT_MAX_PIXELS,
     IMAGE_SUFFIXES,
@@ -139,57 +146,82 @@ def wants_folder(output: str) -> bool:
     return output.endswith(("/", "\\")) or Path(output).is_dir()
 
 
-def output_path(source: Path, output: str | None, fmt: str | None, *, many: bool) -> Path:
-    """Where the cloak of ``source`` goes: beside it, into the ``output`` folder, or at ``output``.
+def output_folder(output: str | None, *, many: bool) -> Path | None:
+    """The folder ``-o`` names, checked once for the whole run; None when ``-o`` names a file (or is
+    absent, the outputs then going beside their inputs).
 
-    A folder named with a trailing slash is created (with its parents), as is a missing parent of an
-    output file; ``-o`` must be a folder with several inputs.
+    A folder is one that exists or any name ending in ``/``; with several inputs ``-o`` must be a
+    folder, and a new name is taken as one unless it ends like an image file (``-o one.png``, surely a
+    mistake). A new folder is created (with its parents) when the first output is written: nothing is
+    created here.
     """
-    default = default_output_path(source, fmt)
     if output is None:
-        return default
+        return None
     target = Path(output)
-    if many or wants_folder(output):
+    if wants_folder(output):
         if target.exists() and not target.is_dir():
-            raise OutputPathError(f"{output}: with several inputs, -o must be a directory")
-        _make_folder(target)
-        return target / default.name
-    _make_folder(target.parent)
+            raise OutputPathError(f"{output}: {target} is a file, not a folder; name another folder")
+    elif not many:
+        return None
+    elif target.exists():
+        raise OutputPathError(f"{output}: with several inputs, -o must be a folder, and this is a file")
+    elif target.suffix.lower() in IMAGE_SUFFIXES:
+        raise OutputPathError(
+            f"{output}: with several inputs, -o must be a folder, and this names an image file "
+            f"(for a folder of that name, end it with /: -o {output}/)"
+        )
+    check_new_folder(target)
     return target
 
 
-def _make_folder(folder: Path) -> None:
-    if folder.exists() and not folder.is_dir():
-        raise OutputPathError(f"{folder}: not a folder, cannot hold the output")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputPathError(f"{folder}: cannot create the output folder ({exc.strerror or exc})") from exc
+def output_path(source: Path, output: str | None, fmt: str | None, *, folder: Path | None) -> Path:
+    """Where the cloak of ``source`` goes: beside it, into the ``-o`` folder, or at ``output``.
+
+    The folder of a named output file must exist: a typo in it fails at once instead of writing the
+    cloak somewhere unexpected (a name ending in ``/`` asks for a new folder).
+    """
+    default = default_output_path(source, fmt)
+    if folder is not None:
+        return folder / default.name
+    return default if output is None else Path(output)
 
 
 def plan_outputs(
     files: list[Path], output: str | None, fmt: str | None, *, many: bool
-) -> tuple[dict[Path, Path], list[FileOutcome], list[str]]:
+) -> tuple[dict[Path, Path], list[FileOutcome], list[str], dict[Path, list[str]]]:
     """Each input's output path, checked before any model is loaded or any step taken.
 
     Returns the plan, the inputs refused (as outcomes: an unreadable or oversized header, an output that
-    would be the input or cannot be written) and notes to print (a name whose suffix ``--format`` overrides).
+    would be the input or cannot be written), notes to print (a name whose suffix ``--format`` overrides)
+    and each input's own notes (an input format that cannot be written, and the one written instead).
+    An ``-o`` that cannot be used at all raises :class:`OutputPathError` once, not once per input.
     """
+    folder = output_folder(output, many=many)
     planned: dict[Path, Path] = {}
     refused: list[FileOutcome] = []
     notes: list[str] = []
+    file_notes: dict[Path, list[str]] = {}
     for source in files:
         try:
-            probe_image(source)
-            destination = output_path(source, output, fmt, many=many)
-            check_output_path(destination, input_path=source, fmt=fmt)
+            source_format, _ = probe_image(source)
+            destination = output_path(source, output, fmt, folder=folder)
+            if folder is None or folder.exists():
+                written_as = check_output_path(destination, input_path=source, fmt=fmt)
+            else:  # a new folder: the input cannot be in it, and it is created at the first write
+                written_as = path_format(destination, fmt)
         except ModelError:
             raise
         except UncnnError as exc:
             refused.append(FileOutcome(str(source), error=str(exc), exit_code=exc.exit_code))
             continue
         planned[source] = destination
-    if output is not None and fmt is not None and not many and not wants_folder(output) and planned:
+        chose = fmt is not None or (output is not None and folder is None)  # the user named the format
+        if not chose and normalise_source_format(source_format) != written_as:
+            file_notes[source] = [
+                f"{source_format} cannot be written; the cloak is written as {written_as} "
+                f"({destination.name}; --format chooses another)"
+            ]
+    if output is not None and fmt is not None and folder is None and planned:
         suffix = Path(output).suffix
         if not _suffix_matches(output, fmt):
             why = f"its suffix {suffix!r} names no image format" if suffix else "its name has no suffix"
@@ -198,7 +230,15 @@ def plan_outputs(
     clashes = [p for p in targets if targets.count(p) > 1]
     if clashes:
         raise OutputPathError(f"several inputs would be written to {clashes[0]}; use separate runs")
-    return planned, refused, notes
+    return planned, refused, notes, file_notes
+
+
+def normalise_source_format(name: str) -> str:
+    """Pillow's name of an input's format as :func:`output_format` compares it (``MPO`` is JPEG)."""
+    try:
+        return normalise_format(name)
+    except UncnnError:
+        return name
 
 
 def _suffix_matches(path: str, fmt: str) -> bool:
@@ -206,6 +246,21 @@ def _suffix_matches(path: str, fmt: str) -> bool:
         return path_format(path) == fmt
     except OutputPathError:
         return False
+
+
+LOADER_THREAD: Final = "uncnn-rt model loader"
+"""The name of the threads that open the models in the background (see :func:`loading_models`)."""
+
+
+def loading_models() -> bool:
+    """Whether a background thread is still opening a model.
+
+    A process must not end through the interpreter's shutdown while one is: onnxruntime, in the middle
+    of building a session, is torn down under the thread and aborts the process (SIGABRT, exit 134,
+    ``terminate called without an active exception``) after the error line was printed. The entry
+    point ends such a process at once instead, with the exit code the command chose
+    (:func:`uncnn_rt.cli.app.main`)."""
+    return any(t.name == LOADER_THREAD and t.is_alive() for t in threading.enumerate())
 
 
 @dataclass
@@ -233,7 +288,9 @@ class _Models:
         if self._threads or self.loaded:
             return
         jobs = [self._open_recognizers] + ([self._open_detector] if self.need_detector else [])
-        self._threads = [threading.Thread(target=self._catching(job), daemon=True) for job in jobs]
+        self._threads = [
+            threading.Thread(target=self._catching(job), name=LOADER_THREAD, daemon=True) for job in jobs
+        ]
         for thread in self._threads:
             thread.start()
 
@@ -353,12 +410,14 @@ def cloak(
         settings = cloaking.settings_for(
             mode, eps=eps, steps=steps, ssim_min=ssim_min, coarse=coarse, cap=cap, scatter=scatter
         )
+        if seed is not None:
+            cloaking.check_seed(seed)
         out_format = None if fmt is None else normalise_format(fmt)
         names = split_models(models)
         files, missing = expand_inputs(paths)
         outcomes += missing
         many = len(files) + len(missing) > 1
-        planned, refused, notes = plan_outputs(files, output, out_format, many=many)
+        planned, refused, notes, file_notes = plan_outputs(files, output, out_format, many=many)
         outcomes += refused
         target_photo = None if target_identity is None else load_image(target_identity)
     if not quiet and not as_json:
@@ -371,40 +430,105 @@ def cloak(
     if todo:
         runs.start()
     console = Console(stderr=True)
-    with clean_errors(), progress_bar(console, hidden=quiet or not todo) as progress:
-        task = progress.add_task("cloaking", total=len(todo), detail="")
-        for source in todo:
-            outcome = _cloak_one(
-                source,
-                planned[source],
-                settings=settings,
-                face=None if face is None else face - 1,
-                largest=largest,
-                no_align=no_align,
-                seed=seed,
-                out_format=out_format,
-                keep_location=keep_location,
-                runs=runs,
-                on_progress=lambda p, name=source.name: progress.update(
-                    task, detail=f"{name}: {p.label}, step {p.step}/{p.steps}"
-                ),
-            )
-            outcomes.append(outcome)
-            progress.advance(task)
+    state = _RunState()
+    try:
+        with clean_errors(), progress_bar(console, hidden=quiet or not todo) as progress:
+            task = progress.add_task("cloaking", total=len(todo), detail="")
+            for source in todo:
+                state.start(source, planned[source])
+                outcome = _cloak_one(
+                    source,
+                    planned[source],
+                    settings=settings,
+                    face=None if face is None else face - 1,
+                    largest=largest,
+                    no_align=no_align,
+                    seed=seed,
+                    out_format=out_format,
+                    keep_location=keep_location,
+                    runs=runs,
+                    on_progress=lambda p, name=source.name: progress.update(
+                        task, detail=f"{name}: {p.label}, step {p.step}/{p.steps}"
+                    ),
+                    on_written=state.wrote,
+                    notes=file_notes.get(source, []),
+                )
+                outcomes.append(outcome)
+                state.finish()
+                progress.advance(task)
+    except KeyboardInterrupt:
+        interrupted = state.interrupted(todo)
+    else:
+        interrupted = None
     order = {str(p): i for i, p in enumerate(files)}
     outcomes.sort(key=lambda o: order.get(o.input, -1))
-    code = worst_exit_code(o.exit_code for o in outcomes)
-    linkability = set_linkability([o.report for o in outcomes if o.report is not None], runs.recognizers)
+    code = EXIT_INTERRUPTED if interrupted else worst_exit_code(o.exit_code for o in outcomes)
+    recognizers = runs.recognizers if runs.loaded else []
+    linkability = set_linkability([o.report for o in outcomes if o.report is not None], recognizers)
     if as_json:
         report: dict[str, Any] = {"files": [o.to_dict() for o in outcomes], "exit_code": code}
         if linkability is not None:
             report["set"] = linkability.to_dict()
+        if interrupted is not None:
+            report["interrupted"] = interrupted.to_dict()
         typer.echo(json.dumps(report, indent=2))
     else:
         _print_outcomes(outcomes, quiet=quiet)
         if linkability is not None and not quiet:
             typer.echo(_set_line(linkability))
+    if interrupted is not None:
+        typer.echo(f"interrupted: {interrupted.describe()}", err=True)
     raise typer.Exit(code)
+
+
+@dataclass
+class Interrupted:
+    """What a run stopped by Ctrl-C leaves: outputs written but never verified, inputs not cloaked."""
+
+    unverified: list[tuple[Path, Path]]
+    """(input, output) pairs: the file was written, but the run stopped before re-reading it."""
+    not_cloaked: list[Path]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "unverified": [{"input": str(i), "output": str(o)} for i, o in self.unverified],
+            "not_cloaked": [str(p) for p in self.not_cloaked],
+        }
+
+    def describe(self) -> str:
+        parts = []
+        for source, written in self.unverified:
+            parts.append(f"{written} was written but not verified (it may not protect; cloak {source} again)")
+        if self.not_cloaked:
+            parts.append(f"not cloaked, nothing written: {', '.join(map(str, self.not_cloaked))}")
+        done = "" if parts else "every output listed above was written and verified"
+        return "; ".join(parts) or done
+
+
+@dataclass
+class _RunState:
+    """Where a run is, so that an interruption can say what was written and what was not."""
+
+    done: list[Path] = field(default_factory=list)
+    current: Path | None = None
+    destination: Path | None = None
+    written: Path | None = None
+
+    def start(self, source: Path, destination: Path) -> None:
+        self.current, self.destination, self.written = source, destination, None
+
+    def wrote(self, path: Path) -> None:
+        self.written = path
+
+    def finish(self) -> None:
+        if self.current is not None:
+            self.done.append(self.current)
+        self.current = self.written = None
+
+    def interrupted(self, todo: list[Path]) -> Interrupted:
+        unverified = [] if self.current is None or self.written is None else [(self.current, self.written)]
+        left = [p for p in todo if p not in self.done and not (unverified and p == self.current)]
+        return Interrupted(unverified, left)
 
 
 def _set_line(linkability: SetLinkability) -> str:
@@ -433,8 +557,13 @@ def _cloak_one(
     keep_location: bool,
     runs: _Models,
     on_progress: cloaking.CloakProgressCallback,
+    on_written: Callable[[Path], None] = lambda path: None,
+    notes: list[str] | None = None,
 ) -> FileOutcome:
-    """Cloak, save and verify one file; an input error becomes the outcome (nothing is written then)."""
+    """Cloak, save and verify one file; an input error becomes the outcome (nothing is written then).
+
+    ``on_written`` is called once the output file is in place, before its verification; ``notes`` are
+    the planning's notes about this input, reported with the decoding's."""
     try:
         loaded = load_image(source)
         # The visibility cap holds on the pixels as the output file will store them.
@@ -457,6 +586,7 @@ def _cloak_one(
             saved=as_saved,
         )
         start = time.perf_counter()
+        make_folder(destination.parent)  # a new -o folder (name/) is made at its first output
         written = save_image(
             result.image,
             loaded,
@@ -466,12 +596,14 @@ def _cloak_one(
             strip_location=not keep_location,
         )
         saving = time.perf_counter() - start
+        on_written(written)
         report = verify(loaded, written, result, recognizers=runs.recognizers, detector=runs.detector)
     except ModelError:
         raise
     except UncnnError as exc:
         return FileOutcome(str(source), error=str(exc), exit_code=exc.exit_code)
     details = cloak_details(result, loaded, extra_seconds=saving)
+    details["notes"] = [*(notes or ()), *details.get("notes", ())]
     details["visibility"] = visibility_details(result, loaded, load_image(written).rgb, report)
     code = EXIT_OK if report.protected else EXIT_NOT_PROTECTED
     outcome = FileOutcome(str(source), output=written, exit_code=code, report=report, details=details)
@@ -491,9 +623,12 @@ BEFORE_AFTER_NOTE = (
 def _print_outcomes(outcomes: list[FileOutcome], *, quiet: bool = False) -> None:
     out = Console()
     explained = False
+    said: set[str] = set()
     for outcome in outcomes:
         if outcome.error is not None:
-            typer.echo(f"error: {outcome.error}", err=True)
+            if outcome.error not in said:  # inputs refused for one reason (their folder): said once
+                typer.echo(f"error: {outcome.error}", err=True)
+                said.add(outcome.error)
             continue
         report = outcome.report
         assert report is not None

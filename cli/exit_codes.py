@@ -8,7 +8,9 @@ errors are taken from the error classes rather than spelled again:
 - 2 ``EXIT_INPUT``: bad input (an unreadable, corrupt or oversized file, no face found, a bad option, a
   missing file or extra);
 - 3 ``EXIT_MODEL``: a model is missing or broken;
-- 4 ``EXIT_NOT_PROTECTED``: ``cloak`` wrote its outputs but some face is NOT PROTECTED by some model.
+- 4 ``EXIT_NOT_PROTECTED``: ``cloak`` wrote its outputs but some face is NOT PROTECTED by some model;
+- 130 ``EXIT_INTERRUPTED``: stopped by Ctrl-C (128 + SIGINT, as shells report it); ``cloak`` says what it
+  wrote and verified, what it wrote without verifying, and what it did not write.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ EXIT_FAILED: Final = UncnnError.exit_code
 EXIT_INPUT: Final = InputError.exit_code
 EXIT_MODEL: Final = ModelError.exit_code
 EXIT_NOT_PROTECTED: Final = 4
+EXIT_INTERRUPTED: Final = 130
 
 SEVERITY: Final = (EXIT_MODEL, EXIT_INPUT, EXIT_FAILED, EXIT_NOT_PROTECTED)
 """With several inputs the worst code wins, in this order: a broken model concerns every input, a bad

@@ -6,9 +6,11 @@ The recognizers are the hand-built linear attack graphs and the detector a fake 
 
 from __future__ import annotations
 
+import errno
 import io
 import itertools
 import json
+import os
 import struct
 import threading
 import zlib
@@ -19,7 +21,7 @@ import numpy as np
 import pytest
 from conftest import LinearGraph
 from numpy.typing import NDArray
-from PIL import Image
+from PIL import Image, features
 from test_cloak import ONE_FACE, FakeDetector, photo
 from typer.testing import CliRunner
 
@@ -28,6 +30,7 @@ from uncnn_rt.cli.app import app
 from uncnn_rt.runtime import catalog
 from uncnn_rt.runtime.cloak.verify import FaceCheck, ModelCheck, VerifyReport
 from uncnn_rt.runtime.errors import InputError
+from uncnn_rt.runtime.imageio import estimate_jpeg_quality
 from uncnn_rt.runtime.sessions import AttackSession
 
 # Per pixel (--coarse 1), no visibility cap: the linear fixture models weigh crop pixels independently
@@ -122,7 +125,7 @@ def test_json_report_parses_and_exit_code_tells_protected_from_not(
 
     # No budget: cloaked (a file is written) but not protected.
     weak = CliRunner().invoke(
-        app, ["-q", "cloak", str(source), "--json", "--eps", "0", "-o", str(tmp_path / "w.png")]
+        app, ["-q", "cloak", str(source), "--json", "--eps", "0.01", "-o", str(tmp_path / "w.png")]
     )
     assert weak.exit_code == cloak_cmd.EXIT_NOT_PROTECTED, weak.output
     entry = json.loads(weak.stdout)["files"][0]
@@ -218,7 +221,7 @@ def test_output_options(patched: FakeDetector, tmp_path: Path) -> None:
     bad_mode = CliRunner().invoke(app, ["-q", "cloak", str(source), "--mode", "max"])
     assert bad_mode.exit_code == 2 and "unknown mode" in bad_mode.stderr
     bad_model = CliRunner().invoke(app, ["-q", "cloak", str(source), str(named), "--models", "nonesuch"])
-    assert bad_model.exit_code != 0
+    assert bad_model.exit_code == 2, bad_model.output  # an unknown name is the user's input, not a model
     assert len(bad_model.stderr.strip().splitlines()) == 1, bad_model.stderr  # once, not once per input
 
 
@@ -308,14 +311,14 @@ def test_several_photos_are_reported_as_a_set_with_their_linkability(
     for name in ("a.png", "b.png", "c.png"):
         write(tmp_path / name, photo(), "PNG")
     paths = [str(tmp_path / n) for n in ("a.png", "b.png", "c.png")]
-    weak = invoke("cloak", *paths, "-o", f"{tmp_path / 'weak'}/", "--eps", "0", "--json", "--seed", "3")
+    weak = invoke("cloak", *paths, "-o", f"{tmp_path / 'weak'}/", "--eps", "0.01", "--json", "--seed", "3")
     data = json.loads(weak.stdout)
     # Equal photos with no cloak: every pair matches under every model.
     assert data["set"] == {
         "photos": 3, "pairs": 3, "linked_pairs": {"linear_face": 3, "linear_face_24": 3}, "linked_photos": 3,
     }  # fmt: skip
     assert {f["seed"] for f in data["files"]} == {3}
-    table = invoke("cloak", *paths, "-o", f"{tmp_path / 'table'}/", "--eps", "0")
+    table = invoke("cloak", *paths, "-o", f"{tmp_path / 'table'}/", "--eps", "0.01")
     assert "set of 3 photos" in table.stdout and "3 still match another cloaked photo" in table.stdout
     seeds = {json.loads(invoke("cloak", paths[0], "-o", str(tmp_path / f"s{k}.png"), "--json").stdout)
              ["files"][0]["seed"] for k in range(3)}  # fmt: skip
@@ -404,7 +407,7 @@ def test_not_protected_names_the_faces_and_models_and_the_next_mode(
     patched: FakeDetector, tmp_path: Path
 ) -> None:
     source = write(tmp_path / "me.png", photo(), "PNG")
-    weak = invoke("cloak", str(source), "--eps", "0", "-o", str(tmp_path / "w.png"))
+    weak = invoke("cloak", str(source), "--eps", "0.01", "-o", str(tmp_path / "w.png"))
     assert weak.exit_code == cloak_cmd.EXIT_NOT_PROTECTED, weak.output
     assert "NOT PROTECTED: face 1 (linear_face, linear_face_24) still matched" in weak.stdout
     stronger = cloak_cmd.cloaking.MODES["high"]
@@ -412,7 +415,7 @@ def test_not_protected_names_the_faces_and_models_and_the_next_mode(
     assert f"--mode high ({stronger.describe()})" in said
     # high's cap is twice mid's q75 figures: the hint says what that allows on this face.
     assert "which allows face FLIP up to" in said
-    strongest = invoke("cloak", str(source), "--mode", "high", "--eps", "0", "--json")
+    strongest = invoke("cloak", str(source), "--mode", "high", "--eps", "0.01", "--json")
     assert strongest.exit_code == cloak_cmd.EXIT_NOT_PROTECTED
     hint = json.loads(strongest.stdout)["files"][0]["hint"]
     assert "strongest mode" in hint and "--steps" in hint and "--cap 3xjpeg75" in hint
@@ -510,3 +513,210 @@ def test_the_report_says_how_visible_each_face_is_against_its_cap(
         "cloak", str(source), "--steps", "6", "--cap", "none", "--json", "-o", str(tmp_path / "f.jpg")
     )
     assert "cap" not in json.loads(free.stdout)["files"][0]["visibility"]["faces"]["face 1"]
+
+
+# ---- issue 25: safe by default ------------------------------------------------------------------------
+
+
+def one_error_line(result: object) -> str:
+    """The run's only stderr line, which must be an ``error:`` line (no traceback, no repeat)."""
+    lines = result.stderr.strip().splitlines()  # type: ignore[attr-defined]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr  # type: ignore[attr-defined]
+    assert result.exception is None or isinstance(result.exception, SystemExit)  # type: ignore[attr-defined]
+    return lines[0]
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32), str(2**70)])
+def test_a_seed_out_of_range_is_refused_before_the_models_load(
+    model_loads: list[str], tmp_path: Path, seed: str
+) -> None:
+    source = write(tmp_path / "me.png", photo(), "PNG")
+    result = invoke("cloak", str(source), "--seed", seed)
+    assert result.exit_code == 2, result.output
+    assert "seed must be a whole number in 0..4294967295" in one_error_line(result)
+    assert model_loads == [] and files_in(tmp_path) == {"me.png"}
+    # The edges of the range are seeds.
+    for edge in ("0", str(2**32 - 1)):
+        ok = invoke(
+            "-q", "cloak", str(source), "--seed", edge, "-o", str(tmp_path / f"s{edge}.png"), "--steps", "1"
+        )
+        assert ok.exit_code in (0, 4), ok.output
+
+
+@pytest.mark.parametrize("eps", ["0", "-0", "-3", "nan", "300"])
+def test_an_eps_that_is_not_positive_is_refused_before_the_models_load(
+    model_loads: list[str], tmp_path: Path, eps: str
+) -> None:
+    """eps 0 would write the photo unchanged under a cloak's name."""
+    source = write(tmp_path / "me.png", photo(), "PNG")
+    result = invoke("cloak", str(source), "--eps", eps)
+    assert result.exit_code == 2, result.output
+    assert "eps must be above 0 and at most 255" in one_error_line(result)
+    assert model_loads == [] and files_in(tmp_path) == {"me.png"}
+
+
+def test_an_output_in_a_missing_folder_is_refused_and_nothing_is_created(
+    model_loads: list[str], tmp_path: Path
+) -> None:
+    """The README's promise: the folder of a named output file must exist (a typo in it fails at once);
+    only a name ending in / asks for a new folder."""
+    source = write(tmp_path / "me.png", photo(), "PNG")
+    result = invoke("cloak", str(source), "-o", str(tmp_path / "missing" / "x.png"))
+    assert result.exit_code == 2, result.output
+    line = one_error_line(result)
+    assert f"{tmp_path / 'missing'}: no such folder for the output" in line
+    assert model_loads == [] and files_in(tmp_path) == {"me.png"}
+
+
+def test_several_inputs_into_an_image_file_name_are_refused(model_loads: list[str], tmp_path: Path) -> None:
+    a = write(tmp_path / "a.png", photo(), "PNG")
+    b = write(tmp_path / "b.png", photo(), "PNG")
+    result = invoke("cloak", str(a), str(b), "-o", str(tmp_path / "one.png"))
+    assert result.exit_code == 2, result.output
+    line = one_error_line(result)
+    assert "with several inputs, -o must be a folder" in line and "one.png/" in line
+    assert model_loads == [] and files_in(tmp_path) == {"a.png", "b.png"}  # no folder named one.png
+    existing = write(tmp_path / "c.png", photo(), "PNG")
+    into_file = invoke("cloak", str(a), str(b), "-o", str(existing))
+    assert into_file.exit_code == 2 and "-o must be a folder, and this is a file" in one_error_line(into_file)
+    # A new name that is not an image file's is a new folder, made at the first output.
+    folder = tmp_path / "made"
+    made = invoke("-q", "cloak", str(a), str(b), "-o", str(folder), *STRONG)
+    assert made.exit_code == 0, made.output
+    assert files_in(folder) == {"a.cloaked.png", "b.cloaked.png"}
+
+
+def test_a_folder_output_that_is_a_file_says_so_for_one_input(model_loads: list[str], tmp_path: Path) -> None:
+    source = write(tmp_path / "a.png", photo(), "PNG")
+    result = invoke("cloak", str(source), "-o", f"{source}/")
+    assert result.exit_code == 2, result.output
+    line = one_error_line(result)
+    assert "is a file, not a folder" in line and "several inputs" not in line
+    assert model_loads == [] and files_in(tmp_path) == {"a.png"}
+
+
+@pytest.mark.parametrize("under", ["notes.txt/", "notes.txt/sub/"])
+def test_an_unusable_output_folder_is_one_error_not_one_per_input(
+    model_loads: list[str], tmp_path: Path, under: str
+) -> None:
+    """A folder under a regular file cannot be made (this holds for root too, unlike a chmod)."""
+    inputs = [str(write(tmp_path / f"{n}.png", photo(), "PNG")) for n in "abc"]
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    for json_flag in ([], ["--json"]):
+        result = invoke("cloak", *inputs, "-o", str(tmp_path / under), *json_flag)
+        assert result.exit_code == 2, result.output
+        assert "notes.txt" in one_error_line(result) and "folder" in one_error_line(result)
+    assert model_loads == [] and files_in(tmp_path) == {"a.png", "b.png", "c.png", "notes.txt"}
+
+
+def test_a_write_that_fails_midway_leaves_nothing_and_says_so_in_one_line(
+    patched: FakeDetector, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk while the cloak is written: one line naming the output (not the temporary file),
+    exit 2, no partial output and no temporary file left (the atomic write the README promises)."""
+    from uncnn_rt.runtime import fileio
+
+    def half_then_full(fh: io.BufferedWriter, data: bytes) -> None:
+        fh.write(data[: len(data) // 2])
+        fh.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(fileio, "_write_all", half_then_full)
+    source = write(tmp_path / "me.png", photo(), "PNG")
+    result = invoke("cloak", str(source), *STRONG)
+    assert result.exit_code == 2, result.output
+    line = one_error_line(result)
+    assert f"{tmp_path / 'me.cloaked.png'}: cannot write (No space left on device)" in line
+    assert ".tmp" not in line
+    assert files_in(tmp_path) == {"me.png"}
+
+
+def _held_models(monkeypatch: pytest.MonkeyPatch, step: str, at: int) -> list[int]:
+    """Make the ``at``-th call (1-based) of ``cloak_cmd.<step>`` raise KeyboardInterrupt (Ctrl-C)."""
+    real = getattr(cloak_cmd, step)
+    calls: list[int] = []
+
+    def interrupted(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == at:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cloak_cmd, step, interrupted)
+    return calls
+
+
+def test_ctrl_c_says_what_was_written_and_verified_and_what_was_not(
+    patched: FakeDetector, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while the second of three photos is being verified: the first is done (and reported), the
+    second is on disk but unverified, the third untouched; exit 130 and one ``interrupted:`` line."""
+    _held_models(monkeypatch, "verify", at=2)
+    inputs = [str(write(tmp_path / f"{n}.png", photo(), "PNG")) for n in "abc"]
+    out = tmp_path / "out"
+    result = invoke("-q", "cloak", *inputs, "-o", f"{out}/", *STRONG)
+    assert result.exit_code == 130, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("interrupted: "), result.stderr
+    assert f"{out / 'b.cloaked.png'} was written but not verified" in lines[0]
+    assert f"not cloaked, nothing written: {inputs[2]}" in lines[0] and "a.cloaked" not in lines[0]
+    assert f"{inputs[0]} -> {out / 'a.cloaked.png'}" in result.stdout  # the finished one is reported
+    assert files_in(out) == {"a.cloaked.png", "b.cloaked.png"}
+    assert "Traceback" not in result.output
+
+
+def test_ctrl_c_before_anything_is_written_says_so_in_json_too(
+    patched: FakeDetector, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    held = _held_models(monkeypatch, "save_image", at=1)
+    source = write(tmp_path / "me.png", photo(), "PNG")
+    result = invoke("-q", "cloak", str(source), "--json", *STRONG)
+    assert held and result.exit_code == 130, result.output
+    report = json.loads(result.stdout)
+    assert report["exit_code"] == 130
+    assert report["interrupted"] == {"unverified": [], "not_cloaked": [str(source)]}
+    assert result.stderr.strip() == f"interrupted: not cloaked, nothing written: {source}"
+    assert files_in(tmp_path) == {"me.png"}
+
+
+@pytest.mark.skipif(not features.check("avif"), reason="this Pillow cannot read AVIF")
+def test_an_input_format_that_cannot_be_written_gets_a_note(patched: FakeDetector, tmp_path: Path) -> None:
+    source = tmp_path / "me.avif"
+    Image.fromarray(photo()).save(source, quality=90)
+    result = invoke("cloak", str(source), *STRONG)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "me.cloaked.png").is_file()
+    note = f"note: {source}: AVIF cannot be written; the cloak is written as PNG (me.cloaked.png"
+    assert note in result.stderr, result.stderr
+    report = json.loads(
+        invoke("-q", "cloak", str(source), "--json", "-o", f"{tmp_path / 'j'}/", *STRONG).stdout
+    )
+    assert any("AVIF cannot be written" in n for n in report["files"][0]["notes"])
+    # Asked for (--format, or a named output), a format change is no surprise: no note.
+    asked = invoke("cloak", str(source), "--format", "png", "-o", str(tmp_path / "asked.png"), *STRONG)
+    assert asked.exit_code == 0 and "cannot be written" not in asked.stderr
+
+
+def test_a_jpeg_whose_re_save_alone_would_fill_the_cap_is_written_higher_with_a_note(
+    patched: FakeDetector, tmp_path: Path
+) -> None:
+    """The README's JPEG ladder. A q60 photo is re-saved at q75 (its quality, raised to the floor of 75),
+    and mid's cap *is* the photo's q75 re-encode: the encoder alone would take the whole cap, twice the
+    half it may take, so the cloak is written at the first of q90, q95, q98, q100 that leaves room,
+    says so in a note and reports it as output_quality; the file is written at that quality."""
+    source = tmp_path / "low.jpg"
+    Image.fromarray(photo()).save(source, quality=60)
+    result = invoke("cloak", str(source), "--json", "--steps", "3", "--seed", "0")
+    assert result.exit_code in (0, 4), result.output
+    entry = json.loads(result.stdout)["files"][0]
+    assert entry["output_quality"] in (90, 95, 98, 100)
+    assert any(n.startswith(f"written at quality {entry['output_quality']}:") for n in entry["notes"])
+    with Image.open(entry["output"]) as written:
+        assert estimate_jpeg_quality(written) == entry["output_quality"]
+    table = invoke("cloak", str(source), "--steps", "3", "--seed", "0", "-o", str(tmp_path / "t.jpg"))
+    assert f"note: {source}: written at quality {entry['output_quality']}:" in table.stderr
+    # A lossless output has no ladder: no note, no output_quality.
+    png = write(tmp_path / "same.png", photo(), "PNG")
+    lossless = json.loads(invoke("-q", "cloak", str(png), "--json", "--steps", "3").stdout)["files"][0]
+    assert lossless["output_quality"] is None
+    assert not any("written at quality" in n for n in lossless["notes"])
