@@ -11,8 +11,8 @@ from uncnn_rt.cli.errors import clean_errors
 from uncnn_rt.cli.options import ChannelOrder, Kind, Layout, Resize
 from uncnn_rt.converters.load import SOURCE_FORMATS, load_source
 from uncnn_rt.runtime import contract as C
-from uncnn_rt.runtime.errors import InputError
-from uncnn_rt.runtime.fileio import atomic_write_bytes
+from uncnn_rt.runtime.errors import InputError, OutputPathError
+from uncnn_rt.runtime.fileio import atomic_write_bytes, check_writable_folder
 
 app = typer.Typer(
     help="Convert models into attack graphs that onnxruntime can differentiate.", no_args_is_help=True
@@ -74,6 +74,19 @@ def quiet_frameworks(verbose: bool) -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     for name in ("tf2onnx", "tensorflow", "absl"):
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
+
+
+def _output_path(model_path: Path, output: Path | None) -> Path:
+    """Where the attack graph goes (``MODEL.attack.onnx`` by default), refused before any work when it
+    is the input, a folder, or in a folder that is missing or cannot be written."""
+    stem = model_path.name if model_path.is_dir() else model_path.name.rsplit(".", 1)[0]
+    out = output or model_path.with_name(stem + ".attack.onnx")
+    if out.resolve() == model_path.resolve():
+        raise InputError(f"refusing to overwrite the input {model_path}; choose another --output")
+    if out.is_dir():
+        raise OutputPathError(f"{out}: is a directory, expected the attack graph's file path")
+    check_writable_folder(out.parent)
+    return out
 
 
 @app.command("grad")
@@ -159,6 +172,7 @@ def grad(
     Standard ONNX only, so stock onnxruntime runs it on any execution provider.
     """
     with clean_errors():
+        out = _output_path(model_path, output)  # checked before the conversion, which takes a while
         quiet_frameworks(verbose)
         from uncnn_rt.converters.attack_graph import build_attack_graph
         from uncnn_rt.converters.validate import validate_attack_graph
@@ -207,9 +221,5 @@ def grad(
             typer.echo(f"validation: {report.describe()}")
             if not report.ok:
                 raise InputError("validation failed: the attack graph does not match its source model")
-        stem = model_path.name if model_path.is_dir() else model_path.name.rsplit(".", 1)[0]
-        out = output or model_path.with_name(stem + ".attack.onnx")
-        if out.resolve() == model_path.resolve():
-            raise InputError(f"refusing to overwrite the input {model_path}; choose another --output")
         atomic_write_bytes(out, attack.SerializeToString())
         typer.echo(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")

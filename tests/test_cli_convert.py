@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 import numpy as np
@@ -165,3 +167,52 @@ def test_a_loop_is_named_with_the_reason_in_one_line(
     native = capfd.readouterr().err
     assert "\x1b[" not in native and "onnxruntime:" not in native, native
     assert not (tmp_path / "loop.attack.onnx").exists()
+
+
+# ---- issue 25: outputs that cannot be written -----------------------------------------------------------
+
+
+def conv_model(path: Path) -> Path:
+    """A convolution and a pool: a face model the converter takes as it is."""
+    nodes, inits = _features_of()
+    nodes.append(helper.make_node("Identity", ["f"], ["out"]))
+    return _save(path, nodes, inits, [None, 4])
+
+
+@pytest.mark.parametrize("where", ["file/x.onnx", "missing/x.onnx", "/proc/x.onnx"])
+def test_an_output_that_cannot_be_written_is_refused_before_the_conversion(
+    tmp_path: Path, where: str
+) -> None:
+    """One line naming the output's folder (never the converter's temporary file), exit 2, before the
+    source is even read: this source is not a model, and that is not what the error says."""
+    source = tmp_path / "notes.onnx"
+    source.write_bytes(b"not a model at all")
+    (tmp_path / "file").write_text("a regular file, which holds no folder (for root too)")
+    target = Path(where) if where.startswith("/") else tmp_path / where
+    result = CliRunner().invoke(app, ["convert", "grad", str(source), "-o", str(target)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {target.parent}"), result.stderr
+    assert ".tmp" not in lines[0] and "Traceback" not in result.output
+    if where.startswith("missing"):
+        assert lines[0] == f"error: {target.parent}: no such folder for the output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "notes.onnx"]
+
+
+def test_a_full_disk_while_writing_the_attack_graph_is_one_line_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from uncnn_rt.runtime import fileio
+
+    def half_then_full(fh: object, data: bytes) -> None:
+        fh.write(data[: len(data) // 2])  # type: ignore[attr-defined]
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(fileio, "_write_all", half_then_full)
+    source = conv_model(tmp_path / "conv.onnx")
+    target = tmp_path / "conv.attack.onnx"
+    result = CliRunner().invoke(app, ["convert", "grad", str(source), "--no-validate", "-o", str(target)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines == [f"error: {target}: cannot write (No space left on device)"], result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conv.onnx"]
