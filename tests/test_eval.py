@@ -298,13 +298,21 @@ def test_json_schema_is_stable(tmp_path: Path) -> None:
     assert set(mode["scores"][0]) == {
         "evaluator", "kind", "attack", "threshold", "duplicate_of", "independent", "eligible", "conditions",
     }  # fmt: skip
-    assert mode["scores"][0]["conditions"]["jpeg75"] == {
+    jpeg75 = mode["scores"][0]["conditions"]["jpeg75"]
+    assert {k: v for k, v in jpeg75.items() if k != "mean_self_similarity"} == {
         "p1": {"protected": 8, "of": 8, "rate": 1.0},
         "p2": {"protected": 8, "of": 8, "rate": 1.0},
         "p3": {"unlinked": 8, "of": 8, "rate": 1.0},
         "lost_faces": 0,
-        "mean_self_similarity": mode["scores"][0]["conditions"]["jpeg75"]["mean_self_similarity"],
     }
+    # The JSON carries the score's own mean, rounded; noise is unrelated to the clean photo (|cos| < 0.3,
+    # as test_noise_protects_everyone_in_every_condition checks on the objects).
+    (m1_white,) = [s for s in report.modes[0].scores if (s.evaluator, s.kind) == ("m1", "white-box")]
+    expected = m1_white.conditions["jpeg75"].self_similarity
+    assert mode["scores"][0]["evaluator"] == "m1" and mode["scores"][0]["kind"] == "white-box"
+    assert expected is not None and abs(expected) < 0.3, expected
+    assert isinstance(jpeg75["mean_self_similarity"], float)
+    assert jpeg75["mean_self_similarity"] == pytest.approx(expected, abs=1e-6)
     assert set(mode["summary"]) == {"white-box", "leave-one-out"}
 
 
@@ -385,23 +393,45 @@ def test_attack_graph_evaluator_reads_its_threshold(tmp_path: Path, linear_face_
 
 
 def test_real_cloak_function_end_to_end(tmp_path: Path, linear_face_graph: LinearGraph) -> None:
-    # The real cloak_image against a linear attack graph: white-box protection must be substantial and
-    # every figure well-formed. Independent of ../shared and of the shipped models.
+    """The real cloak_image against a linear attack graph protects every white-box probe (P1 and P2)
+    at the graph's own threshold, and every figure is well-formed. Independent of ../shared and of the
+    shipped models.
+
+    The configuration is one where the cloak has the room to reach its goal: ``mid`` at eps 32 without
+    the visibility cap (on these flat +-60 grey patterns the JPEG q75 / CIEDE2000 cap allows about 7 grey
+    levels: at eps 16 with the cap the cloaked probes kept a mean self-similarity of 0.94-0.98, P1 0 of 3,
+    on seeds 0..9). The cloak stops a face once it is below the threshold minus the mode's margin
+    (0.5 - 0.08 = 0.42), checked every 6 steps. The evaluator frames the photos as the cloak did
+    (``finder=whole``, the graph's 16 px): the default finder frames at 224 px and resizes to 16, which
+    blurs a per-pixel cloak of a 16 px photo.
+
+    Measured (seeds 0..9 of ``cloak_function``): P1 3 of 3 and P2 3 of 3 on every seed; mean
+    self-similarity 0.28 at most (seed 4; seed 0, run here: 0.11); the highest similarity of any cloaked
+    probe to any clean photo of its identity 0.33 (seed 7), against the threshold 0.5. P3 is not asserted:
+    an untargeted cloak moves the near-identical photos of one identity the same way, so they still link
+    to each other (P3 0 of 3 on 7 of the 10 seeds).
+    """
     session = open_session(linear_face_graph.path, device="cpu")
-    embedders = [ev.SessionEmbedder(session, threshold=0.9)]
-    settings = settings_for("mid", eps=16, steps=6, ssim_min=0)
-    cloak = ev.cloak_function({session.name: session}, settings, no_align=True)
+    embedders = [ev.SessionEmbedder(session)]  # the graph's own threshold, the one the cloak attacks
+    assert embedders[0].threshold == pytest.approx(0.5)
+    settings = settings_for("mid", eps=32, steps=12, ssim_min=0, cap="none")
+    cloak = ev.cloak_function({session.name: session}, settings, no_align=True, seed=0)
     report = ev.evaluate(
         ev.load_dataset(write_dataset(tmp_path)),
         cloaks={"mid": cloak},
         embedders=embedders,
         ensemble=[session.name],
+        finder=whole,
         limit=3,
     )
     (q,) = report.modes[0].quality
-    assert q.photos == 3 and 0 < q.linf_max <= 16 and q.steps_mean is not None
+    assert q.photos == 3 and 0 < q.linf_max <= 32 and q.steps_mean is not None
+    (info,) = report.evaluators
+    assert info.baseline == ev.Rate(8, 8)  # every clean photo is recognized: all three probes count
     saved = report.modes[0].scores[0].conditions[ev.AS_SAVED]
-    assert saved.self_similarity is not None and saved.self_similarity < 0.99
+    assert (saved.p1, saved.p2) == (ev.Rate(3, 3), ev.Rate(3, 3))
+    # The cloak's own goal is 0.42 (threshold 0.5 minus the margin 0.08); measured at most 0.28.
+    assert saved.self_similarity is not None and saved.self_similarity < 0.42
 
 
 # ---------------------------------------------------------------------------------------------------
