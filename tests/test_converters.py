@@ -432,11 +432,33 @@ def test_rank1_and_threshold_on_known_features() -> None:
         [[1, 0, 0], [0.9, 0.1, 0], [0, 1, 0], [0.1, 0.9, 0], [0, 0, 1], [0.8, 0, 0.6]], np.float32
     )
     assert calibrate.rank1(feats, labels) == pytest.approx(5 / 6)  # the last one's nearest is an "a"
-    figures = calibrate.calibrate(feats, labels, fmr=0.0)
+    # By hand (unit rows; a2 = b2 mirrored = (0.9939, 0.1104, 0)): the genuine pairs a1.a2 = b1.b2 =
+    # 0.9939 and c1.c2 = 0.6; the 12 impostor pairs, highest first: a1.c2 = 0.8, a2.c2 = 0.7951,
+    # a2.b2 = 0.2195, a1.b2 = a2.b1 = 0.1104, b2.c2 = 0.0883, then six zeros.
     genuine, impostor = calibrate.pair_similarities(feats, labels)
-    assert len(genuine) == 3 and len(impostor) == 12
-    assert figures.fmr == 0.0 and figures.threshold > impostor.max()
-    assert figures.tmr == pytest.approx(float(np.mean(genuine >= figures.threshold)))
+    np.testing.assert_allclose(np.sort(genuine), [0.6, 0.99388373, 0.99388373], atol=1e-6)
+    np.testing.assert_allclose(
+        np.sort(impostor)[::-1][:6],
+        [0.8, 0.79510698, 0.2195122, 0.11043153, 0.11043153, 0.08834522],
+        atol=1e-6,
+    )
+    assert (np.sort(impostor)[:6] == 0).all()
+    # FMR 0: just above the highest impostor (0.8); the genuine pairs at 0.9939 match, c1.c2 (0.6) not.
+    figures = calibrate.calibrate(feats, labels, fmr=0.0)
+    assert figures.threshold == pytest.approx(0.8, abs=1e-6) and figures.threshold > impostor.max()
+    assert (figures.tmr, figures.fmr) == (pytest.approx(2 / 3), 0.0)
+    assert (figures.n_genuine_pairs, figures.n_impostor_pairs, figures.n_chips, figures.n_identities) == (
+        3, 12, 6, 3,
+    )  # fmt: skip
+    # FMR 1/12 allows one impostor: just above the second highest (0.7951); still 2 of 3 genuine pairs.
+    one = calibrate.calibrate(feats, labels, fmr=1 / 12)
+    assert one.threshold == pytest.approx(0.79510698, abs=1e-6)
+    assert (one.tmr, one.fmr) == (pytest.approx(2 / 3), pytest.approx(1 / 12))
+    # FMR 3/12: just above the fourth highest (0.1104); c1.c2 (0.6) now matches too: TMR 3 of 3, and
+    # three impostors (0.8, 0.7951, 0.2195) reach the threshold.
+    three = calibrate.calibrate(feats, labels, fmr=0.25)
+    assert three.threshold == pytest.approx(0.11043153, abs=1e-6)
+    assert (three.tmr, three.fmr) == (pytest.approx(1.0), pytest.approx(3 / 12))
 
 
 def test_threshold_allows_the_stated_false_match_rate() -> None:
