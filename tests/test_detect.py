@@ -3,8 +3,8 @@ models; and the real detector on real photos.
 
 The real-model tests run on the shipped ``models/blazeface.onnx`` and skip while it is not shipped.
 ``UNCNN_TEST_BLAZEFACE=/path/to/blazeface.onnx`` runs them on another copy (see ``blazeface_path``).
-Those on ``../shared/faces/dev/photos`` skip when the dev set is absent. Timings are printed
-(``pytest -s``), never asserted.
+Those on ``../shared/faces/dev`` are marked ``shared`` and skip when the dev set is absent. Timings are
+printed (``pytest -s``), never asserted.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import itertools
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import onnx
@@ -31,9 +32,18 @@ from uncnn_rt.runtime.geometry.detect import Detections, Face, FaceDetector, Win
 
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "faces" / "dev" / "photos"
 CHIPS = PHOTOS.parent / "identities"
-needs_photos = pytest.mark.skipif(
+F = TypeVar("F", bound=Callable[..., Any])
+
+_photos_present = pytest.mark.skipif(
     not PHOTOS.is_dir(), reason=f"dev photos {PHOTOS} not present (../shared/faces/dev/photos)"
 )
+
+
+def needs_photos(test: F) -> F:
+    """Marked ``shared`` (``-m "not shared"`` deselects it) and skipped, with the reason, without
+    ../shared/faces/dev/photos."""
+    return pytest.mark.shared(_photos_present(test))
+
 
 # Every face in the dev group photos, counted and located by eye (the image viewer on each jpg): an
 # (x, y) point near the middle of each face (nose), in photo pixels. Faces turned away from the
@@ -580,6 +590,7 @@ def test_full_hd_photos(detector: FaceDetector) -> None:
     assert 420 + 150 * 1080 / 512 <= face.centre[0] <= 420 + 330 * 1080 / 512
 
 
+@pytest.mark.shared
 @pytest.mark.skipif(not CHIPS.is_dir(), reason=f"dev chips {CHIPS} not present (../shared/faces/dev)")
 @pytest.mark.slow
 def test_every_dev_chip_is_one_face(detector: FaceDetector) -> None:
