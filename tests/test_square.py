@@ -388,7 +388,7 @@ def test_square_breaks_a_gradient_masked_model_that_pgd_reports_robust(
     linear_classifier_graph: LinearGraph, tmp_path: Path
 ) -> None:
     """The issue's acceptance: the input quantiser makes the gradient 0, so PGD (its random start, then
-    no step) breaks none of the images at an eps of one quantisation level, where Square breaks them all;
+    no step) breaks none of the images at an eps of one quantisation level, where Square breaks all 8;
     the same images on the linear model without the quantiser are easy for PGD."""
     graph = linear_classifier_graph
     assert graph.bias is not None
@@ -405,8 +405,12 @@ def test_square_breaks_a_gradient_masked_model_that_pgd_reports_robust(
     _, _, grad = masked.run(images, references)
     assert not grad.any()
 
+    # Square breaks all 8 on every seed (the README's "8 of 8"), and well within its 500 queries: measured
+    # on seeds 0..9, the costliest image took 130 queries (each seed's worst: 68 to 130). A result is a
+    # function of the seed: Square's draws come from the seeded generator, and the model is plain
+    # float32 CPU arithmetic (test_the_same_seed_gives_the_same_result). PGD breaks 0 of 8 on every seed.
     eps = 48.0  # past half a level (42.5): each pixel can move one level either way
-    for seed in range(3):
+    for seed in range(10):
         pgd = LinfPGD(eps=eps, steps=20)(
             images,
             [Victim(masked, references)],
@@ -416,7 +420,8 @@ def test_square_breaks_a_gradient_masked_model_that_pgd_reports_robust(
         )
         square = Square(eps=eps, queries=500)(images, [Victim(masked, references)], quantize=True, seed=seed)
         assert pgd.success["quantised"].sum() == 0
-        assert square.success["quantised"].sum() >= 6
+        assert square.success["quantised"].sum() == 8, f"seed {seed}"
+        assert square.steps.max() <= 260, f"seed {seed}: {square.steps.tolist()} queries"  # 2x the 130
         assert np.abs(square.images - images).max() <= eps
         fresh = masked.features(square.images).argmax(axis=1)
         assert np.array_equal(square.success["quantised"], fresh != labels)
