@@ -23,6 +23,7 @@ from uncnn_rt.cli.options import Attack, Engine, global_options
 from uncnn_rt.cli.progress import progress_bar
 from uncnn_rt.runtime import catalog, contract
 from uncnn_rt.runtime.errors import InputError, ModelError
+from uncnn_rt.runtime.fileio import atomic_write_bytes, check_new_file, make_folder
 from uncnn_rt.runtime.jobs import augment as aug
 from uncnn_rt.runtime.jobs import datasets, variants
 from uncnn_rt.runtime.jobs import robustness as rob
@@ -256,6 +257,9 @@ def robustness(
             from uncnn_rt.runtime.plotting import require_matplotlib
 
             require_matplotlib()  # fail before the attacks, not after them
+        for written in (None if json_out is None or str(json_out) == "-" else json_out, plot):
+            if written is not None:
+                check_new_file(written)  # an unwritable report fails now, not after all the measuring
         path = attack_graph(model)
         total = datasets.count_items(data)
         total = total if limit is None else min(total, limit)
@@ -271,11 +275,10 @@ def robustness(
             )
         payload = report.to_dict()
         if json_out is not None and str(json_out) != "-":
-            from uncnn_rt.runtime.fileio import atomic_write_bytes
-
-            json_out.parent.mkdir(parents=True, exist_ok=True)
+            make_folder(json_out.parent)
             atomic_write_bytes(json_out, (json.dumps(payload, indent=2) + "\n").encode("utf-8"))
         if plot is not None:
+            make_folder(plot.parent)
             rob.plot_robustness(report, plot)
     _print_errors(report.errors)
     if json_out is not None and str(json_out) == "-":

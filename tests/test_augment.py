@@ -359,3 +359,92 @@ def test_shipped_classifier_on_a_real_photo(tmp_path: Path) -> None:
     assert row["predicted_before"] == classify_image(photo, session, top=1)[0][0]
     assert row["confidence_after"] < row["confidence_before"]
     assert np.array_equal(adv[:, :75], photo[:, :75]) and np.array_equal(adv[:, -76:], photo[:, -76:])
+
+
+# ---- issue 25: a data set is checked whole before anything is written ------------------------------------
+
+
+def _csv_set(tmp_path: Path, classifier: AttackSession, rows: list[str]) -> Path:
+    """``set/images/0..3.png`` (labelled with the model's own class) and ``set/list.csv`` holding the
+    header and ``rows`` (``{i}`` in a row is image i's label)."""
+    images = tmp_path / "set" / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(9)
+    labels = []
+    for i in range(4):
+        rgb = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        Image.fromarray(rgb).save(images / f"{i}.png")
+        labels.append(str(predicted(classifier, rgb)))
+    csv = tmp_path / "set" / "list.csv"
+    csv.write_text("\n".join(["path,label", *(r.format(*labels) for r in rows)]) + "\n")
+    return csv
+
+
+def test_a_job_that_fails_validation_writes_nothing_and_the_corrected_rerun_goes_on(
+    tmp_path: Path, classifier: AttackSession
+) -> None:
+    """An unknown label on line 4 is found before anything is written, with its line; the corrected
+    rerun into the same folder is then not refused as 'other settings' (augment.json was left behind)."""
+    good = ["images/0.png,{0}", "images/1.png,{1}", "images/2.png,{2}", "images/3.png,{3}"]
+    csv = _csv_set(tmp_path, classifier, [*good[:2], "images/2.png,zebra", good[3]])
+    out = tmp_path / "out"
+    config = AugmentConfig(attack="fgsm", eps=(2.0, 2.0))
+    with pytest.raises(InputError, match=r"list\.csv, line 4: class 'zebra' is not one of"):
+        augment(classifier.path, csv, out, config)
+    assert not out.exists()
+    _csv_set(tmp_path, classifier, good)
+    assert augment(classifier.path, csv, out, config).written == 4
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"path,label\nimages/0.png,1,extra\n", r"list\.csv, line 2: 3 fields where the header has 2"),
+        (b"path,label\nimages/0.png,1\nimages/1.png\n", r"list\.csv, line 3: 1 field where the header has 2"),
+        (b"path,label\nimages/0.png,1\n,2\n", r"list\.csv, line 3: no path"),
+        (b"path,label\n", r"list\.csv: lists no images \(a header and no rows\)"),
+        (b"path,label\nimages/0.png,1\nimages/\xff\xfe.png,2\n", r"list\.csv, line 3: not UTF-8 text"),
+        (b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8, r"list\.csv, line 1: not UTF-8 text \(byte 0x89\)"),
+    ],
+    ids=["long-row", "short-row", "no-path", "header-only", "binary-row", "binary-file"],
+)
+def test_a_malformed_csv_is_refused_with_its_line_before_anything_is_written(
+    tmp_path: Path, classifier: AttackSession, body: bytes, message: str
+) -> None:
+    csv = _csv_set(tmp_path, classifier, [])
+    csv.write_bytes(body)
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=message):
+        augment(classifier.path, csv, out, AugmentConfig(attack="fgsm", eps=(2.0, 2.0)))
+    assert not out.exists()
+    result = CliRunner().invoke(app, ["augment", str(classifier.path), str(csv), "-o", str(out)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert not out.exists()
+
+
+def test_the_manifest_a_run_reports_exists_even_when_no_image_was_drawn(
+    tmp_path: Path, folder: Path, classifier: AttackSession
+) -> None:
+    out = tmp_path / "out"
+    summary = augment(classifier.path, folder, out, AugmentConfig(attack="fgsm", ratio=0.0))
+    assert summary.written == 0 and summary.not_selected == 12
+    assert (out / MANIFEST).is_file() and read_manifest(out) == []
+
+
+@pytest.mark.parametrize("where", ["file/adv", "file/sub/adv", "/proc/uncnn-rt-adv"])
+def test_an_output_folder_that_cannot_be_made_is_refused_before_any_work(
+    tmp_path: Path, folder: Path, classifier: AttackSession, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """Under a regular file or in /proc a folder cannot be made, for root too (unlike a chmod)."""
+    from uncnn_rt.runtime.jobs import augment as job
+
+    (tmp_path / "file").write_text("a regular file")
+    target = Path(where) if where.startswith("/") else tmp_path / where
+    monkeypatch.setattr(job, "plan_tasks", lambda *a, **k: pytest.fail("the work started"))
+    result = CliRunner().invoke(app, ["augment", str(classifier.path), str(folder), "-o", str(target)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {target}"), result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "file"]

@@ -132,3 +132,61 @@ def test_autoattack_is_never_above_pgd_and_says_what_broke_each_image(
     assert all(len(names) == 3 and names[0] is None for names in per_image.values())
     one = RobustnessConfig(attacks=("square",), eps=(0, 8), seed=1)
     assert measure_robustness(classifier.path, data, one).to_dict()["attacks"]["square"]["broken_by"][1]
+
+
+# ---- issue 25: reports that cannot be written ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "where"),
+    [
+        ("--json", "file/r.json"),
+        ("--json", "file/sub/r.json"),
+        ("--json", "/proc/r.json"),
+        ("--plot", "file/r.png"),
+    ],
+)
+def test_an_unwritable_report_is_refused_before_the_measuring(
+    tmp_path: Path,
+    labelled: tuple[Path, float],
+    classifier: AttackSession,
+    monkeypatch: pytest.MonkeyPatch,
+    option: str,
+    where: str,
+) -> None:
+    """Under a regular file or in /proc nothing can be written, for root too (unlike a chmod)."""
+    from uncnn_rt.runtime.jobs import robustness as rob
+
+    if option == "--plot":
+        pytest.importorskip("matplotlib")
+    data, _ = labelled
+    (tmp_path / "file").write_text("a regular file")
+    target = Path(where) if where.startswith("/") else tmp_path / where
+    monkeypatch.setattr(rob, "measure_robustness", lambda *a, **k: pytest.fail("the measuring started"))
+    args = ["robustness", str(classifier.path), str(data), "--eps", "0,2", option, str(target)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and ".tmp" not in lines[0], result.stderr
+    assert str(target.parent if where.startswith("/") else tmp_path / "file") in lines[0]
+
+
+def test_a_full_disk_when_the_report_is_written_is_one_line_and_leaves_nothing(
+    tmp_path: Path, labelled: tuple[Path, float], classifier: AttackSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+
+    from uncnn_rt.runtime import fileio
+
+    def full(fh: object, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(fileio, "_write_all", full)
+    data, _ = labelled
+    report = tmp_path / "out" / "r.json"
+    args = ["-q", "robustness", str(classifier.path), str(data), "--eps", "0,2", "--attacks", "fgsm"]
+    result = CliRunner().invoke(app, [*args, "--workers", "1", "--json", str(report)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [f"error: {report}: cannot write (No space left on device)"]
+    assert list((tmp_path / "out").iterdir()) == []

@@ -36,7 +36,7 @@ from typing import Any, Final, Literal
 
 from uncnn_rt.runtime import catalog
 from uncnn_rt.runtime.errors import InputError, OutputPathError
-from uncnn_rt.runtime.fileio import atomic_write_bytes
+from uncnn_rt.runtime.fileio import atomic_write_bytes, check_new_folder, make_folder
 from uncnn_rt.runtime.jobs.datasets import class_index, class_lookup, data_root, iter_dataset
 from uncnn_rt.runtime.jobs.parallel import WorkerSpec, chunked, ordered_map, worker_session
 from uncnn_rt.runtime.jobs.variants import (
@@ -75,11 +75,8 @@ def _augment_chunk(job: tuple[AugmentConfig, str, list[Task]]) -> list[VariantOu
 
 def write_output(out: Path, name: str, png: bytes) -> None:
     target = out / name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        atomic_write_bytes(target, png)
-    except OSError as exc:
-        raise OutputPathError(f"{target}: cannot write ({exc.strerror or exc})") from exc
+    make_folder(target.parent)
+    atomic_write_bytes(target, png)
 
 
 class Manifest:
@@ -88,6 +85,11 @@ class Manifest:
     def __init__(self, out: Path) -> None:
         self.out = out
         self.path = out / MANIFEST
+
+    def create(self) -> None:
+        """Make the (empty) manifest of a new job, so that the path a run reports always exists."""
+        if not self.path.is_file():
+            atomic_write_bytes(self.path, b"")
 
     def finished(self) -> set[str]:
         """Output names with a complete row and an existing file. A torn last line (a killed run) and
@@ -118,9 +120,12 @@ class Manifest:
 
     def append(self, row: dict[str, Any]) -> None:
         line = json.dumps(row, sort_keys=False, separators=(",", ":")) + "\n"
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(line)
-            fh.flush()
+        try:
+            with self.path.open("a", encoding="utf-8") as fh:
+                fh.write(line)
+                fh.flush()
+        except OSError as exc:
+            raise OutputPathError(f"{self.path}: cannot write ({exc.strerror or exc})") from exc
 
 
 def read_manifest(out: str | Path) -> list[dict[str, Any]]:
@@ -216,6 +221,32 @@ def _check_paths(data: str | Path, out: Path) -> None:
         raise OutputPathError(f"{out}: the output folder must not be the data set's folder or inside it")
     if target.exists() and not target.is_dir():
         raise OutputPathError(f"{out}: exists and is not a folder")
+    check_new_folder(out)  # a read-only place, a path under a file: refused before any work
+
+
+def check_dataset(session: AttackSession, data: str | Path, out: Path, config: AugmentConfig) -> int:
+    """Read the whole listing of ``data`` once, before anything is written, and raise the first error a
+    job would meet on the way (an unknown class, with its CSV line or class folder; a malformed row; two
+    images with one output name; an output over its input). Returns the number of images.
+
+    A job that stopped on such an error half-way used to leave ``OUT/augment.json`` behind, and the
+    corrected rerun was then refused as "other settings"."""
+    lookup = class_lookup(session) if session.info.kind == "classifier" else {}
+    seen: dict[str, str] = {}
+    count = 0
+    for item in iter_dataset(data):
+        count += 1
+        name = output_name(item.name)
+        if name in seen:
+            raise InputError(
+                f"{item.at()}{item.name}: {seen[name]} is also written as {name}; list each image once"
+            )
+        seen[name] = item.name
+        if (out / name).resolve() == Path(item.source):
+            raise OutputPathError(f"{out / name}: refusing to overwrite the input {item.name}")
+        if item.label is not None and session.info.kind == "classifier":
+            class_index(item.label, lookup, session, where=item.at())
+    return count
 
 
 def plan_tasks(
@@ -252,7 +283,7 @@ def plan_tasks(
             continue
         label_index = None
         if item.label is not None and info.kind == "classifier":
-            label_index = class_index(item.label, lookup, session)
+            label_index = class_index(item.label, lookup, session, where=item.at())
         yield Task(item, label_index, fixed_target)
 
 
@@ -308,10 +339,11 @@ def augment(
     session = open_session(path, device=device, intra_op_threads=config.threads)
     _check_paths(data, target)
     target_class(session, config)
-    iter_dataset(data)  # fail on bad settings or a bad data set before creating anything
-    target.mkdir(parents=True, exist_ok=True)
+    check_dataset(session, data, target, config)  # every error a listing can show, before writing
+    make_folder(target)
     _check_settings(target, _settings(path, data, config))
     manifest = Manifest(target)
+    manifest.create()
     summary = AugmentSummary(target)
     tasks = plan_tasks(session, data, target, config, manifest.finished(), summary, progress)
     spec = WorkerSpec(str(path), device, config.threads)

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from uncnn_rt.runtime.errors import InputError
 from uncnn_rt.runtime.imageio import IMAGE_SUFFIXES
@@ -27,6 +29,12 @@ class Item:
     source: str
     name: str
     label: str | None
+    where: str = ""
+    """Where the data set lists it, for errors: ``list.csv, line 7``, or the class folder."""
+
+    def at(self) -> str:
+        """``where: `` for an error message about this item (nothing when unknown)."""
+        return f"{self.where}: " if self.where else ""
 
 
 def data_root(data: str | Path) -> Path:
@@ -80,7 +88,9 @@ def _image_folder(root: Path) -> Iterator[Item]:
                     )
                 stems[stem] = entry.name
                 name = "/".join((*parts, entry.name))
-                yield Item(str(Path(entry.path).resolve()), name, parts[0] if parts else None)
+                label = parts[0] if parts else None
+                where = "" if label is None else f"{root / label}{os.sep}"
+                yield Item(str(Path(entry.path).resolve()), name, label, where)
 
     if not any(True for _ in _first_image(root)):
         raise InputError(f"{root}: no images in this folder or its class folders")
@@ -97,35 +107,76 @@ def _first_image(root: Path) -> Iterator[Path]:
 
 
 def _csv_items(path: Path) -> Iterator[Item]:
-    root = path.parent.resolve()
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        fields = [f.strip() for f in reader.fieldnames or []]
+    """The rows of a CSV data set, checked up to its first row here (header, encoding, at least one
+    image), the rest as they stream."""
+    rows = _csv_rows(path, path.parent.resolve())
+    try:
+        first = next(rows)
+    except StopIteration:
+        raise InputError(f"{path}: lists no images (a header and no rows)") from None
+    return itertools.chain((first,), rows)
+
+
+def _csv_rows(path: Path, root: Path) -> Iterator[Item]:
+    with _open_csv(path) as fh:
+        reader = csv.DictReader(_text_lines(fh, path))
+        try:
+            header = reader.fieldnames
+        except csv.Error as exc:
+            raise InputError(f"{path}, line 1: not a readable CSV header ({exc})") from None
+        fields = [f.strip() for f in header or []]
         if "path" not in fields:
             raise InputError(
                 f"{path}: expected a header with a 'path' column (and optionally 'label'), got {fields}"
             )
-    return _csv_rows(path, root)
-
-
-def _csv_rows(path: Path, root: Path) -> Iterator[Item]:
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        reader.fieldnames = [f.strip() for f in reader.fieldnames or []]
-        for line, row in enumerate(reader, start=2):
+        reader.fieldnames = fields
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                raise InputError(f"{path}, line {reader.line_num}: not a readable CSV row ({exc})") from None
+            where = f"{path}, line {reader.line_num}"
+            if None in row or None in row.values():
+                got = len(fields) + len(row.get(None) or ()) - sum(v is None for v in row.values())
+                raise InputError(
+                    f"{where}: {got} field{'s' if got != 1 else ''} where the header has {len(fields)} "
+                    f"({', '.join(fields)})"
+                )
             given = (row.get("path") or "").strip()
             if not given:
-                continue
+                raise InputError(f"{where}: no path (every row names an image)")
             source = (root / given).resolve()
             try:
                 rel = source.relative_to(root)
             except ValueError:
                 raise InputError(
-                    f"{path}, line {line}: {given} is outside the CSV's folder {root}; "
+                    f"{where}: {given} is outside the CSV's folder {root}; "
                     "list paths inside it (outputs keep their relative paths)"
                 ) from None
             label = (row.get("label") or "").strip() or None
-            yield Item(str(source), rel.as_posix(), label)
+            yield Item(str(source), rel.as_posix(), label, where)
+
+
+def _open_csv(path: Path) -> BinaryIO:
+    try:
+        return path.open("rb")
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
+
+
+def _text_lines(fh: BinaryIO, path: Path) -> Iterator[str]:
+    """The file's lines as UTF-8 text (a byte-order mark dropped), decoded one at a time so that a
+    byte that is not UTF-8 is reported on its own line rather than as a traceback."""
+    for number, raw in enumerate(fh, start=1):
+        try:
+            yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(
+                f"{path}, line {number}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); "
+                "a data set CSV is a UTF-8 text file of path,label rows"
+            ) from None
 
 
 def item_hash(seed: int, name: str, *extra: str) -> bytes:
@@ -142,12 +193,15 @@ def class_lookup(session: AttackSession) -> dict[str, int]:
     return lookup
 
 
-def class_index(label: str, lookup: dict[str, int], session: AttackSession) -> int:
+def class_index(label: str, lookup: dict[str, int], session: AttackSession, *, where: str = "") -> int:
+    """The class index of ``label`` (a label of the model or an index); ``where`` (``list.csv, line 7:``)
+    starts the error of an unknown one."""
     index = lookup.get(label)
     if index is None:
         has = "its labels or " if session.info.labels else ""
+        last = session.info.embedding_dim - 1
         raise InputError(
-            f"class {label!r} is not one of {has}the class indices 0..{session.info.embedding_dim - 1} "
+            f"{where}class {label!r} is not one of {has}the class indices 0..{last} "
             f"of {session.name}; name class folders (or CSV labels) after the model's classes"
         )
     return index

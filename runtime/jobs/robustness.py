@@ -325,9 +325,9 @@ def measure_robustness(
                 return
             if item.label is None:
                 raise InputError(
-                    f"{item.name}: no label; robustness needs class folders or a CSV label column"
+                    f"{item.at()}{item.name}: no label; robustness needs class folders or a CSV label column"
                 )
-            yield item, class_index(item.label, lookup, session)
+            yield item, class_index(item.label, lookup, session, where=item.at())
 
     spec = WorkerSpec(str(path), device, config.threads)
     size = AUTOATTACK_CHUNK if any(is_autoattack(a) for a in config.attacks) else CHUNK
