@@ -448,3 +448,15 @@ def test_an_output_folder_that_cannot_be_made_is_refused_before_any_work(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {target}"), result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "file"]
+
+
+@pytest.mark.parametrize("eps", ["0", "0:0"])
+def test_an_eps_of_0_is_refused_before_anything_is_written(tmp_path: Path, folder: Path, eps: str) -> None:
+    """Every variant would be an unchanged copy of its image, listed in the manifest as an attack."""
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["augment", "nonesuch.onnx", str(folder), "-o", str(out), "--eps", eps])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [
+        "error: eps must be above 0 (an eps of 0 writes unchanged copies), got 0"
+    ]
+    assert not out.exists()

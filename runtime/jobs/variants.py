@@ -80,6 +80,8 @@ class AugmentConfig:
         low, high = self.eps
         if not (0 <= low <= high <= 255):
             raise InputError(f"eps range must satisfy 0 <= low <= high <= 255, got {self.eps}")
+        if high == 0:  # every variant would be a copy of its image, counted as an attack
+            raise InputError("eps must be above 0 (an eps of 0 writes unchanged copies), got 0")
         if self.steps < 1:
             raise InputError(f"steps must be >= 1, got {self.steps}")
         if self.step_size is not None and not self.step_size >= 0:
