@@ -98,8 +98,9 @@ CLOAK_HELP = (
     "any pixel is decoded (decompression bombs).\n\n"
     "Exit codes: 0 every face cloaked and verified PROTECTED by every model; 4 cloaked, but some face is "
     "NOT PROTECTED by some model; 2 an input error (unreadable, corrupt or oversized image, no face "
-    "found, bad option); 3 a model is missing or broken; 1 anything else. With several inputs the others "
-    "are still processed and the worst code wins (3, then 2, then 1, then 4)."
+    "found, bad option, an output that cannot be written); 3 a model is missing or broken; 1 anything "
+    "else; 130 stopped by Ctrl-C (a line says what was written, verified or not). With several inputs "
+    "the others are still processed and the worst code wins (3, then 2, then 1, then 4)."
 )
 
 
