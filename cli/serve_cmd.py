@@ -26,11 +26,16 @@ SERVE_HELP = "\n\n".join(
         "anywhere else (no telemetry, no external resources on the page). No access log unless "
         "--access-log.",
         "Under load: each worker process computes at most --max-concurrency requests at once and lets "
-        "--queue more wait; beyond that it answers 503 with Retry-After. A request that takes longer than "
-        "--timeout seconds (waiting included) is stopped at its next attack step and answered 503. Each "
-        "image is limited to --max-upload-mb bytes (413) and --max-megapixels pixels, read from its header "
-        "before decoding (413: decompression bombs). On SIGINT or SIGTERM the server stops accepting "
-        "connections and lets the requests in flight finish, for at most --grace seconds.",
+        "--queue more wait; beyond that it answers 503 with Retry-After. Bodies are read before a request "
+        "takes one of those slots (at most 2 x (max-concurrency + queue) at once); an upload that sends "
+        "nothing for --read-timeout seconds is answered 408. A request that takes longer than "
+        "--timeout seconds (waiting included), or whose client disconnects, is stopped at its next attack "
+        "step. Each image is limited to --max-upload-mb bytes (413) and --max-megapixels pixels, read from "
+        "its header before decoding (413: decompression bombs); a cloak attacks at most --max-faces faces "
+        "(422 beyond, unless face= or largest= picks one). On SIGINT or SIGTERM the server stops "
+        "accepting connections and lets the requests in flight finish, for at most --grace seconds.",
+        "Models: over HTTP the models field takes only the shipped recognizers' names and the graphs "
+        "given to --models here (by their name or the text given); any other value is 422.",
         "Sizing: one cloak keeps every core busy (onnxruntime runs each model on all of them), so on a "
         "small server --max-concurrency 1 gives the best throughput. Each worker process (--workers) "
         "loads its own copy of the models and has its own queue (a process is about 250 MB resident when "
@@ -84,6 +89,20 @@ def serve(
     timeout: Annotated[
         float, typer.Option(help="Seconds a request may take, waiting in the queue included.", min=1)
     ] = 120.0,
+    read_timeout: Annotated[
+        float,
+        typer.Option(
+            "--read-timeout", help="Seconds an upload may send nothing before it is answered 408.", min=0.1
+        ),
+    ] = 10.0,
+    max_faces: Annotated[
+        int,
+        typer.Option(
+            "--max-faces",
+            help="Most faces one cloak attacks; more is 422 unless the request picks a face.",
+            min=1,
+        ),
+    ] = 20,
     grace: Annotated[
         float | None,
         typer.Option(help="Seconds given to requests in flight on shutdown \\[default: --timeout].", min=0),
@@ -97,8 +116,8 @@ def serve(
     models: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated recognizers cloaks use: shipped names, or paths of face attack graphs "
-            "\\[default: the shipped default ensemble]."
+            help="Comma-separated recognizers cloaks use: shipped names, or paths of face attack graphs; "
+            "clients may name these and the shipped ones \\[default: the shipped default ensemble]."
         ),
     ] = None,
     access_log: Annotated[
@@ -122,6 +141,8 @@ def serve(
             max_upload_mb=max_upload_mb,
             max_megapixels=max_megapixels,
             timeout=timeout,
+            read_timeout=read_timeout,
+            max_faces=max_faces,
         )
         # Load once here: a missing model or a bad device is one line and exit code 3 or 2, not a
         # traceback from a worker; with one worker process these are the sessions it serves with.

@@ -25,17 +25,22 @@ of uncnn-rt on onnxruntime. The page at `/` does the same in a browser.
 **Privacy.** Uploads are processed in memory and never written to disk or logged; nothing is sent
 anywhere else.
 
-**Limits.** Each image file is limited in bytes (413) and in pixels, read from its header before it is
-decoded (413, against decompression bombs). A file that is not an image gets 415, a photo without a
-face 422, bad options 422; every error body is `{"detail": "<one line>"}`. When every worker and every
-queue slot is taken the answer is 503 with `Retry-After`; a request that overruns the server's time
-limit is stopped and also answered 503.
+**Limits.** Each image file is limited in bytes (413, with or without a Content-Length) and in pixels,
+read from its header before it is decoded (413, against decompression bombs); a cloak attacks at most
+the server's `max_faces` faces (more: 422, unless `face` or `largest` picks one). A file that is not an
+image gets 415, a photo without a face 422, bad options 422 (a `models` name the server does not offer
+too: `GET /v1/models` lists them under `recognizers`), a malformed multipart body 400, an upload that
+stalls 408; every error body is `{"detail": "<one line>"}`. When every worker and every queue slot is
+taken the answer is 503 with `Retry-After`; a request that overruns the server's time limit is stopped
+and also answered 503, and one whose client disconnects is stopped at its next attack step.
 
 **`POST /v1/cloak` answers** (by the `Accept` header):
 
 * default (`image/*`, `*/*`): the cloaked image, in the input's format unless `format` says otherwise,
-  as an attachment named `NAME.cloaked.EXT`; the verification report as compact JSON in the
-  `X-Uncnn-Report` header and `PROTECTED` / `NOT PROTECTED` in `X-Uncnn-Verdict`;
+  as an attachment named `NAME.cloaked.EXT` (ASCII `filename`, the name as sent in `filename*`); the
+  verification report as compact JSON in the `X-Uncnn-Report` header (at most 4 KB: over that, its
+  summary with `"truncated": true`; the JSON answer has it whole) and `PROTECTED` / `NOT PROTECTED` in
+  `X-Uncnn-Verdict`;
 * `application/json`: `{"report": {...}, "image": "<base64>", "media_type": "...", "filename": "..."}`;
 * `application/x-ndjson`: one JSON object a line, streamed: `{"event": "progress", "face", "faces",
   "step", "steps"}` per attack step, `{"event": "stage", "stage": "verifying"}`, then
@@ -53,16 +58,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     config: ServeConfig = app.state.config
     if app.state.models is None:
         app.state.models = await asyncio.to_thread(load_models, config)
-    work = WorkQueue(config.max_concurrency, config.queue_size, config.timeout)
+    work = WorkQueue(config.max_concurrency, config.queue_size, config.timeout, config.upload_slots)
     app.state.work = work
     log.info(
-        "uncnn-rt %s serving: %d worker thread(s), queue %d, %g MB / %g MP per image, timeout %g s",
+        "uncnn-rt %s serving: %d worker thread(s), queue %d, %d upload(s) read at once, %g MB / %g MP / "
+        "%d faces per image, timeout %g s (read timeout %g s)",
         __version__,
         config.max_concurrency,
         config.queue_size,
+        config.upload_slots,
         config.max_upload_mb,
         config.max_megapixels,
+        config.max_faces,
         config.timeout,
+        config.read_timeout,
     )
     try:
         yield

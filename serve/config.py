@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Final
 
 from uncnn_rt.runtime import catalog
@@ -13,6 +14,7 @@ from uncnn_rt.runtime import cloak as cloaking
 from uncnn_rt.runtime.cloak.report import CLASSIFIER
 from uncnn_rt.runtime.errors import InputError
 from uncnn_rt.runtime.sessions import AttackSession, open_session
+from uncnn_rt.serve.errors import ApiError
 
 CONFIG_ENV: Final = "UNCNN_SERVE_CONFIG"
 """Environment variable through which ``serve --workers N`` hands its settings to each worker process."""
@@ -30,6 +32,14 @@ class ServeConfig:
         max_upload_mb: largest image file accepted, in MB (10^6 bytes).
         max_megapixels: largest image accepted, read from its header before any pixel is decoded.
         timeout: seconds a request may take from admission to answer, waiting included.
+        read_timeout: seconds an upload may send nothing before it is answered 408 (a stalled body).
+        uploads: request bodies read at once, apart from the computing and queue slots; None: twice
+            ``max_concurrency + queue``. Each holds at most one request's upload limit in memory.
+        max_faces: most faces one cloak attacks (more: 422, unless ``face`` or ``largest`` picks one);
+            the memory of a cloak grows with its faces.
+        faces_per_batch: faces attacked together in one batched call; 1 keeps a cloak's peak memory
+            near a one-face cloak's whatever the photo holds (8, the CLI's default, took a 14-face
+            photo from 270 MB to 1.5 GB).
     """
 
     device: str = "auto"
@@ -39,13 +49,20 @@ class ServeConfig:
     max_upload_mb: float = 20.0
     max_megapixels: float = 24.0
     timeout: float = 120.0
+    read_timeout: float = 10.0
+    uploads: int | None = None
+    max_faces: int = 20
+    faces_per_batch: int = 1
 
     def __post_init__(self) -> None:
-        if self.max_concurrency < 1:
-            raise InputError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
+        for name in ("max_concurrency", "max_faces", "faces_per_batch"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.queue is not None and self.queue < 0:
             raise InputError(f"queue must be >= 0, got {self.queue}")
-        for name in ("max_upload_mb", "max_megapixels", "timeout"):
+        if self.uploads is not None and self.uploads < 1:
+            raise InputError(f"uploads must be >= 1, got {self.uploads}")
+        for name in ("max_upload_mb", "max_megapixels", "timeout", "read_timeout"):
             value = getattr(self, name)
             if not value > 0 or math.isinf(value):
                 raise InputError(f"{name} must be a positive number, got {value}")
@@ -53,6 +70,10 @@ class ServeConfig:
     @property
     def queue_size(self) -> int:
         return 4 * self.max_concurrency if self.queue is None else self.queue
+
+    @property
+    def upload_slots(self) -> int:
+        return 2 * (self.max_concurrency + self.queue_size) if self.uploads is None else self.uploads
 
     @property
     def max_upload_bytes(self) -> int:
@@ -75,18 +96,50 @@ class ServeConfig:
 
 @dataclass(frozen=True)
 class Models:
-    """The sessions a server process shares between its requests (onnxruntime sessions are thread-safe)."""
+    """The sessions a server process shares between its requests (onnxruntime sessions are thread-safe).
+
+    ``allowed`` maps each recognizer name a client may send in ``models`` to its file, fixed at start-up:
+    the shipped face recognizers, and the attack graphs the operator gave (``serve --models``), by their
+    name and by the text the operator gave. A client's text is only ever looked up in it: never taken
+    for a path, so no client can make the server open, probe or keep loaded a file of its choosing.
+    """
 
     recognizers: list[AttackSession]
     detector: cloaking.Detector
     classifier: AttackSession | None
     device: str
+    allowed: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def offered(self) -> list[str]:
+        """The names a client may send in ``models`` (paths the operator typed are accepted, not listed)."""
+        return sorted({name for name in self.allowed if not _looks_like_path(name)})
+
+    def check_names(self, names: list[str] | None) -> list[str] | None:
+        """``names`` when each is one this server offers; else :class:`ApiError` 422 naming the allowed
+        values (never the rejected text: it may be a path)."""
+        if names is None:
+            return None
+        rejected = sum(name not in self.allowed for name in names)
+        if rejected:
+            raise ApiError(
+                422,
+                f"field 'models': {rejected} of the {len(names)} name(s) given is not a recognizer "
+                f"this server offers; allowed: {', '.join(self.offered) or 'none'}",
+            )
+        return names
 
     def recognizers_for(self, names: list[str] | None) -> list[AttackSession]:
-        """The default recognizers, or the named shipped ones (opened once, then cached by the runtime)."""
+        """The default recognizers, or the named allowed ones (opened once, then cached by the runtime)."""
         if names is None:
             return self.recognizers
-        return cloaking.load_recognizers(names, device=self.device)
+        self.check_names(names)
+        files = dict.fromkeys(self.allowed[name] for name in names)
+        return [open_session(path, device=self.device) for path in files]
+
+
+def _looks_like_path(name: str) -> bool:
+    return "/" in name or "\\" in name or name.endswith(".onnx")
 
 
 def load_models(config: ServeConfig) -> Models:
@@ -102,4 +155,11 @@ def load_models(config: ServeConfig) -> Models:
     classifier = (
         open_session(entries[CLASSIFIER].path, device=config.device) if CLASSIFIER in entries else None
     )
-    return Models(recognizers, detector, classifier, config.device)
+    allowed = {e.name: e.path for e in entries.values() if e.kind == "face" and e.path.is_file()}
+    # The operator's choice: each recognizer it loaded, by its name (which may replace a shipped one
+    # of the same name) and by the text given to --models.
+    if names is not None:
+        for given, session in zip(dict.fromkeys(names), recognizers, strict=True):
+            allowed[session.name] = session.path
+            allowed[given] = session.path
+    return Models(recognizers, detector, classifier, config.device, allowed)

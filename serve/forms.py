@@ -10,21 +10,22 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
-import time
-from collections.abc import AsyncGenerator
+import unicodedata
+from collections.abc import AsyncGenerator, Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Final
 
 from fastapi import Request
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from uncnn_rt.runtime import cloak as cloaking
 from uncnn_rt.runtime.cloak.report import split_models
 from uncnn_rt.runtime.errors import InputError
 from uncnn_rt.serve.config import ServeConfig
 from uncnn_rt.serve.errors import ApiError
-from uncnn_rt.serve.queue import Job
 
 FORM_SLACK: Final = 64 * 1024
 """Bytes allowed in a request body beyond its images: multipart headers and the option fields."""
@@ -35,12 +36,20 @@ class Upload:
     form_field: str
     """The form field, used in messages instead of the user's file name."""
     filename: str
-    """The client's file name, made safe for a download name; never logged."""
+    """The client's file name, made safe for a download name in plain ASCII; never logged."""
     data: bytes = field(repr=False)
+    name: str = ""
+    """The client's file name as the user wrote it (any script), without a path or control characters:
+    the report's and the JSON answer's name, and the ``filename*`` of the download; never logged."""
 
 
-async def read_form(request: Request, *, files: int, config: ServeConfig, job: Job) -> FormData:
-    """The multipart form of ``request``, read into memory within the size limit and the deadline."""
+async def read_form(request: Request, *, files: int, config: ServeConfig) -> FormData:
+    """The multipart form of ``request``, read into memory within the size limit and in time.
+
+    The body is read before the request takes a computing or queue slot, so a slow or stalled upload
+    holds none: it is answered 408 once nothing has arrived for ``config.read_timeout`` seconds, or once
+    the whole body took longer than ``config.timeout``.
+    """
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
         raise ApiError(
@@ -51,9 +60,11 @@ async def read_form(request: Request, *, files: int, config: ServeConfig, job: J
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(config)
     try:
-        body = await asyncio.wait_for(_read_body(request, limit, config), job.deadline - time.monotonic())
+        body = await asyncio.wait_for(_read_body(request, limit, config), config.timeout)
     except asyncio.TimeoutError:
-        raise ApiError(408, "the upload did not arrive within the request time limit") from None
+        raise ApiError(
+            408, f"the upload did not arrive within this server's limit of {config.timeout:g} s"
+        ) from None
 
     async def chunks() -> AsyncGenerator[bytes, None]:
         yield body
@@ -69,12 +80,28 @@ async def read_form(request: Request, *, files: int, config: ServeConfig, job: J
 
 
 async def _read_body(request: Request, limit: int, config: ServeConfig) -> bytes:
+    """The body, chunk by chunk: 413 past ``limit`` (with or without a Content-Length), 408 when the
+    client sends nothing for ``config.read_timeout`` seconds."""
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise _too_large(config)
-    return bytes(body)
+    stream = request.stream()
+    try:
+        while True:
+            try:
+                chunk = await asyncio.wait_for(anext(stream), config.read_timeout)
+            except StopAsyncIteration:
+                return bytes(body)
+            except asyncio.TimeoutError:
+                raise ApiError(
+                    408, f"the upload stalled: nothing arrived for {config.read_timeout:g} s"
+                ) from None
+            except ClientDisconnect:
+                raise ApiError(400, "the client disconnected during the upload") from None
+            body += chunk
+            if len(body) > limit:
+                raise _too_large(config)
+    finally:
+        with suppress(BaseException):
+            await stream.aclose()
 
 
 def _too_large(config: ServeConfig) -> ApiError:
@@ -88,14 +115,44 @@ async def take_upload(form: FormData, name: str, config: ServeConfig) -> Upload:
     data = await item.read()
     if len(data) > config.max_upload_bytes:
         raise _too_large(config)
-    return Upload(name, safe_filename(item.filename or ""), data)
+    given = item.filename or ""
+    return Upload(name, safe_filename(given), data, display_filename(given))
+
+
+def _ascii(text: str) -> str:
+    """``text`` folded to ASCII (accents dropped: ``Zoë`` -> ``Zoe``), other characters as ``_``."""
+    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", folded).strip("._-")
+
+
+def _letters(text: str) -> str:
+    """``text`` with letters and digits of any script, spaces, ``.``, ``_`` and ``-``; anything else
+    (controls, quotes, bidi marks) as ``_``."""
+    kept = "".join(c if c.isalnum() or c in " ._-" else "_" for c in unicodedata.normalize("NFC", text))
+    return kept.strip(" ._-")
+
+
+def _clean_name(name: str, clean: Callable[[str], str]) -> str:
+    """The last component of a client's path, stem and extension each cleaned; ``photo`` for a stem
+    that cleans to nothing."""
+    stem, dot, suffix = re.split(r"[\\/]", name)[-1].rpartition(".")
+    if not dot:
+        stem, suffix = suffix, ""
+    stem = clean(stem)[-80:] or "photo"
+    suffix = clean(suffix)[:16]
+    return f"{stem}.{suffix}" if suffix else stem
 
 
 def safe_filename(name: str) -> str:
-    """A client's file name reduced to a plain ``[A-Za-z0-9._-]`` name for ``Content-Disposition``."""
-    base = re.split(r"[\\/]", name)[-1]
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", base).lstrip(".")[-80:]
-    return cleaned or "photo"
+    """A client's file name reduced to a plain ``[A-Za-z0-9._-]`` name for ``Content-Disposition``:
+    no path, accents folded (``Zoë.png`` -> ``Zoe.png``), ``photo`` for a name with no Latin letter."""
+    return _clean_name(name, _ascii)
+
+
+def display_filename(name: str) -> str:
+    """A client's file name in its own script (``Zoë Ünal.png``, ``東京.png``), without a path, control
+    characters, quotes or bidi marks: for ``filename*`` (RFC 5987) and the report."""
+    return _clean_name(name, _letters)
 
 
 class Fields:
@@ -197,5 +254,6 @@ class CloakOptions:
 
 
 def _seed(given: int | None) -> int:
-    """The request's seed, or a fresh one (reported back), so that cloaks cannot be predicted."""
-    return secrets.randbelow(2**31) if given is None else given
+    """The request's seed, checked with the other fields (422), or a fresh one (reported back), so that
+    cloaks cannot be predicted."""
+    return secrets.randbelow(2**31) if given is None else cloaking.check_seed(given)

@@ -14,6 +14,7 @@ from dataclasses import asdict
 from functools import cache
 from importlib import resources
 from typing import Annotated, Any, Final, TypeVar
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -21,6 +22,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from uncnn_rt import __version__
 from uncnn_rt.runtime import catalog
 from uncnn_rt.runtime import cloak as cloaking
+from uncnn_rt.runtime.cloak.report import split_models
 from uncnn_rt.serve.config import Models, ServeConfig
 from uncnn_rt.serve.errors import ApiError, JobStopped, api_error
 from uncnn_rt.serve.forms import CLOAK_OPTIONS, CloakOptions, Fields, Upload, read_form, take_upload
@@ -30,6 +32,22 @@ from uncnn_rt.serve.work import CloakedUpload, classify_work, cloak_work, compar
 NDJSON: Final = "application/x-ndjson"
 REPORT_HEADER: Final = "X-Uncnn-Report"
 VERDICT_HEADER: Final = "X-Uncnn-Verdict"
+
+REPORT_HEADER_MAX: Final = 4096
+"""Most bytes of the ``X-Uncnn-Report`` header. A report over it (a group photo's: about 800 bytes a
+face) is replaced there by its summary, marked ``"truncated": true``; the JSON answer has it whole.
+Proxies refuse headers of some KB (8 KB in nginx by default), and the header was 28 KB for 36 faces."""
+
+MODE_SUMMARIES: Final = {
+    "low": "Lightest: the changes are barely visible, even side by side, and it is the quickest; "
+    "it stops the fewest recognizer matches.",
+    "mid": "Balanced (the default): changes about as visible as saving the photo again as an ordinary "
+    "JPEG; stops more matches than low, in a little more time.",
+    "high": "Strongest: stops most recognizer matches, but the changes can be seen when you look closely, "
+    "and it takes a few times longer than mid.",
+}
+"""What each mode gives and costs, in words, for the page's mode menu (the technical recipe is the
+mode's ``description``)."""
 
 T = TypeVar("T")
 
@@ -61,19 +79,16 @@ LoadedModels = Annotated[Models, Depends(loaded_models)]
 Work = Annotated[WorkQueue, Depends(work_queue)]
 
 
-async def admitted(
+async def received(
     request: Request, work: WorkQueue, config: ServeConfig, files: tuple[str, ...], allowed: tuple[str, ...]
-) -> tuple[Job, list[Upload], Fields]:
-    """A queue slot, then the form read within its deadline; the slot is freed if the form is bad."""
-    job = work.admit()
-    try:
-        form = await read_form(request, files=len(files), config=config, job=job)
-        fields = Fields(form, allowed, files)
-        uploads = [await take_upload(form, name, config) for name in files]
-    except BaseException:
-        work.release(job)
-        raise
-    return job, uploads, fields
+) -> tuple[list[Upload], Fields]:
+    """The form, read in an upload slot (never a computing or queue slot: a stalled upload holds none),
+    within the size limit and the read timeout."""
+    with work.uploading():
+        form = await read_form(request, files=len(files), config=config)
+    fields = Fields(form, allowed, files)
+    uploads = [await take_upload(form, name, config) for name in files]
+    return uploads, fields
 
 
 async def run(request: Request, work: WorkQueue, job: Job, work_fn: Callable[[Job], T]) -> T:
@@ -135,7 +150,11 @@ async def api_docs() -> HTMLResponse:
     return HTMLResponse(static_text("docs.html"))
 
 
-@router.get("/healthz", summary="Liveness and load: requests running and waiting")
+@router.get(
+    "/healthz",
+    summary="Liveness and load: jobs running and waiting, uploads arriving; jobs served (with a result) "
+    "and failed (with an error)",
+)
 async def healthz(work: Work) -> dict[str, Any]:
     return {"status": "ok", "version": __version__, **work.stats()}
 
@@ -144,6 +163,7 @@ async def healthz(work: Work) -> dict[str, Any]:
 async def list_models(current: LoadedModels, config: Config) -> dict[str, Any]:
     in_use = {r.name for r in current.recognizers}
     return {
+        "recognizers": current.offered,
         "models": [
             {
                 "name": e.name,
@@ -160,6 +180,7 @@ async def list_models(current: LoadedModels, config: Config) -> dict[str, Any]:
         ],
         "modes": {
             name: {
+                "summary": MODE_SUMMARIES.get(name, m.describe()),
                 "description": m.describe(),
                 "cap": m.cap_label,
                 "eps": m.eps,
@@ -177,6 +198,8 @@ async def list_models(current: LoadedModels, config: Config) -> dict[str, Any]:
             "max_upload_mb": config.max_upload_mb,
             "max_megapixels": config.max_megapixels,
             "timeout_s": config.timeout,
+            "read_timeout_s": config.read_timeout,
+            "max_faces": config.max_faces,
         },
     }
 
@@ -195,12 +218,10 @@ async def list_models(current: LoadedModels, config: Config) -> dict[str, Any]:
     response_class=Response,
 )
 async def cloak_endpoint(request: Request, work: Work, config: Config, current: LoadedModels) -> Response:
-    job, (upload,), fields = await admitted(request, work, config, ("image",), tuple(CLOAK_OPTIONS))
-    try:
-        options = CloakOptions.parse(fields)
-    except BaseException:
-        work.release(job)
-        raise
+    (upload,), fields = await received(request, work, config, ("image",), tuple(CLOAK_OPTIONS))
+    options = CloakOptions.parse(fields)
+    current.check_names(options.models)
+    job = work.admit()
 
     def work_fn(j: Job) -> CloakedUpload:
         return cloak_work(j, upload, options, current, config)
@@ -215,12 +236,39 @@ async def cloak_endpoint(request: Request, work: Work, config: Config, current: 
         cloaked.data,
         media_type=cloaked.media_type,
         headers={
-            "Content-Disposition": f'attachment; filename="{cloaked.filename}"',
-            REPORT_HEADER: json.dumps(cloaked.report, separators=(",", ":")),
+            "Content-Disposition": content_disposition(cloaked.filename, cloaked.name),
+            REPORT_HEADER: report_header(cloaked.report),
             VERDICT_HEADER: "PROTECTED" if cloaked.report["status"] == "protected" else "NOT PROTECTED",
             "Cache-Control": "no-store",
         },
     )
+
+
+def content_disposition(ascii_name: str, name: str) -> str:
+    """An attachment named ``ascii_name``, and ``name`` (any script) as RFC 5987's ``filename*``."""
+    header = f'attachment; filename="{ascii_name}"'
+    if name and name != ascii_name:
+        header += f"; filename*=UTF-8''{quote(name, safe='')}"
+    return header
+
+
+def report_header(report: dict[str, Any]) -> str:
+    """The report as compact JSON, or its summary when that would pass :data:`REPORT_HEADER_MAX`."""
+    text = json.dumps(report, separators=(",", ":"))
+    if len(text) <= REPORT_HEADER_MAX:
+        return text
+    faces = report.get("faces") or []
+    summary = {
+        "status": report.get("status"),
+        "protected": report.get("protected"),
+        "faces": len(faces),
+        "faces_protected": sum(bool(f.get("protected")) for f in faces),
+        "models": report.get("models"),
+        "seed": report.get("seed"),
+        "truncated": True,
+        "full_report": "ask with Accept: application/json",
+    }
+    return json.dumps(summary, separators=(",", ":"))
 
 
 async def stream_cloak(
@@ -268,8 +316,11 @@ async def stream_cloak(
 async def compare_endpoint(
     request: Request, work: Work, config: Config, current: LoadedModels
 ) -> dict[str, Any]:
-    job, (a, b), fields = await admitted(request, work, config, ("a", "b"), ("no_align", "models"))
-    return await run(request, work, job, lambda j: compare_work(j, a, b, fields, current, config))
+    (a, b), fields = await received(request, work, config, ("a", "b"), ("no_align", "models"))
+    names = current.check_names(split_models(fields.text("models")))
+    no_align = fields.flag("no_align")
+    job = work.admit()
+    return await run(request, work, job, lambda j: compare_work(j, a, b, no_align, names, current, config))
 
 
 @router.post(
@@ -283,12 +334,12 @@ async def compare_endpoint(
 async def classify_endpoint(
     request: Request, work: Work, config: Config, current: LoadedModels
 ) -> dict[str, Any]:
-    job, (upload,), fields = await admitted(request, work, config, ("image",), ("top",))
+    (upload,), fields = await received(request, work, config, ("image",), ("top",))
     top = fields.integer("top")
     top = 5 if top is None else top
     if not 1 <= top <= 50:
-        work.release(job)
         raise ApiError(422, f"field 'top' must be in 1..50, got {top}")
+    job = work.admit()
     return await run(request, work, job, lambda j: classify_work(j, upload, top, current, config))
 
 
@@ -297,7 +348,7 @@ def _cloak_json(cloaked: CloakedUpload) -> dict[str, Any]:
         "report": cloaked.report,
         "image": base64.b64encode(cloaked.data).decode("ascii"),
         "media_type": cloaked.media_type,
-        "filename": cloaked.filename,
+        "filename": cloaked.name,
     }
 
 

@@ -14,20 +14,23 @@ from uncnn_rt.runtime.cloak.report import (
     class_rows,
     cloak_details,
     similarity_row,
-    split_models,
     visibility_details,
 )
 from uncnn_rt.runtime.cloak.verify import classify_image, compare_faces, same_person, verify
 from uncnn_rt.runtime.errors import ModelError
+from uncnn_rt.runtime.geometry.faces import crop_size_for, find_faces
 from uncnn_rt.runtime.imageio import (
+    LoadedImage,
     default_output_path,
     encode_image,
     load_image,
     lossy_round_trip,
     output_format,
 )
+from uncnn_rt.runtime.sessions import AttackSession
 from uncnn_rt.serve.config import Models, ServeConfig
-from uncnn_rt.serve.forms import CloakOptions, Fields, Upload
+from uncnn_rt.serve.errors import ApiError
+from uncnn_rt.serve.forms import CloakOptions, Upload
 from uncnn_rt.serve.queue import Job, Stage
 
 MEDIA_TYPES: Final = {
@@ -46,7 +49,10 @@ class CloakedUpload:
     data: bytes = field(repr=False)
     media_type: str
     filename: str
+    """The download's name in plain ASCII (``Content-Disposition``'s ``filename``)."""
     report: dict[str, Any]
+    name: str = ""
+    """The download's name in the script the client used (``filename*``, the JSON answer's)."""
 
 
 def cloak_work(
@@ -57,6 +63,8 @@ def cloak_work(
     recognizers = models.recognizers_for(options.models)
     detector = None if options.no_align else models.detector
     fmt = output_format(loaded, None, options.format)
+    if detector is not None and options.face is None and not options.largest:
+        _check_faces(loaded, detector, recognizers, config)
     job.check()
     result = cloaking.cloak_image(
         loaded,
@@ -69,6 +77,7 @@ def cloak_work(
         seed=options.seed,
         progress=job.on_progress,
         saved=lossy_round_trip(loaded, fmt=fmt),
+        faces_per_batch=config.faces_per_batch,
     )
     job.check()
     job.emit(Stage("verifying"))
@@ -79,18 +88,41 @@ def cloak_work(
     encoding = time.perf_counter() - start
     report = verify(loaded, data, result, recognizers=recognizers, detector=detector)
     filename = default_output_path(upload.filename, fmt).name
+    name = default_output_path(upload.name or upload.filename, fmt).name
     details = cloak_details(result, loaded, extra_seconds=encoding)
     details["visibility"] = visibility_details(result, loaded, load_image(data, name=loaded.name).rgb, report)
-    summary = FileOutcome(upload.filename, report=report, details=details).to_dict()
-    summary["output"] = filename  # verify saw an in-memory file; the client gets this name
-    return CloakedUpload(data, MEDIA_TYPES[fmt], filename, summary)
+    summary = FileOutcome(upload.name or upload.filename, report=report, details=details).to_dict()
+    summary["output"] = name  # verify saw an in-memory file; the client gets this name
+    return CloakedUpload(data, MEDIA_TYPES[fmt], filename, summary, name)
+
+
+def _check_faces(
+    loaded: LoadedImage, detector: cloaking.Detector, recognizers: list[AttackSession], config: ServeConfig
+) -> None:
+    """422 before any attack step when the photo has more faces than this server cloaks in one request
+    (a cloak's memory and time grow with its faces); no face is left to the cloak's own error."""
+    try:
+        sites = find_faces(loaded.rgb, detector, size=crop_size_for(recognizers), name=loaded.name)
+    except cloaking.NoFaceError:
+        return
+    if len(sites) > config.max_faces:
+        raise ApiError(
+            422,
+            f"{len(sites)} faces found in image; this server cloaks at most {config.max_faces} in one "
+            "request: send face=N to cloak face N (1 = leftmost) or largest=true, or crop the photo",
+        )
 
 
 def compare_work(
-    job: Job, first: Upload, second: Upload, fields: Fields, models: Models, config: ServeConfig
+    job: Job,
+    first: Upload,
+    second: Upload,
+    no_align: bool,
+    names: list[str] | None,
+    models: Models,
+    config: ServeConfig,
 ) -> dict[str, Any]:
-    no_align = fields.flag("no_align")
-    recognizers = models.recognizers_for(split_models(fields.text("models")))
+    recognizers = models.recognizers_for(names)
     a = load_image(first.data, name=first.form_field, max_pixels=config.max_pixels)
     b = load_image(second.data, name=second.form_field, max_pixels=config.max_pixels)
     job.check()

@@ -93,10 +93,16 @@ SCREENSHOT = os.environ.get("UNCNN_PAGE_SCREENSHOT")
 @pytest.mark.slow
 def test_the_page_cloaks_a_photo_and_offers_the_result(page: playwright.Page, tmp_path: Path) -> None:
     photo = a_photo(tmp_path)
+    # The mode's caption says in words what it gives and costs; its recipe sits under "Advanced".
+    page.select_option("#mode", "mid")
+    caption = page.text_content("#mode-info") or ""
+    assert "eps" not in caption and "CIEDE2000" not in caption and "default" in caption
+    assert page.is_hidden("#mode-tech")  # "Advanced" is closed
     page.set_input_files("#file", str(photo))
     assert page.get_attribute("#before", "src", timeout=10_000).startswith("blob:")
     page.select_option("#mode", "low")
     page.click("details summary")  # "Advanced"
+    assert (page.text_content("#mode-tech") or "").startswith("Mode low: eps 12")
     page.fill("#steps", "2")
     page.click("#go")
     page.wait_for_selector("#result:not([hidden])", timeout=300_000)
