@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -20,13 +19,11 @@ import time
 from pathlib import Path
 
 import httpx
+from serve_load import free_port, rss_mb
 
 
 def main(photo: Path, extra: list[str]) -> None:
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
+    port = free_port()
     command = [
         str(Path(sys.executable).with_name("uncnn-rt")),
         "serve",
@@ -39,10 +36,7 @@ def main(photo: Path, extra: list[str]) -> None:
     url = f"http://127.0.0.1:{port}"
 
     def rss() -> float:
-        for line in Path(f"/proc/{server.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        return rss_mb(server.pid)
 
     try:
         for _ in range(600):
