@@ -26,6 +26,7 @@ from uncnn_rt.runtime import catalog, visibility
 from uncnn_rt.runtime import cloak as cloaking
 from uncnn_rt.runtime import evaluate as ev
 from uncnn_rt.runtime.errors import InputError
+from uncnn_rt.runtime.fileio import atomic_write_bytes, check_new_file, check_new_folder, make_folder
 
 _EVAL_TEXT = """Measure how well cloaks protect, by the protocol below.
 
@@ -219,10 +220,14 @@ def run_eval(
             )
             for name in mode_names
         }
+        cloaking.check_seed(seed)
         if plots is not None:
             from uncnn_rt.runtime import plotting
 
             plotting.require_matplotlib()  # fail before the cloaking, not after it
+            check_new_folder(plots)
+        if json_out is not None and str(json_out) != "-":
+            check_new_file(json_out)  # an unwritable report fails now, not after the whole evaluation
         data = ev.load_dataset(dataset)
         group_folder = None if no_photos else (photos or ev.group_photos_folder(dataset))
         group, group_warnings = (
@@ -308,10 +313,11 @@ def run_eval(
                     reports.append(replace(mode_report, group=outcome))
                 report = replace(report, modes=tuple(reports))
         report = replace(report, warnings=report.warnings + tuple(group_warnings))
-        written = []
-        if plots is not None:
-            from uncnn_rt.runtime.evaluate.plots import write_plots
+    written = []
+    if plots is not None:
+        from uncnn_rt.runtime.evaluate.plots import write_plots
 
+        with clean_errors():
             written = write_plots(report, plots)
     payload = report.to_dict()
     if json_out is not None and str(json_out) == "-":
@@ -322,11 +328,8 @@ def run_eval(
         typer.echo(f"plot: {path}")
     if json_out is not None:
         with clean_errors():
-            try:
-                json_out.parent.mkdir(parents=True, exist_ok=True)
-                json_out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-            except OSError as exc:
-                raise InputError(f"{json_out}: cannot write the JSON report ({exc.strerror})") from exc
+            make_folder(json_out.parent)
+            atomic_write_bytes(json_out, (json.dumps(payload, indent=2) + "\n").encode("utf-8"))
         typer.echo(f"json: {json_out}")
 
 

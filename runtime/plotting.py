@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from uncnn_rt.runtime.errors import MissingExtraError
-from uncnn_rt.runtime.fileio import atomic_write_bytes
+from uncnn_rt.runtime.fileio import atomic_write_bytes, make_folder
 
 
 def require_matplotlib() -> None:
@@ -40,6 +40,6 @@ def save_png(fig: Any, path: str | Path, *, dpi: int) -> Path:
     fig.savefig(buffer, format="png", dpi=dpi)
     plt.close(fig)
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(target.parent)
     atomic_write_bytes(target, buffer.getvalue())
     return target

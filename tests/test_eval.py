@@ -24,6 +24,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from uncnn_rt.cli.app import app
+from uncnn_rt.runtime import cloak as cloaking
 from uncnn_rt.runtime import evaluate as ev
 from uncnn_rt.runtime.cloak import settings_for
 from uncnn_rt.runtime.errors import InputError, MissingExtraError
@@ -487,6 +488,31 @@ def test_cli_input_errors_are_one_line(tmp_path: Path) -> None:
     assert result.output.strip().startswith("error:") and "identities" in result.output
     result = runner.invoke(app, ["eval", str(lonely), "--threshold", "0.5"])
     assert result.exit_code == 2 and "--evaluator" in result.output
+
+
+def test_cli_refuses_bad_outputs_and_seeds_before_any_model_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An evaluation takes minutes to half an hour: an output it cannot write, or a seed the cloak would
+    reject, is one error line and exit 2 before a model loads, not a traceback after the work."""
+    loads: list[object] = []
+    monkeypatch.setattr(cloaking, "load_recognizers", lambda *a, **k: loads.append(a) or [])
+    data = write_dataset(tmp_path / "data")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    cases = [
+        (["--json", str(a_file / "r.json")], "not a folder"),
+        (["--json", "/proc/r.json"], "/proc"),
+        (["--plots", str(a_file / "plots")], "not a folder"),
+        (["--seed", "-1"], "seed must be a whole number"),
+    ]
+    for extra, said in cases:
+        result = CliRunner().invoke(app, ["eval", str(data), "--aligned", *extra])
+        assert result.exit_code == 2, (extra, result.output)
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and said in lines[0], (extra, lines)
+    assert loads == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "data"]
 
 
 @needs_dev

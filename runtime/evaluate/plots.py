@@ -7,6 +7,7 @@ so the runtime imports without it.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -17,6 +18,7 @@ from numpy.typing import NDArray
 from uncnn_rt.runtime.errors import UncnnError
 from uncnn_rt.runtime.evaluate.protocol import AS_SAVED, PROTOCOLS, SCORE_KINDS
 from uncnn_rt.runtime.evaluate.report import EvalReport, Sample
+from uncnn_rt.runtime.fileio import atomic_write_bytes, make_folder
 from uncnn_rt.runtime.plotting import pyplot, save_png
 
 AMPLIFY: Final = 10
@@ -196,8 +198,10 @@ def face_strip(samples: Sequence[Sample], path: str | Path, *, zoom: int = 1, he
         strip.paste(column, (x, 0))
         x += column.width + 6
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    strip.save(target)
+    make_folder(target.parent)
+    buffer = io.BytesIO()
+    strip.save(buffer, format="PNG")
+    atomic_write_bytes(target, buffer.getvalue())
     return target
 
 
@@ -286,7 +290,7 @@ def write_plots(report: EvalReport, folder: str | Path) -> list[Path]:
     and per mode ``protection_<mode>.png``, ``before_after_<mode>.png`` and the face strips at 100% and
     200%, ``faces_<mode>_100.png`` and ``faces_<mode>_200.png``."""
     out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     written = [
         protection_vs_ssim(report, out / "protection_vs_ssim.png"),
         protection_vs_flip(report, out / "protection_vs_flip.png"),
