@@ -131,6 +131,12 @@ def make_inputs(folder: Path) -> None:
     (folder / "unknown_label.csv").write_text(f"path,label\n{folder / 'astronaut.png'},not_a_class\n")
     (folder / "malformed.csv").write_text(f"path,label\n{folder / 'astronaut.png'}\n,,,\n")
     (folder / "good.csv").write_text(f"path,label\n{folder / 'astronaut.png'},0\n")
+    for person, flip in (("ann", False), ("bob", True)):  # a tiny aligned data set for eval
+        (folder / "eval" / person).mkdir(parents=True)
+        face = astronaut[30:230, 125:325]
+        for k in (1, 2):
+            crop = face[:, ::-1] if flip else face
+            (folder / "eval" / person / f"{k}.png").write_bytes(_png(np.ascontiguousarray(crop[k:, k:])))
     (folder / "link.onnx").symlink_to(Path(__file__).resolve().parents[1] / "models" / "faceres.onnx")
 
 
@@ -199,6 +205,9 @@ def cli_cases(inputs: Path, out: Path) -> list[tuple[str, list[str], str]]:
         ("augment header-only csv", augment("header_only.csv", out / "a"), "2"),
         ("augment -o /proc/aug", augment("good.csv", "/proc/aug"), "2"),
         ("robustness --json /proc/r.json", [*robustness, "--json", "/proc/r.json"], "2"),
+        ("eval --json /proc/r.json", ["eval", str(i / "eval"), "--aligned", "--json", "/proc/r.json"], "2"),
+        ("eval --plots under a file", ["eval", str(i / "eval"), "--aligned", "--plots", f"{good}/p"], "2"),
+        ("eval --seed -1", ["eval", str(i / "eval"), "--aligned", "--seed", "-1"], "2"),
         ("models verify", ["models", "verify"], "0"),
     ]  # fmt: skip
     return cases
