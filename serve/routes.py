@@ -40,10 +40,10 @@ Proxies refuse headers of some KB (8 KB in nginx by default), and the header was
 
 MODE_SUMMARIES: Final = {
     "low": "Lightest: the changes are barely visible, even side by side, and it is the quickest; "
-    "it stops the fewest recognizer matches.",
+    "it protects the least.",
     "mid": "Balanced (the default): changes about as visible as saving the photo again as an ordinary "
-    "JPEG; stops more matches than low, in a little more time.",
-    "high": "Strongest: stops most recognizer matches, but the changes can be seen when you look closely, "
+    "JPEG; protects more than low, in a little more time.",
+    "high": "Strongest: protects the most, but the changes can be seen when you look closely, "
     "and it takes a few times longer than mid.",
 }
 """What each mode gives and costs, in words, for the page's mode menu (the technical recipe is the
