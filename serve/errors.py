@@ -42,6 +42,12 @@ def api_error(exc: BaseException, retry_after: Callable[[], int]) -> ApiError:
         return ApiError(503, str(exc), {"Retry-After": str(retry_after())})
     if isinstance(exc, cloaking.NoFaceError):
         return ApiError(422, str(exc).replace("--no-align", "no_align=true"))
+    if isinstance(exc, cloaking.TooManyFacesError):
+        return ApiError(
+            422,
+            f"{exc.found} faces found in {exc.name}; this server cloaks at most {exc.limit} in one request: "
+            "send face=N to cloak face N (1 = leftmost) or largest=true, or crop the photo",
+        )
     if isinstance(exc, ImageTooLargeError):
         return ApiError(413, str(exc))
     if isinstance(exc, (NotAnImageError, UnsupportedImageError)):

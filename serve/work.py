@@ -18,18 +18,14 @@ from uncnn_rt.runtime.cloak.report import (
 )
 from uncnn_rt.runtime.cloak.verify import classify_image, compare_faces, same_person, verify
 from uncnn_rt.runtime.errors import ModelError
-from uncnn_rt.runtime.geometry.faces import crop_size_for, find_faces
 from uncnn_rt.runtime.imageio import (
-    LoadedImage,
     default_output_path,
     encode_image,
     load_image,
     lossy_round_trip,
     output_format,
 )
-from uncnn_rt.runtime.sessions import AttackSession
 from uncnn_rt.serve.config import Models, ServeConfig
-from uncnn_rt.serve.errors import ApiError
 from uncnn_rt.serve.forms import CloakOptions, Upload
 from uncnn_rt.serve.queue import Job, Stage
 
@@ -63,8 +59,6 @@ def cloak_work(
     recognizers = models.recognizers_for(options.models)
     detector = None if options.no_align else models.detector
     fmt = output_format(loaded, None, options.format)
-    if detector is not None and options.face is None and not options.largest:
-        _check_faces(loaded, detector, recognizers, config)
     job.check()
     result = cloaking.cloak_image(
         loaded,
@@ -78,6 +72,7 @@ def cloak_work(
         progress=job.on_progress,
         saved=lossy_round_trip(loaded, fmt=fmt),
         faces_per_batch=config.faces_per_batch,
+        max_faces=config.max_faces,
     )
     job.check()
     job.emit(Stage("verifying"))
@@ -94,23 +89,6 @@ def cloak_work(
     summary = FileOutcome(upload.name or upload.filename, report=report, details=details).to_dict()
     summary["output"] = name  # verify saw an in-memory file; the client gets this name
     return CloakedUpload(data, MEDIA_TYPES[fmt], filename, summary, name)
-
-
-def _check_faces(
-    loaded: LoadedImage, detector: cloaking.Detector, recognizers: list[AttackSession], config: ServeConfig
-) -> None:
-    """422 before any attack step when the photo has more faces than this server cloaks in one request
-    (a cloak's memory and time grow with its faces); no face is left to the cloak's own error."""
-    try:
-        sites = find_faces(loaded.rgb, detector, size=crop_size_for(recognizers), name=loaded.name)
-    except cloaking.NoFaceError:
-        return
-    if len(sites) > config.max_faces:
-        raise ApiError(
-            422,
-            f"{len(sites)} faces found in image; this server cloaks at most {config.max_faces} in one "
-            "request: send face=N to cloak face N (1 = leftmost) or largest=true, or crop the photo",
-        )
 
 
 def compare_work(

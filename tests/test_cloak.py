@@ -355,6 +355,19 @@ def test_faces_attacked_in_one_batch_keep_their_own_budget_cap_and_verdict(
         assert used > 0.5, (face.visibility, face.limits)
 
 
+def test_more_faces_than_max_faces_is_refused_before_any_step(recognizers: list[AttackSession]) -> None:
+    """The service's memory bound: the faces chosen are counted after detection, before any attack step."""
+    loaded = loaded_photo()
+    detector = FakeDetector([similarity(2.0, 0.0, 8.0, 40.0), similarity(3.0, 8.0, 90.0, 30.0)])
+    steps: list[cloak.CloakProgress] = []
+    with pytest.raises(cloak.TooManyFacesError, match=r"2 faces found in photo\.png; at most 1") as refused:
+        run(loaded, recognizers, detector, **STRONG, max_faces=1, progress=steps.append)
+    assert (refused.value.found, refused.value.limit) == (2, 1) and steps == []
+    one = run(loaded, recognizers, detector, **{**STRONG, "steps": 1}, max_faces=1, largest=True)
+    assert len(one.faces) == 1
+    assert len(run(loaded, recognizers, detector, **{**STRONG, "steps": 1}, max_faces=2).faces) == 2
+
+
 def _in(region: Box, shape: tuple[int, ...]) -> NDArray[np.bool_]:
     mask = np.zeros(shape[:2], bool)
     mask[region.slices] = True

@@ -37,7 +37,7 @@ from uncnn_rt.runtime.cloak.photo import (
     scatter_rng,
     target_embeddings,
 )
-from uncnn_rt.runtime.geometry.faces import Detector, NoFaceError, load_detector
+from uncnn_rt.runtime.geometry.faces import Detector, NoFaceError, TooManyFacesError, load_detector
 
 __all__ = [
     "BATCH_FACES",
@@ -54,6 +54,7 @@ __all__ = [
     "FaceLimits",
     "ModelOutcome",
     "NoFaceError",
+    "TooManyFacesError",
     "check_seed",
     "cloak_image",
     "default_recognizer_names",

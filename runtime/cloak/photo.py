@@ -106,6 +106,7 @@ from uncnn_rt.runtime.errors import InputError
 from uncnn_rt.runtime.geometry.faces import (
     Detector,
     FaceSite,
+    TooManyFacesError,
     crop_size_for,
     embed,
     find_faces,
@@ -271,6 +272,7 @@ def cloak_image(
     progress: CloakProgressCallback | None = None,
     saved: Callable[[Uint8Array], Uint8Array] | None = None,
     faces_per_batch: int | None = None,
+    max_faces: int | None = None,
 ) -> CloakResult:
     """Cloak the faces of a decoded photo; see the module docstring for the method and the modes.
 
@@ -292,9 +294,11 @@ def cloak_image(
         faces_per_batch: most faces attacked together in one batched attack call (each keeps its own
             reference, budget, momentum, early stop and cap; :class:`_BatchRunner`); 1 attacks them one
             after another. Default :data:`BATCH_FACES`, within :data:`BATCH_PIXELS`.
+        max_faces: most faces this call cloaks (after ``face``/``largest`` chose), or None: no limit.
 
     Raises:
         NoFaceError: no face found (and not ``no_align``).
+        TooManyFacesError: more faces chosen than ``max_faces``, before any attack step.
         InputError: bad arguments, or a target lacking a recognizer's embedding.
     """
     start = time.perf_counter()
@@ -312,6 +316,8 @@ def cloak_image(
     aimed = None if target is None else {n: np.asarray(target[n], np.float32) for n in names}
     sites = find_faces(original, detector, size=size, no_align=no_align, name=loaded.name)
     chosen = select_faces(sites, face=face, largest=largest)
+    if max_faces is not None and len(chosen) > max_faces:
+        raise TooManyFacesError(len(chosen), max_faces, loaded.name)
     faces = [_Face.of(i, sites[i], original, size, settings, recognizers, aimed) for i in chosen]
     _share_the_budget(faces, original, settings)
     output_quality = None

@@ -39,6 +39,18 @@ class NoFaceError(InputError):
     """No face was found in a photo that was to be cloaked or compared."""
 
 
+class TooManyFacesError(InputError):
+    """A photo holds more faces to cloak than the caller allows in one cloak (a cloak's memory and time
+    grow with its faces); raised after detection, before any attack step."""
+
+    def __init__(self, found: int, limit: int, name: str) -> None:
+        super().__init__(
+            f"{found} faces found in {name}; at most {limit} are cloaked at once: "
+            "choose one face, or the largest, or crop the photo"
+        )
+        self.found, self.limit, self.name = found, limit, name
+
+
 class DetectedFace(Protocol):
     """What a detector reports per face (``uncnn_rt.runtime.geometry.detect.Face``)."""
 
