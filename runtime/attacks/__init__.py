@@ -38,8 +38,16 @@ from uncnn_rt.runtime.attacks.criteria import (
 )
 from uncnn_rt.runtime.attacks.ensemble import Ensemble, Gradient, Victim
 from uncnn_rt.runtime.attacks.fab import FAB
-from uncnn_rt.runtime.attacks.linear import LinearMap, PerImage, Resize, ResizePad, Upsample, resize_matrix
-from uncnn_rt.runtime.attacks.pgd import BIM, FGSM, IFGSM, L2PGD, MIFGSM, PGD, LinfPGD
+from uncnn_rt.runtime.attacks.linear import (
+    LinearMap,
+    PerImage,
+    Resize,
+    ResizePad,
+    Smooth,
+    Upsample,
+    resize_matrix,
+)
+from uncnn_rt.runtime.attacks.pgd import BIM, FGSM, IFGSM, L2PGD, MIFGM, MIFGSM, PGD, LinfPGD
 from uncnn_rt.runtime.attacks.square import Square
 
 __all__ = [
@@ -50,6 +58,7 @@ __all__ = [
     "FGSM",
     "IFGSM",
     "L2PGD",
+    "MIFGM",
     "MIFGSM",
     "PGD",
     "AllOf",
@@ -75,6 +84,7 @@ __all__ = [
     "ResizePad",
     "SimilarityAbove",
     "SimilarityBelow",
+    "Smooth",
     "Square",
     "TargetReached",
     "Transform",

@@ -44,7 +44,7 @@ from uncnn_rt.runtime.attacks.basis import coarse_basis, step_direction
 from uncnn_rt.runtime.attacks.boosters import EOT, InputDiversity, TranslationInvariance
 from uncnn_rt.runtime.attacks.criteria import Criterion, ModelState, default_criterion
 from uncnn_rt.runtime.attacks.ensemble import Ensemble, Victim, unit_mean_magnitude
-from uncnn_rt.runtime.attacks.linear import LinearMap
+from uncnn_rt.runtime.attacks.linear import LinearMap, Smooth
 from uncnn_rt.runtime.attacks.sampling import VictimFocus
 from uncnn_rt.runtime.attacks.schedule import SCHEDULES, step_rate
 from uncnn_rt.runtime.errors import InputError
@@ -151,6 +151,14 @@ class GradientAttack(ABC):
         cap: a visibility cap (:class:`VisibilityCap`), held like the SSIM floor by shrinking each
             image's perturbation towards 0, after every ``cap_every`` steps and exactly at the end.
         cap_every: steps between holds of ``cap``.
+        cap_start: the share of ``cap`` the first steps may spend, rising linearly to the whole cap by
+            ``cap_rise`` of the steps: a minimum-visibility schedule (the budget grows only while an
+            image is short of ``stop_when``; an image that stops early keeps the small change that
+            sufficed, where a fixed cap lets every step spend all of it). 1: the whole cap from the start.
+        cap_rise: the share of the steps after which the whole cap is allowed.
+        blur: the perturbation's basis: a Gaussian of this standard deviation in pixels (one per image,
+            or one for all), ``step = G direction(G mask v)`` (:class:`~.linear.Smooth`), so the steps
+            are smooth at that scale whatever ``direction`` does; None: the pixel grid (or ``coarse``).
     """
 
     eps: float = 8.0
@@ -174,6 +182,9 @@ class GradientAttack(ABC):
     chroma: float = 1.0
     cap: VisibilityCap | None = None
     cap_every: int = 4
+    cap_start: float = 1.0
+    cap_rise: float = 0.75
+    blur: float | tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -203,6 +214,12 @@ class GradientAttack(ABC):
             raise InputError(f"{name}: chroma must be in [0, 1], got {self.chroma}")
         if self.cap_every < 1:
             raise InputError(f"{name}: cap_every must be >= 1, got {self.cap_every}")
+        if not (0.0 < self.cap_start <= 1.0 and 0.0 < self.cap_rise <= 1.0):
+            raise InputError(
+                f"{name}: cap_start and cap_rise must be in (0, 1], got {self.cap_start}, {self.cap_rise}"
+            )
+        if self.blur is not None and self.coarse > 1.0:
+            raise InputError(f"{name}: blur and coarse are two bases; give one of them")
         if self.check_every < 1 or self.ssim_every < 1:
             raise InputError(
                 f"{name}: check_every and ssim_every must be >= 1, got {self.check_every}, {self.ssim_every}"
@@ -280,10 +297,15 @@ class GradientAttack(ABC):
         chroma = 0.0 if luminance_only else self.chroma
         cap = None if self.cap is None else self.cap.bind(x0)
         budget = _Budget(x0, bound, self.l2, self.ssim_min, quantize, chroma=chroma, cap=cap)
+        budget.level[:] = self.cap_start
         focus = VictimFocus(
             ensemble, per_step=self.victims_per_step, margin=self.success_margin, targeted=targeted
         )
-        bases = [coarse_basis(c, (h, w)) for c in (self.coarse, *self.scales)]
+        bases: list[LinearMap | None] = (
+            [coarse_basis(c, (h, w)) for c in (self.coarse, *self.scales)]
+            if self.blur is None
+            else [Smooth(self.blur)]
+        )
         alpha = np.float32(self.alpha)
         checks = stop_when is not None or self.success_margin is not None
         # Checks fall on the steps whose iterate the SSIM floor has just held when ssim_every divides
@@ -322,6 +344,9 @@ class GradientAttack(ABC):
                 cap=(done + 1) % self.cap_every == 0,
             )
             steps += active
+            if self.cap_start < 1.0:
+                rise = min(1.0, (done + 1) / max(self.cap_rise * self.steps, 1.0))
+                budget.level[active] = self.cap_start + (1.0 - self.cap_start) * rise
             if on_step is not None:
                 on_step(done + 1)
 
@@ -481,6 +506,9 @@ class _Budget:
             high = np.minimum(self._grey_top, 255.0 - x0.max(axis=3, keepdims=True))
             self._grey_range = (low, np.maximum(high, low))
         self._ssim = None if ssim_min is None else _SsimTo(x0)
+        self.level = np.ones(x0.shape[0])
+        """Per image, the share of the visibility cap the loop's holds allow (``cap_start``); the
+        attack's result is held to the whole cap."""
 
     def project(self, delta: Float32Array) -> Float32Array:
         """Onto the L2 ball, then the L-inf box, then the pixel range.
@@ -534,8 +562,10 @@ class _Budget:
         if (cap or exact) and self.cap is not None:
             bound_cap = self.cap
 
+            level = np.ones_like(self.level) if exact else self.level
+
             def fast_cap(s: Float32Array, i: NDArray[np.intp]) -> NDArray[np.float64]:
-                return bound_cap.fast(self.x0[i] + s, i)
+                return bound_cap.fast(self.x0[i] + s, i) / level[i]
 
             target = 1.0 - bound_cap.margin
             if not exact:

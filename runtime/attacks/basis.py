@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from uncnn_rt.runtime.arrays import Float32Array
-from uncnn_rt.runtime.attacks.linear import Upsample
+from uncnn_rt.runtime.attacks.linear import LinearMap, Upsample
 
 Direction = Callable[[Float32Array], Float32Array]
 """The norm's unit steepest-ascent direction of a velocity ``[N, H, W, 3]``."""
@@ -34,15 +34,17 @@ def chroma_part(values: Float32Array) -> Float32Array:
 
 
 def step_direction(
-    direction: Direction, velocity: Float32Array, bases: Sequence[Upsample | None], chroma: float
+    direction: Direction, velocity: Float32Array, bases: Sequence[LinearMap | None], chroma: float
 ) -> Float32Array:
     """The step's direction: ``direction`` of ``velocity`` on each basis (None: the pixel grid), averaged
-    over the bases, with the chroma part scaled by ``chroma``."""
+    over the bases, with the chroma part scaled by ``chroma``. A basis is an upsampling from a coarser grid
+    (:func:`coarse_basis`) or a smoothing (:class:`~.linear.Smooth`): ``basis.forward(direction(
+    basis.adjoint(v)))`` either way."""
 
-    def on(basis: Upsample | None, v: Float32Array) -> Float32Array:
+    def on(basis: LinearMap | None, v: Float32Array) -> Float32Array:
         return direction(v) if basis is None else basis.forward(direction(basis.adjoint(v)))
 
-    def split(basis: Upsample | None) -> Float32Array:
+    def split(basis: LinearMap | None) -> Float32Array:
         if chroma >= 1.0:
             return on(basis, velocity)
         luminance = np.ascontiguousarray(
