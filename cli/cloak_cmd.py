@@ -679,10 +679,23 @@ def _visibility_lines(block: dict[str, Any] | None) -> list[str]:
         cap = face.get("cap")
         limit = "" if cap is None else f" of at most {cap['flip']:.4f}"
         limit_de = "" if cap is None else f" of at most {cap['ciede2000_mean']:.2f}"
-        what = "" if cap is None else f" (cap: the photo's {cap['of']} re-encode)"
+        what = "" if cap is None else f" (ceiling: {cap['of']})"
+        times = face.get("times_reference")
+        spent = (
+            ""
+            if times is None or cap is None
+            else f"; {times['flip']:.2f}x the FLIP of the photo's own JPEG q{cap['reference_quality']}"
+        )
+        margin = face.get("margin")
+        if face.get("stopped_by_ceiling"):
+            reached = "; the ceiling stopped it short of its margin"
+        elif margin is not None and margin >= 0:
+            reached = f"; {margin:.3f} past every threshold"
+        else:
+            reached = ""
         lines.append(
             f"{name} visibility: FLIP {face['flip']:.4f}{limit}, CIEDE2000 mean {face['ciede2000_mean']:.2f}"
-            f"{limit_de}{what}"
+            f"{limit_de}{what}{spent}{reached}"
         )
     return lines
 

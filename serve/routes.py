@@ -39,12 +39,12 @@ face) is replaced there by its summary, marked ``"truncated": true``; the JSON a
 Proxies refuse headers of some KB (8 KB in nginx by default), and the header was 28 KB for 36 faces."""
 
 MODE_SUMMARIES: Final = {
-    "low": "Lightest: the changes are barely visible, even side by side, and it is the quickest; "
-    "it protects the least.",
-    "mid": "Balanced (the default): changes about as visible as saving the photo again as an ordinary "
-    "JPEG; protects more than low, in a little more time.",
-    "high": "Strongest: protects the most, but the changes can be seen when you look closely, "
-    "and it takes a few times longer than mid.",
+    "low": "Lightest: never more visible than saving the photo again as an ordinary JPEG; "
+    "it protects the fewest faces.",
+    "mid": "Balanced (the default): each face gets the least change that protects it, at most twice "
+    "as visible as an ordinary JPEG re-save; the change can show on smooth skin when you look closely.",
+    "high": "Strongest: protects the most, up to three times as visible as an ordinary JPEG re-save; "
+    "the changes can be seen when you look closely, and it takes longer than mid.",
 }
 """What each mode gives and costs, in words, for the page's mode menu (the technical recipe is the
 mode's ``description``)."""

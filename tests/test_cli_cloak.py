@@ -418,7 +418,7 @@ def test_not_protected_names_the_faces_and_models_and_the_next_mode(
     strongest = invoke("cloak", str(source), "--mode", "high", "--eps", "0.01", "--json")
     assert strongest.exit_code == cloak_cmd.EXIT_NOT_PROTECTED
     hint = json.loads(strongest.stdout)["files"][0]["hint"]
-    assert "strongest mode" in hint and "--steps" in hint and "--cap 3xjpeg75" in hint
+    assert "strongest mode" in hint and "--steps" in hint and "--cap 4.5xjpeg75" in hint
 
 
 def test_the_hint_follows_the_order_of_the_modes() -> None:
@@ -502,13 +502,19 @@ def test_the_report_says_how_visible_each_face_is_against_its_cap(
     assert result.exit_code in (cloak_cmd.EXIT_OK, cloak_cmd.EXIT_NOT_PROTECTED), result.output
     block = json.loads(result.stdout)["files"][0]["visibility"]
     face = block["faces"]["face 1"]
-    assert face["cap"]["of"] == "JPEG q75" and face["within_cap"] is True
+    assert face["cap"]["of"] == "2x JPEG q75" and face["within_cap"] is True
     assert 0 < face["flip"] <= face["cap"]["flip"] and face["ciede2000_mean"] <= face["cap"]["ciede2000_mean"]
-    assert face["cap"]["reference"]["flip"] >= face["cap"]["flip"] * 0.999  # mid: at most q75's figures
+    # mid: a ceiling of twice the q75 re-encode's figures, and what the face spent as a multiple of them
+    assert face["cap"]["flip"] == pytest.approx(2 * face["cap"]["reference"]["flip"], rel=1e-3)
+    assert face["cap"]["reference_quality"] == 75
+    assert face["times_reference"]["flip"] == pytest.approx(
+        face["flip"] / face["cap"]["reference"]["flip"], rel=1e-2
+    )
+    assert isinstance(face["stopped_by_ceiling"], bool) and isinstance(face["margin"], float)
     assert 0 < block["photo"]["flip"] <= face["flip"]  # the photo changed only in the face region
     table = invoke("cloak", str(source), "--steps", "6", "-o", str(tmp_path / "t.jpg"))
     line = next(x for x in table.stdout.splitlines() if x.startswith("face 1 visibility"))
-    assert "FLIP" in line and "of at most" in line and "JPEG q75" in line
+    assert "FLIP" in line and "of at most" in line and "2x JPEG q75" in line and "the FLIP of" in line
     free = invoke(
         "cloak", str(source), "--steps", "6", "--cap", "none", "--json", "-o", str(tmp_path / "f.jpg")
     )
@@ -701,19 +707,21 @@ def test_a_jpeg_whose_re_save_alone_would_fill_the_cap_is_written_higher_with_a_
     patched: FakeDetector, tmp_path: Path
 ) -> None:
     """The README's JPEG ladder. A q60 photo is re-saved at q75 (its quality, raised to the floor of 75),
-    and mid's cap *is* the photo's q75 re-encode: the encoder alone would take the whole cap, twice the
-    half it may take, so the cloak is written at the first of q90, q95, q98, q100 that leaves room,
-    says so in a note and reports it as output_quality; the file is written at that quality."""
+    and low's ceiling *is* the photo's q75 re-encode: the encoder alone would take the whole ceiling,
+    twice the half it may take, so the cloak is written at the first of q90, q95, q98, q100 that leaves
+    room, says so in a note and reports it as output_quality; the file is written at that quality."""
     source = tmp_path / "low.jpg"
     Image.fromarray(photo()).save(source, quality=60)
-    result = invoke("cloak", str(source), "--json", "--steps", "3", "--seed", "0")
+    result = invoke("cloak", str(source), "--mode", "low", "--json", "--steps", "3", "--seed", "0")
     assert result.exit_code in (0, 4), result.output
     entry = json.loads(result.stdout)["files"][0]
     assert entry["output_quality"] in (90, 95, 98, 100)
     assert any(n.startswith(f"written at quality {entry['output_quality']}:") for n in entry["notes"])
     with Image.open(entry["output"]) as written:
         assert estimate_jpeg_quality(written) == entry["output_quality"]
-    table = invoke("cloak", str(source), "--steps", "3", "--seed", "0", "-o", str(tmp_path / "t.jpg"))
+    table = invoke(
+        "cloak", str(source), "--mode", "low", "--steps", "3", "--seed", "0", "-o", str(tmp_path / "t.jpg")
+    )
     assert f"note: {source}: written at quality {entry['output_quality']}:" in table.stderr
     # A lossless output has no ladder: no note, no output_quality.
     png = write(tmp_path / "same.png", photo(), "PNG")

@@ -200,12 +200,14 @@ def test_settings_for_applies_overrides_and_rejects_bad_values() -> None:
 
 def test_modes_trade_strength_for_invisibility() -> None:
     low, mid, high = (cloak.MODES[m] for m in ("low", "mid", "high"))
-    assert low.eps < mid.eps < high.eps
     assert low.steps <= mid.steps <= high.steps
-    # Each mode is a visibility cap: low at most a JPEG q85 re-encode, mid q75, high twice q75.
-    assert (low.cap_jpeg, mid.cap_jpeg, high.cap_jpeg) == (85, 75, 75)
-    assert low.cap_scale == mid.cap_scale == 1.0 < high.cap_scale
-    assert mid.cap_ciede2000 is not None and mid.cap_ciede2000 <= 1.3
+    # Each mode is a protection level: a margin past every threshold, and a ceiling on visibility as a
+    # multiple of the photo's own JPEG q75 re-encode (low 1x, mid 2x, high 3x), each face spending the
+    # least change that reaches its margin.
+    assert (low.cap_jpeg, mid.cap_jpeg, high.cap_jpeg) == (75, 75, 75)
+    assert (low.cap_scale, mid.cap_scale, high.cap_scale) == (1.0, 2.0, 3.0)
+    assert low.success_margin < mid.success_margin < high.success_margin
+    assert low.least and mid.least and high.least
     assert cloak.DEFAULT_MODE == "mid"
 
 
@@ -258,7 +260,8 @@ def test_cloak_protects_against_the_white_box_models(recognizers: list[AttackSes
         assert outcome.threshold is not None
         assert outcome.passed == (outcome.similarity < outcome.threshold)
     assert result.passed
-    assert face.steps <= result.settings.steps
+    settings = result.settings
+    assert face.steps <= settings.steps + settings.refine_rounds * settings.refine_steps
 
 
 def test_ssim_floor_holds_on_the_face_region_and_the_whole_image(recognizers: list[AttackSession]) -> None:
@@ -468,9 +471,9 @@ def test_refinement_protects_under_the_alignment_found_on_the_cloaked_photo(
     moved = similarity(3.2, 2.0, 64.0, 26.0)
     detector = MovingDetector(ONE_FACE, moved)
     # Colour steps without the JND shaping: the linear models weigh every channel of every pixel alike.
-    loop = replace(cloak.MODES["mid"], chroma=1.0, jnd_floor=None, cap_jpeg=None)
+    loop = replace(cloak.MODES["mid"], chroma=1.0, jnd_floor=None, cap_jpeg=None, refine_rounds=1)
     result = run(loaded, recognizers, detector, mode=loop, eps=32, steps=20, ssim_min=0)
-    assert detector.calls == 2
+    assert detector.calls == 3  # the cloak's, the refinement round's, the least-visible shrink's
     assert np.abs(result.image.astype(int) - loaded.rgb).max() <= 32
     written = save_image(result.image, loaded, tmp_path / "out.png")
     report = verify(loaded, written, result, recognizers=recognizers, detector=detector)
@@ -525,8 +528,9 @@ def test_verify_reports_every_face_and_model_from_the_written_file(
     detector = FakeDetector([ONE_FACE])
     result = run(loaded, recognizers, detector, **STRONG)
     written = save_image(result.image, loaded, tmp_path / "out.png")
+    before = detector.calls
     report = verify(loaded, written, result, recognizers=recognizers, detector=detector)
-    assert detector.calls == 3  # to cloak, to re-align the cloaked pixels (refinement), on the written file
+    assert detector.calls == before + 1  # verify detects the faces again, on the written file
     assert [f.number for f in report.faces] == [1]
     face = report.faces[0]
     assert face.redetected and face.iou == pytest.approx(1.0)
@@ -667,36 +671,37 @@ def _saved_face_figures(
 
 @pytest.mark.slow
 def test_mid_cap_holds_on_the_saved_astronaut(tmp_path: Path) -> None:
-    """The default mode's promise on a real colour face: no more visible than the photo's own JPEG q75
-    re-encode, in FLIP and CIEDE2000, on the file as written; and the cloak uses that budget."""
+    """The default mode's promise on a real colour face: no more visible than twice the photo's own JPEG
+    q75 re-encode, in FLIP and CIEDE2000, on the file as written; and the cloak is not nothing."""
     recognizers, detector = _shipped()
     loaded = load_image(encode(data.astronaut()), name="astronaut.png")
     result = cloak.cloak_image(loaded, recognizers=recognizers, detector=detector, mode="mid")
     ((figures, limits),) = _saved_face_figures(loaded, result, tmp_path / "astronaut.cloaked.png")
     assert figures.flip <= limits.flip and figures.ciede2000_mean <= limits.ciede2000
-    assert figures.flip > 0.5 * limits.flip  # not a cloak that does nothing
+    assert figures.flip > 0.2 * limits.flip  # not a cloak that does nothing
     region = result.faces[0].visible_region
     assert region is not None
     q75 = visibility.envelope(visibility.region_ladder(loaded.rgb, region))[75]
-    assert limits.flip == pytest.approx(q75.flip, rel=0.03)
-    assert limits.ciede2000 == pytest.approx(min(q75.ciede2000_mean, 1.3), rel=0.03)
+    assert limits.flip == pytest.approx(2 * q75.flip, rel=0.03)
+    assert limits.ciede2000 == pytest.approx(2 * q75.ciede2000_mean, rel=0.03)
 
 
 @pytest.mark.slow
 def test_a_low_quality_jpeg_is_written_at_a_quality_that_leaves_the_cloak_room(tmp_path: Path) -> None:
-    """A q60 JPEG saved at its own quality (75 at least) loses as much to the encoder as its whole mid
-    cap allows, so a cloak held to the cap would be 0. The cloak chooses a higher quality, whose loss
-    takes at most ENCODER_SHARE of the cap, and the file written at it holds a real cloak within the cap."""
+    """A q60 JPEG saved at its own quality (75 at least) loses as much to the encoder as its whole low
+    ceiling (the q75 re-encode) allows, so a cloak held to the cap would be 0. The cloak chooses a
+    higher quality, whose loss takes at most ENCODER_SHARE of the cap, and the file written at it holds
+    a real cloak within the cap."""
     recognizers, detector = _shipped()
     loaded = load_image(encode(data.astronaut(), "JPEG", quality=60), name="astronaut.jpg")
     saved = lossy_round_trip(loaded, fmt="JPEG")
     assert saved is not None and saved.quality == 75
     region = visibility.face_region(detector.detect(loaded.rgb)[0].box, loaded.rgb.shape)
-    limits = cloak.face_limits(loaded.rgb, region, cloak.MODES["mid"])
+    limits = cloak.face_limits(loaded.rgb, region, cloak.MODES["low"])
     assert limits is not None
     own = visibility.colour_difference(loaded.rgb[region.slices], saved(loaded.rgb)[region.slices])
     assert own[1] > 0.9 * limits.ciede2000  # at q75 the encoder takes (nearly) all of the cap
-    result = cloak.cloak_image(loaded, recognizers=recognizers, detector=detector, mode="mid", saved=saved)
+    result = cloak.cloak_image(loaded, recognizers=recognizers, detector=detector, mode="low", saved=saved)
     assert result.output_quality is not None and result.output_quality > 75
     written = load_image(
         save_image(result.image, loaded, tmp_path / "a.jpg", quality=result.output_quality)

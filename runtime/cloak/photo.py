@@ -10,8 +10,9 @@ Data flow (``ARCHITECTURE.md`` follows one photo through the modules)::
         step:   crop = W_k (x + Q(delta))              W_k: bilinear warp, a linear map (Warp)
                 g    = W_k^T (gradient of the crops: MI, alignment jitter (DI), EOT over JPEG,
                               one recognizer per step drawn by its distance from its threshold)
-                delta <- project(delta + alpha * mask * sign(momentum(g)))
-                         (L-inf eps * mask, pixel range, SSIM floor of the region)
+                delta <- project(delta + alpha * mask * G dir(G mask momentum(g)))
+                         (G: a Gaussian half a crop pixel wide; dir: the momentum's shape at
+                          unit RMS, or its sign; L-inf eps * mask, pixel range, the ceiling)
 
 The faces of a photo are attacked together, one batch per step through each recognizer
 (:class:`_BatchRunner`), each face with its own reference, budget, momentum, early stop and cap.
@@ -20,32 +21,41 @@ untargeted objective is each recognizer's cosine similarity to the face's own cl
 (descended); with a target identity it is the similarity to the target's embedding (ascended).
 Grey photos get the same delta on R, G and B, so they stay grey.
 
-**Modes** are visibility caps (:mod:`.modes`, :mod:`.caps`). Each face region (the detector's box grown
-by a quarter of its side, :func:`visibility.face_region`) may change at most as much, in FLIP and in
-mean CIEDE2000, as the photo's own JPEG re-encode at the mode's quality changes it there; the cap is
-held inside the loop and checked on the pixels as the output file stores them (``saved``):
+**Modes** are protection levels (:mod:`.modes`, :mod:`.caps`): the margin past every recognizer's
+threshold a face aims for, and a ceiling on how visible its change may be. The ceiling is a multiple of
+the photo's own JPEG q75 re-encode on the face region (the detector's box grown by a quarter of its
+side, :func:`visibility.face_region`), in FLIP and in mean CIEDE2000, held inside the loop and checked
+on the pixels as the output file stores them (``saved``):
 
-======  ===================================  ====  =====  ==========================================
-mode    cap per face region                  eps   steps  recipe
-======  ===================================  ====  =====  ==========================================
-low     JPEG q85 re-encode                   12    16     MI, jitter p 0.5, EOT JPEG 70..95, steps from 3
-mid     JPEG q75 re-encode, CIEDE2000 <= 1.3 16    18     MI, jitter p 0.5, EOT JPEG 70..95, steps from 4
-high    2x the JPEG q75 re-encode's figures  24    40     as mid, steps from 5, 3 refinement rounds
-======  ===================================  ====  =====  ==========================================
+======  ===================================  ======  =====  ====================================
+mode    ceiling per face region              margin  steps  refinement
+======  ===================================  ======  =====  ====================================
+low     the JPEG q75 re-encode               0.02    24     up to 3 rounds of 8 steps
+mid     2x the q75 re-encode's figures       0.04    24     up to 3 rounds of 8 steps
+high    3x the q75 re-encode's figures       0.08    40     up to 3 rounds of 12 steps
+======  ===================================  ======  =====  ====================================
 
-Where the budget goes: the change is grey (the same step on R, G and B: colour carried a third of the
-visibility of earlier cloaks and little of their protection), per photo pixel (FLIP's contrast
-sensitivity filters hide fine texture; smooth, low-frequency shifts on skin are what people see
-first: at the same FLIP, a coarse grid with some colour protected 3 of 43 leave-one-out probes where
-per-pixel grey steps protected 14, ``bench/RESULTS.md``, run 15), and shaped by a luminance
-just-noticeable-difference model (:func:`visibility.luminance_jnd`: hair, beard, brows, edges and dark
-areas take up to the whole eps, smooth mid-grey skin 30% of it). The step size shrinks from the mode's
-first step to 30% of it along a cosine.
+Each face spends the least change it needs (``least``): the loop's share of the ceiling rises from 35%
+to all of it over the first three quarters of the steps (``cap_start``), the face stops at the first
+check past its margin, and the change is then shrunk (bisection on one factor) to the least share that
+keeps every recognizer past its margin on the face as the verify step will see it, re-detected in the
+saved file. A face the ceiling stops short is marked ``short`` and keeps all of it.
+
+Where the budget goes: steps along the momentum's own shape (MI-FGM,
+:class:`~uncnn_rt.runtime.attacks.MIFGM`), not its sign, which spends the same change on every pixel
+and writes an edge at every change of sign; on a smooth basis half a canonical-crop pixel wide
+(:class:`~uncnn_rt.runtime.attacks.Smooth`), so no
+step falls on the crop warp's block lattice, whose sign steps came back as hard-edged squares; grey
+(the same step on R, G and B: colour carried a third of the visibility of earlier cloaks and little
+of their protection); shaped by a luminance just-noticeable-difference model
+(:func:`visibility.luminance_jnd`: hair, beard, brows, edges and dark areas take up to the whole eps,
+smooth mid-grey skin 30% of it), eps being a per-pixel guard of 32 grey levels. The step size shrinks
+from the mode's first step to 30% of it along a cosine. Figures: ``bench/RESULTS.md``, run 17.
 
 Every mode stops a face early once every white-box recognizer is past its threshold by
 ``success_margin`` (checked every ``check_every`` steps on the exact uint8 pixels), and spends each step
 on one recognizer, drawn in proportion to how far it is from its threshold (a stochastic ensemble:
-the momentum sums them). Figures of each mode on the colour set: ``README.md`` and ``bench/RESULTS.md``.
+the momentum sums them).
 """
 
 from __future__ import annotations
@@ -63,6 +73,7 @@ from uncnn_rt.runtime import visibility
 from uncnn_rt.runtime.arrays import Float32Array, Uint8Array
 from uncnn_rt.runtime.attacks import (
     EOT,
+    MIFGM,
     MIFGSM,
     AttackResult,
     Downscale,
@@ -156,6 +167,9 @@ class CloakedFace:
     """FLIP, CIEDE2000, SSIM and PSNR of the face region, cloaked against the original."""
     limits: FaceLimits | None = None
     """The face's visibility cap, when the mode has one."""
+    short: bool = False
+    """The mode's ceiling stopped the attack before every recognizer was past its margin (only known
+    to a mode that spends the least visible change, :attr:`CloakSettings.least`)."""
 
     @property
     def passed(self) -> bool:
@@ -363,7 +377,13 @@ def cloak_image(
             break
         attack([f.moved_to(moved, original, faces, settings) for f, moved in short], settings.refine_steps)
 
+    if settings.least:
+        photo = _least_visible(original, photo, faces, recognizers, detector, targeted, settings, saved)
     photo, figures = _held(original, photo, faces, settings, saved)
+    if settings.least:
+        # The attack's own outcomes were taken before the shrink.
+        for f in faces:
+            f.outcomes = _outcomes_at(photo, f.site, recognizers, f.reference, targeted)
     return CloakResult(
         image=photo,
         faces=tuple(f.result(original, photo, figure) for f, figure in zip(faces, figures, strict=True)),
@@ -399,6 +419,8 @@ class _Face:
     steer: dict[str, Float32Array] | None = None
     outcomes: tuple[ModelOutcome, ...] = ()
     steps: int = 0
+    short: bool = False
+    """The mode's ceiling stopped the attack before every recognizer was past its margin."""
 
     @classmethod
     def of(
@@ -461,6 +483,7 @@ class _Face:
             visible_region=self.visible,
             visibility=figures,
             limits=self.limits,
+            short=self.short,
         )
 
 
@@ -472,6 +495,93 @@ def _share_the_budget(faces: Sequence[_Face], original: Uint8Array, settings: Cl
     for f in faces:
         mask = exclusive_mask(f.index, chosen, warps, f.region, settings)
         f.owned = shaped_mask(mask, original, f.region, f.visible, settings)
+
+
+LEAST_PROBES: Final = 7
+"""Bisection probes of :func:`_least_visible` per face (a share to within 1%)."""
+
+
+def _least_visible(
+    original: Uint8Array,
+    photo: Uint8Array,
+    faces: Sequence[_Face],
+    recognizers: Sequence[AttackSession],
+    detector: Detector | None,
+    targeted: bool,
+    settings: CloakSettings,
+    saved: Callable[[Uint8Array], Uint8Array] | None,
+) -> Uint8Array:
+    """Each face's perturbation shrunk to the least share of it (bisection) that keeps every recognizer
+    past its threshold by the mode's margin, as the verify step sees the face: re-detected on the
+    cloaked photo and through the output's round trip (``saved``, on the face's JPEG window only).
+
+    The attack stops a face at the first check past its margin, so its last steps may overshoot; and
+    a face whose ceiling stopped it short keeps all of it. Each face's ``short`` records which.
+    """
+    found = None if detector is None else sites_from_detections(detector.detect(photo), faces[0].site.size)
+    photo = photo.copy()
+    for f in faces:
+        site = f.site
+        if found is not None:
+            again = rematch(f.site, found)
+            site = again.site if again.matched else f.site
+        least = _LeastShare(original, photo, f, site, saved)
+        if not least.protected(1.0, recognizers, targeted, settings.success_margin):
+            f.short = True
+            continue
+        lo, hi = 0.0, 1.0
+        for _ in range(LEAST_PROBES):
+            mid = (lo + hi) / 2
+            if least.protected(mid, recognizers, targeted, settings.success_margin):
+                hi = mid
+            else:
+                lo = mid
+        photo[least.window.slices] = least.at(hi)
+    return photo
+
+
+class _LeastShare:
+    """One face's change in ``photo`` scaled by a share, tried on the face's JPEG window only (the rest of
+    the photo is the same in every trial)."""
+
+    def __init__(
+        self,
+        original: Uint8Array,
+        photo: Uint8Array,
+        face: _Face,
+        site: FaceSite,
+        saved: Callable[[Uint8Array], Uint8Array] | None,
+    ) -> None:
+        self.window, inner = visibility.jpeg_window(photo.shape, face.region)
+        self.owned = np.zeros((self.window.height, self.window.width, 1), bool)
+        self.owned[inner.slices] = (face.owned > 0)[..., None]
+        self.base = original[self.window.slices]
+        self.cloaked = photo[self.window.slices].copy()
+        self.delta = np.where(self.owned, self.cloaked.astype(np.float32) - self.base, np.float32(0.0))
+        self.trial = photo  # the window is put back after each trial
+        self.face, self.site, self.saved = face, site, saved
+
+    def at(self, share: float) -> Uint8Array:
+        """The window with the face's change scaled by ``share``, in whole grey levels."""
+        return np.where(self.owned, _shrunk(self.base, self.delta, share), self.cloaked)
+
+    def protected(
+        self, share: float, recognizers: Sequence[AttackSession], targeted: bool, margin: float
+    ) -> bool:
+        """Whether every recognizer is past its margin with the change scaled by ``share``, as saved."""
+        pixels = self.at(share)
+        if self.saved is not None:
+            pixels = self.saved(np.ascontiguousarray(pixels))
+        self.trial[self.window.slices] = pixels
+        try:
+            return _past_margin(self.trial, self.site, recognizers, self.face.reference, targeted, margin)
+        finally:
+            self.trial[self.window.slices] = self.cloaked
+
+
+def _shrunk(original: Uint8Array, delta: Float32Array, share: float) -> Uint8Array:
+    """``original + share * delta`` in whole grey levels, rounded towards the original."""
+    return np.asarray(np.clip(np.trunc(delta * np.float32(share)) + original, 0, 255), dtype=np.uint8)
 
 
 def _held(
@@ -612,6 +722,12 @@ class _BatchRunner:
                 for j in batch
             )
             attack = replace(attack, cap=None if all(c is None for c in caps) else PerImageCap(caps))
+        if settings.blur > 0:
+            # The basis's width is each face's own crop pixel in photo pixels.
+            attack = replace(attack, blur=tuple(settings.blur * crop_scale(j.warp) for j in batch))
+        if any(p is not None for p in priors):
+            # A refinement round continues from the cap the face has spent, not from the start's share.
+            attack = replace(attack, cap_start=1.0)
         init = None
         if any(p is not None for p in priors):
             init = np.stack(
@@ -686,6 +802,23 @@ def _outcomes(
     )
 
 
+def _outcomes_at(
+    photo: Uint8Array,
+    site: FaceSite,
+    recognizers: Sequence[AttackSession],
+    references: dict[str, Float32Array],
+    targeted: bool,
+) -> tuple[ModelOutcome, ...]:
+    """Each recognizer's outcome on the face at ``site`` of ``photo``."""
+    seen = embed(photo, site, recognizers)
+    out = []
+    for r in recognizers:
+        similarity, threshold = float(seen[r.name] @ references[r.name]), r.info.threshold
+        passed = threshold is not None and (similarity > threshold if targeted else similarity < threshold)
+        out.append(ModelOutcome(r.name, threshold, similarity, passed))
+    return tuple(out)
+
+
 def _past_margin(
     photo: Uint8Array,
     site: FaceSite,
@@ -713,7 +846,8 @@ def _attack(settings: CloakSettings) -> MIFGSM:
         transforms.append(Downscale(settings.eot_downscale))
     eot = EOT(transforms=tuple(transforms)) if transforms else None
     smoothing = TranslationInvariance(radius=settings.smoothing) if settings.smoothing > 0 else None
-    return MIFGSM(
+    kind = MIFGM if settings.step == "gradient" else MIFGSM
+    return kind(
         eps=settings.eps,
         steps=settings.steps,
         step_size=settings.step_size,
@@ -733,6 +867,8 @@ def _attack(settings: CloakSettings) -> MIFGSM:
         schedule_floor=settings.schedule_floor,
         chroma=settings.chroma,
         cap_every=settings.cap_every,
+        cap_start=settings.cap_start,
+        cap_rise=settings.cap_rise,
     )
 
 

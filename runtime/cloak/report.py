@@ -112,8 +112,18 @@ def visibility_details(
     saved file, the face's cap and the figures of the photo's own JPEG re-encode it comes from; and the
     whole photo's figures."""
     faces = {}
+    checks = {face.number: face for face in report.faces}
     for f in result.faces:
         entry: dict[str, Any] = {} if f.visibility is None else f.visibility.to_dict()
+        check = checks.get(f.number)
+        margins = [
+            (m.after - m.threshold) if report.targeted else (m.threshold - m.after)
+            for m in (check.models if check is not None else ())
+            if m.threshold is not None
+        ]
+        # How far past its threshold the closest recognizer is on the saved file (negative: short).
+        entry["margin"] = round(min(margins), 4) if margins else None
+        entry["stopped_by_ceiling"] = f.short
         if f.visible_region is not None:
             r = f.visible_region
             entry["region"] = [r.left, r.top, r.right, r.bottom]
@@ -125,7 +135,15 @@ def visibility_details(
                 "reference": {
                     k: v for k, v in f.limits.reference.to_dict().items() if k in ("flip", "ciede2000_mean")
                 },
+                "reference_quality": result.settings.cap_jpeg,
             }
+            if f.visibility is not None:
+                # What the face spent, as a multiple of the re-encode's own figures.
+                ref = f.limits.reference
+                entry["times_reference"] = {
+                    "flip": round(f.visibility.flip / max(ref.flip, 1e-9), 3),
+                    "ciede2000_mean": round(f.visibility.ciede2000_mean / max(ref.ciede2000_mean, 1e-9), 3),
+                }
             entry["within_cap"] = f.visibility is not None and not exceeds(f.visibility, f.limits)
         faces[f"face {f.number}"] = entry
     photo = photo_figures(loaded.rgb, saved, ssim=report.ssim, psnr=report.psnr)
