@@ -1,6 +1,6 @@
 """Latency and peak memory of ``cloak`` on this machine: a 1-face 1080p photo and a 12 MP photo.
 
-Targets: at most 3 s median for the 1080p photo in the default mode on
+Targets: at most 5 s median for the 1080p photo in the default mode on
 2 CPU cores, and at most 1 GB peak memory for the 12 MP photo. This prints the figures; it asserts
 nothing.
 
@@ -168,6 +168,7 @@ def folder_case(mode: str, count: int) -> str:
     together = time.perf_counter() - start
     if one.returncode not in (0, 4):
         return f"folder: the folder command failed ({one.returncode}): {one.stderr.decode()[-500:]}"
+    (folder / "each").mkdir()  # `-o FILE` must name a file in an existing folder
     start = time.perf_counter()
     for path in sorted(inputs.iterdir()):
         out = folder / "each" / path.name
@@ -255,7 +256,7 @@ def main() -> None:
         raise SystemExit("no face recognizers are shipped; build the model zoo first")
     cores, load = len(os.sched_getaffinity(0)), os.getloadavg()[0]
     print(f"cloak latency, mode {args.mode}, {cores} CPU cores, load average {load:.1f}")
-    print("targets: 1080p cloak <= 3 s median; 12 MP peak memory <= 1 GB\n")
+    print("targets: 1080p cloak <= 5 s median (issue 26); 12 MP peak memory <= 1 GB\n")
     for case in args.cases:
         if case == "folder":
             print(folder_case(args.mode, args.folder_photos))
