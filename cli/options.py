@@ -49,8 +49,9 @@ Attack = choices("Attack", variants.ATTACKS)
 Engine = choices("Engine", augment.ENGINES)
 
 CAP_HELP = (
-    "Visibility cap per face region, overriding the mode: jpegQ (at most the photo's own JPEG re-encode at "
-    "quality Q, in FLIP and CIEDE2000), KxjpegQ (K times its figures) or none."
+    "Visibility ceiling per face region, overriding the mode's: jpegQ (at most the photo's own JPEG "
+    "re-encode at quality Q, in FLIP and CIEDE2000), KxjpegQ (K times its figures) or none. Each face "
+    "still spends only what it needs to get past the mode's margin."
 )
 SCATTER_HELP = (
     "Weight of each face's own random direction in every recognizer's space (0, the default: off). The "
