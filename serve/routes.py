@@ -41,8 +41,8 @@ Proxies refuse headers of some KB (8 KB in nginx by default), and the header was
 MODE_SUMMARIES: Final = {
     "low": "Lightest: never more visible than saving the photo again as an ordinary JPEG; "
     "it protects the fewest faces.",
-    "mid": "Balanced (the default): each face gets the least change that protects it, at most one and a "
-    "half times as visible as an ordinary JPEG re-save; the change can show on skin when you look closely.",
+    "mid": "Balanced (the default): each face gets the least change that protects it, at most twice "
+    "as visible as an ordinary JPEG re-save; the change can show on smooth skin when you look closely.",
     "high": "Strongest: protects the most, up to three times as visible as an ordinary JPEG re-save; "
     "the changes can be seen when you look closely, and it takes longer than mid.",
 }

@@ -179,9 +179,9 @@ MODES: Final[dict[str, CloakSettings]] = {
     "low": _mode(
         "low", steps=24, step_size=8.0, success_margin=0.02, check_every=6, refine_rounds=3, refine_steps=8
     ),
-    # Up to 1.5 times the q75 re-encode: on the colour probes as protective as twice it (42 of 43
-    # white-box, 32 against 35 of 43 leave-one-out) at a median face FLIP 1.17 times the re-encode's
-    # instead of 1.24 (bench/RESULTS.md, run 17, the frontier).
+    # Up to twice the q75 re-encode: on the colour probes 42 of 43 white-box and 35 of 43 leave-one-out
+    # pairs protected at a median face FLIP 1.24 times the re-encode's; 1.5x protected as many white-box
+    # pairs at 1.17 times but left the 1080p benchmark face unprotected (bench/RESULTS.md, run 17).
     "mid": _mode(
         "mid",
         steps=24,
@@ -190,7 +190,7 @@ MODES: Final[dict[str, CloakSettings]] = {
         check_every=6,
         refine_rounds=3,
         refine_steps=8,
-        cap_scale=1.5,
+        cap_scale=2.0,
     ),
     # Up to three times the q75 re-encode, with a wider margin and more rounds.
     "high": _mode(
