@@ -17,6 +17,7 @@ from test_cloak import CROP, FakeDetector, loaded_photo, run, similarity
 
 from uncnn_rt.runtime import cloak, visibility
 from uncnn_rt.runtime.attacks import MIFGM, Smooth
+from uncnn_rt.runtime.errors import InputError
 from uncnn_rt.runtime.geometry.warp import Warp
 from uncnn_rt.runtime.imageio import LoadedImage, load_image
 from uncnn_rt.runtime.sessions import AttackSession
@@ -63,6 +64,11 @@ def spent(loaded: LoadedImage, result: cloak.CloakResult) -> tuple[float, float]
     face = result.faces[0]
     assert face.visibility is not None
     return face.visibility.flip, face.visibility.ciede2000_mean
+
+
+def test_an_unknown_step_is_an_input_error(recognizers: list[AttackSession]) -> None:
+    with pytest.raises(InputError, match="step must be"):
+        run(loaded_photo(), recognizers, FakeDetector([ONE_FACE]), mode=replace(LEAST, step="signum"))
 
 
 def test_smooth_is_its_own_adjoint_with_a_width_per_image() -> None:

@@ -846,6 +846,8 @@ def _attack(settings: CloakSettings) -> MIFGSM:
         transforms.append(Downscale(settings.eot_downscale))
     eot = EOT(transforms=tuple(transforms)) if transforms else None
     smoothing = TranslationInvariance(radius=settings.smoothing) if settings.smoothing > 0 else None
+    if settings.step not in ("sign", "gradient"):
+        raise InputError(f"step must be 'sign' or 'gradient', got {settings.step!r}")
     kind = MIFGM if settings.step == "gradient" else MIFGSM
     return kind(
         eps=settings.eps,
