@@ -44,13 +44,13 @@ saved file. A face the ceiling stops short is marked ``short`` and keeps all of 
 Where the budget goes: steps along the momentum's own shape (MI-FGM,
 :class:`~uncnn_rt.runtime.attacks.MIFGM`), not its sign, which spends the same change on every pixel
 and writes an edge at every change of sign; on a smooth basis half a canonical-crop pixel wide
-(:class:`~uncnn_rt.runtime.attacks.Smooth`), so no
-step falls on the crop warp's block lattice, whose sign steps came back as hard-edged squares; grey
-(the same step on R, G and B: colour carried a third of the visibility of earlier cloaks and little
-of their protection); shaped by a luminance just-noticeable-difference model
-(:func:`visibility.luminance_jnd`: hair, beard, brows, edges and dark areas take up to the whole eps,
-smooth mid-grey skin 30% of it), eps being a per-pixel guard of 32 grey levels. The step size shrinks
-from the mode's first step to 30% of it along a cosine. Figures: ``bench/RESULTS.md``, run 17.
+(:class:`~uncnn_rt.runtime.attacks.Smooth`), so no step falls on the crop warp's block lattice, whose
+sign steps came back as hard-edged squares; grey (the same step on R, G and B: colour carried a third
+of the visibility of earlier cloaks and little of their protection); shaped by a luminance
+just-noticeable-difference model (:func:`visibility.luminance_jnd`: hair, beard, brows, edges and
+dark areas take up to the whole eps, smooth mid-grey skin 30% of it), eps being a per-pixel guard of
+32 grey levels. The step size shrinks from the mode's first step to 30% of it along a cosine.
+Figures: ``bench/RESULTS.md``, run 17.
 
 Every mode stops a face early once every white-box recognizer is past its threshold by
 ``success_margin`` (checked every ``check_every`` steps on the exact uint8 pixels), and spends each step
