@@ -690,6 +690,8 @@ def _visibility_lines(block: dict[str, Any] | None) -> list[str]:
         margin = face.get("margin")
         if face.get("stopped_by_ceiling"):
             reached = "; the ceiling stopped it short of its margin"
+        elif face.get("short_of_margin"):
+            reached = "; short of its margin after all its steps, below the ceiling (more --steps may help)"
         elif margin is not None and margin >= 0:
             reached = f"; {margin:.3f} past every threshold"
         else:

@@ -511,6 +511,7 @@ def test_the_report_says_how_visible_each_face_is_against_its_cap(
         face["flip"] / face["cap"]["reference"]["flip"], rel=1e-2
     )
     assert isinstance(face["stopped_by_ceiling"], bool) and isinstance(face["margin"], float)
+    assert face["short_of_margin"] or not face["stopped_by_ceiling"]  # stopped by it only when short
     assert 0 < block["photo"]["flip"] <= face["flip"]  # the photo changed only in the face region
     table = invoke("cloak", str(source), "--steps", "6", "-o", str(tmp_path / "t.jpg"))
     line = next(x for x in table.stdout.splitlines() if x.startswith("face 1 visibility"))

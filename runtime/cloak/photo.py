@@ -39,7 +39,8 @@ Each face spends the least change it needs (``least``): the loop's share of the 
 to all of it over the first three quarters of the steps (``cap_start``), the face stops at the first
 check past its margin, and the change is then shrunk (bisection on one factor) to the least share that
 keeps every recognizer past its margin on the face as the verify step will see it, re-detected in the
-saved file. A face the ceiling stops short is marked ``short`` and keeps all of it.
+saved file. A face still short of its margin at the whole change (its ceiling, its steps or the
+per-pixel bound stopped it) is marked ``short`` and keeps all of it.
 
 Where the budget goes: steps along the momentum's own shape (MI-FGM,
 :class:`~uncnn_rt.runtime.attacks.MIFGM`), not its sign, which spends the same change on every pixel
@@ -168,8 +169,9 @@ class CloakedFace:
     limits: FaceLimits | None = None
     """The face's visibility cap, when the mode has one."""
     short: bool = False
-    """The mode's ceiling stopped the attack before every recognizer was past its margin (only known
-    to a mode that spends the least visible change, :attr:`CloakSettings.least`)."""
+    """The face ended short of its margin on some recognizer at its whole change: its ceiling, its steps
+    or the per-pixel bound stopped it (only known to a mode that spends the least visible change,
+    :attr:`CloakSettings.least`; the report says whether it reached the ceiling)."""
 
     @property
     def passed(self) -> bool:
@@ -420,7 +422,7 @@ class _Face:
     outcomes: tuple[ModelOutcome, ...] = ()
     steps: int = 0
     short: bool = False
-    """The mode's ceiling stopped the attack before every recognizer was past its margin."""
+    """The face ended short of its margin at its whole change (:attr:`CloakedFace.short`)."""
 
     @classmethod
     def of(
@@ -516,7 +518,8 @@ def _least_visible(
     cloaked photo and through the output's round trip (``saved``, on the face's JPEG window only).
 
     The attack stops a face at the first check past its margin, so its last steps may overshoot; and
-    a face whose ceiling stopped it short keeps all of it. Each face's ``short`` records which.
+    a face still short of its margin at its whole change keeps all of it. Each face's ``short`` records
+    which.
     """
     found = None if detector is None else sites_from_detections(detector.detect(photo), faces[0].site.size)
     photo = photo.copy()

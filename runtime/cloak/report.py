@@ -22,6 +22,13 @@ from uncnn_rt.runtime.errors import InputError
 from uncnn_rt.runtime.imageio import LoadedImage
 from uncnn_rt.runtime.visibility import photo_figures
 
+CEILING_REACHED: Final = 0.75
+"""A face short of its margin whose FLIP or CIEDE2000 is at least this share of its ceiling was stopped
+by the ceiling (``stopped_by_ceiling``); below it, by its steps or the per-pixel bound. The loop holds
+the ceiling by shrinking the change after a step that passed it, so a face the ceiling stops ends
+between about 0.8 and 1 of it."""
+
+
 CLASSIFIER: Final = "efficientnet_lite0"
 """The shipped ImageNet classifier of ``uncnn-rt classify`` and ``POST /v1/classify``."""
 
@@ -123,7 +130,15 @@ def visibility_details(
         ]
         # How far past its threshold the closest recognizer is on the saved file (negative: short).
         entry["margin"] = round(min(margins), 4) if margins else None
-        entry["stopped_by_ceiling"] = f.short
+        entry["short_of_margin"] = f.short
+        # Short because the ceiling was spent, rather than the steps or the per-pixel bound.
+        entry["stopped_by_ceiling"] = bool(
+            f.short
+            and f.limits is not None
+            and f.visibility is not None
+            and max(f.visibility.flip / f.limits.flip, f.visibility.ciede2000_mean / f.limits.ciede2000)
+            >= CEILING_REACHED
+        )
         if f.visible_region is not None:
             r = f.visible_region
             entry["region"] = [r.left, r.top, r.right, r.bottom]
