@@ -831,13 +831,10 @@ def _past_margin(
     margin: float,
 ) -> bool:
     """Whether every recognizer with a threshold is past it by ``margin`` on the face at ``site``."""
-    seen = embed(photo, site, recognizers)
-    for r in recognizers:
-        threshold = r.info.threshold
-        if threshold is None:
+    for o in _outcomes_at(photo, site, recognizers, references, targeted):
+        if o.threshold is None:
             continue
-        similarity = float(seen[r.name] @ references[r.name])
-        if (similarity <= threshold + margin) if targeted else (similarity >= threshold - margin):
+        if (o.similarity <= o.threshold + margin) if targeted else (o.similarity >= o.threshold - margin):
             return False
     return True
 
