@@ -30,11 +30,14 @@ from uncnn_rt.runtime.attacks import (
     AttackResult,
     Blur,
     BoundCap,
+    Chain,
     Downscale,
     Ensemble,
     GradientAttack,
+    Grey,
     InputDiversity,
     Jpeg,
+    Mirror,
     Misclassified,
     ModelState,
     PastThresholds,
@@ -529,6 +532,37 @@ def test_di_resize_and_pad_adjoint_passes_the_dot_product_test() -> None:
         rhs = np.vdot(x.astype(np.float64), view.adjoint(y))
         assert lhs == pytest.approx(rhs, rel=1e-5)
     assert InputDiversity(probability=0.0).sample((32, 32), rng) is None
+
+
+def test_mirror_grey_and_their_chain_pass_the_dot_product_test() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 12, 10, 3)).astype(np.float32)
+    y = rng.standard_normal((2, 12, 10, 3)).astype(np.float32)
+    for view in (Mirror(), Grey(), Chain([Mirror(), Grey(), Resize((12, 10), (6, 5))])):
+        out = view.forward(x)
+        y_out = y if out.shape == y.shape else rng.standard_normal(out.shape).astype(np.float32)
+        lhs = np.vdot(out.astype(np.float64), y_out)
+        rhs = np.vdot(x.astype(np.float64), view.adjoint(y_out))
+        assert lhs == pytest.approx(rhs, rel=1e-5)
+    np.testing.assert_array_equal(Mirror().forward(x)[:, :, 0], x[:, :, -1])
+    grey = Grey().forward(x)
+    np.testing.assert_allclose(grey[..., 0], x @ np.array([0.299, 0.587, 0.114], np.float32), atol=1e-5)
+    np.testing.assert_array_equal(grey[..., 0], grey[..., 2])
+
+
+def test_alignment_jitter_draws_mirror_and_grey_views_at_their_rates() -> None:
+    from uncnn_rt.runtime.cloak.regions import AlignmentJitter
+
+    rng = np.random.default_rng(4)
+    jitter = AlignmentJitter(probability=0.0, mirror=0.5, grey=0.25)
+    kinds = [type(jitter.sample((16, 16), rng)).__name__ for _ in range(400)]
+    # Independent draws: mirror alone 3/8, grey alone 1/8, both 1/8, neither 3/8.
+    assert 110 < kinds.count("Mirror") < 190
+    assert 25 < kinds.count("Grey") < 80
+    assert 25 < kinds.count("Chain") < 80
+    assert 110 < kinds.count("NoneType") < 190
+    # Off by default: the jitter's draws are the same as before the views existed.
+    assert AlignmentJitter(probability=0.0).sample((16, 16), rng) is None
 
 
 def test_resize_matches_pillow_bilinear() -> None:

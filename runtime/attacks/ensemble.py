@@ -43,6 +43,10 @@ class Victim:
             fed ``references + steer`` gives both: its gradient, and ``features . references``
             recomputed from its features. E.g. an untargeted cloak with ``steer = -b t`` also moves
             towards a direction ``t`` of its own (:mod:`uncnn_rt.runtime.cloak`, ``scatter``).
+        ghost: an attack graph of the same model with random feature-map dropout (model augmentation:
+            DFANet, Zhong & Deng 2020), or None: the gradients come from it, so that each step sees
+            another thinned copy of the model, while every check, criterion and result comes from
+            ``session``'s plain forward pass.
     """
 
     session: AttackSession
@@ -50,6 +54,7 @@ class Victim:
     weight: float = 1.0
     name: str | None = None
     steer: ArrayLike | None = None
+    ghost: AttackSession | None = None
 
     @property
     def key(self) -> str:
@@ -66,6 +71,8 @@ class _Member:
     resize: Resize | None
     steered: bool = False
     """The stepper runs ``references + steer``: objectives are recomputed from the features."""
+    ghost: Stepper | None = None
+    """The gradients' stepper when the victim has a ghost graph (its features are not the model's)."""
 
     def objective(self, features: Float32Array, run: Float32Array) -> Float32Array:
         """The objective of ``references`` from a run's features (``run``: the run's own objective)."""
@@ -131,6 +138,7 @@ class Ensemble:
                     stepper=victim.session.stepper(run),
                     resize=None if size == (s, s) else Resize(size, (s, s)),
                     steered=victim.steer is not None,
+                    ghost=None if victim.ghost is None else victim.ghost.stepper(run),
                 )
             )
 
@@ -193,7 +201,7 @@ class Ensemble:
                 if chosen is not None and not chosen.any():
                     continue
                 xm = x if m.resize is None else m.resize.forward(x)
-                features, obj, g = m.stepper(xm)
+                features, obj, g = (m.stepper if m.ghost is None else m.ghost)(xm)
                 obj = m.objective(features, obj)
                 if m.resize is not None:
                     g = m.resize.adjoint(g)
@@ -204,8 +212,8 @@ class Ensemble:
                 objective[m.key] += obj / samples
                 if clean_states is not None and not transformed:
                     clean_states[m.key] = self._state(m, features, obj)
-            if transformed:
-                clean_states = None
+            if transformed or any(m.ghost is not None for m in self.members):
+                clean_states = None  # a ghost's features are not the model's
             if view is not None:
                 grad = view.adjoint(grad)
             total += grad if self.input_map is None else self.input_map.adjoint(grad)

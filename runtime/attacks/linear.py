@@ -1,4 +1,4 @@
-"""Linear image maps with exact adjoints: resizes and the resize-and-pad of input diversity.
+"""Linear image maps with exact adjoints: resizes, the resize-and-pad, mirror and grey of input diversity.
 
 A resize of ``[N, H, W, C]`` images to ``h x w`` is ``Y = R_y X R_x^T`` per channel, with ``R_y`` ``[h, H]``
 and ``R_x`` ``[w, W]`` the resampling weights. Its adjoint, which carries a gradient at the output back
@@ -221,6 +221,52 @@ class ResizePad(LinearMap):
         top, left = self.offset
         window = grad[:, top : top + self.inner[0], left : left + self.inner[1]]
         return self._resize.adjoint(np.ascontiguousarray(window))
+
+
+class Mirror(LinearMap):
+    """Each image mirrored left to right: a permutation that is its own inverse, so its own adjoint."""
+
+    def forward(self, images: Float32Array) -> Float32Array:
+        return np.ascontiguousarray(images[:, :, ::-1])
+
+    def adjoint(self, grad: Float32Array) -> Float32Array:
+        return self.forward(grad)
+
+
+LUMA: tuple[float, float, float] = (0.299, 0.587, 0.114)
+"""ITU-R BT.601 weights, as Pillow's ``convert("L")`` uses them."""
+
+
+class Grey(LinearMap):
+    """RGB ``[N, H, W, 3]`` to its luma in all three channels (``y = 1 w^T x`` per pixel); the adjoint
+    sends the summed gradient of the three channels back along ``w`` (``w 1^T g``)."""
+
+    def forward(self, images: Float32Array) -> Float32Array:
+        luma = np.tensordot(images, np.asarray(LUMA, np.float32), axes=([3], [0]))
+        return np.ascontiguousarray(np.repeat(luma[..., None], images.shape[3], axis=3), dtype=np.float32)
+
+    def adjoint(self, grad: Float32Array) -> Float32Array:
+        total = grad.sum(axis=3, keepdims=True)
+        return np.asarray(total * np.asarray(LUMA, np.float32), dtype=np.float32)
+
+
+class Chain(LinearMap):
+    """``maps[-1] ... maps[1] maps[0]``: the maps applied in order; the adjoints in reverse."""
+
+    def __init__(self, maps: list[LinearMap]) -> None:
+        if not maps:
+            raise InputError("Chain needs at least one map")
+        self.maps = maps
+
+    def forward(self, images: Float32Array) -> Float32Array:
+        for m in self.maps:
+            images = m.forward(images)
+        return images
+
+    def adjoint(self, grad: Float32Array) -> Float32Array:
+        for m in reversed(self.maps):
+            grad = m.adjoint(grad)
+        return grad
 
 
 def _check_hw(images: Float32Array, hw: tuple[int, int], what: str) -> None:

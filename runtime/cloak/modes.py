@@ -29,6 +29,11 @@ class CloakSettings:
         momentum: MI-FGSM decay.
         diversity: probability of an alignment jitter (:class:`AlignmentJitter`, DI for aligned faces)
             at each gradient evaluation (0: off).
+        mirror: probability that the crop a gradient is taken on is also mirrored (0: off).
+        grey: probability that it is also taken to its luma (0: off).
+        centroid: move away from the mean embedding of this many views of the face (the crop, its
+            mirror, alignment jitters; :func:`~uncnn_rt.runtime.cloak.photo.view_centroids`) instead
+            of the crop's own; 0 or 1: the crop's own. The verdict is always on the crop's own.
         eot_quality: JPEG qualities EOT draws from each step, or None (off).
         smoothing: TI radius in crop pixels (0: off).
         texture_floor: smallest share of eps in flat areas (1: a uniform budget inside the region).
@@ -58,6 +63,8 @@ class CloakSettings:
             own shape, :class:`~uncnn_rt.runtime.attacks.MIFGM`).
         blur: the perturbation's basis, a Gaussian of this standard deviation in canonical-crop pixels
             (converted per face to photo pixels; :class:`~uncnn_rt.runtime.attacks.Smooth`); 0: off.
+        blur_min: the basis's smallest width in photo pixels, whatever the face's size (a face smaller
+            than the crop has crop pixels narrower than photo pixels); 0: none.
         cap_start: the share of the cap the first steps may spend, rising to all of it by ``cap_rise``
             of the steps (1: the whole cap from the start).
         cap_rise: see ``cap_start``.
@@ -106,6 +113,10 @@ class CloakSettings:
     cap_start: float = 1.0
     cap_rise: float = 0.75
     least: bool = False
+    mirror: float = 0.0
+    grey: float = 0.0
+    blur_min: float = 0.0
+    centroid: int = 0
 
     def describe(self) -> str:
         parts = [f"eps {self.eps:g}", f"{self.steps} steps"]

@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
@@ -80,6 +80,7 @@ from uncnn_rt.runtime.attacks import (
     Downscale,
     Jpeg,
     LinearMap,
+    Mirror,
     PastThresholds,
     PerImage,
     PerImageCap,
@@ -121,6 +122,7 @@ from uncnn_rt.runtime.geometry.faces import (
     TooManyFacesError,
     crop_size_for,
     embed,
+    features_of,
     find_faces,
     rematch,
     select_faces,
@@ -270,6 +272,33 @@ def scatter_directions(clean: dict[str, Float32Array], rng: np.random.Generator)
     return out
 
 
+def view_centroids(
+    photo: Uint8Array,
+    site: FaceSite,
+    size: int,
+    recognizers: Sequence[AttackSession],
+    views: int,
+    rng: np.random.Generator,
+) -> dict[str, Float32Array]:
+    """Per recognizer, the unit mean of the face's embeddings over ``views`` views of its crop: the crop
+    itself, its mirror image, then alignment jitters (:class:`AlignmentJitter`, each with a chance of
+    being mirrored too). An untargeted cloak steered away from this centroid moves away from the person
+    as a recognizer that averages views (or aligns the face a little differently) sees them, not only
+    from the one crop our own pipeline makes."""
+    crop = Warp(site.crop_to_photo, photo.shape, size).apply(photo)[None]
+    jitter = AlignmentJitter(probability=1.0, mirror=0.5)
+    stack = [crop, Mirror().forward(crop)]
+    while len(stack) < views:
+        view = jitter.sample((size, size), rng)
+        stack.append(crop if view is None else view.forward(crop))
+    crops = np.concatenate(stack[: max(views, 1)])
+    out = {}
+    for r in recognizers:
+        mean = features_of(r, crops).mean(axis=0)
+        out[r.name] = np.asarray(mean / max(float(np.linalg.norm(mean)), 1e-12), dtype=np.float32)
+    return out
+
+
 def cloak_image(
     loaded: LoadedImage,
     *,
@@ -289,6 +318,7 @@ def cloak_image(
     saved: Callable[[Uint8Array], Uint8Array] | None = None,
     faces_per_batch: int | None = None,
     max_faces: int | None = None,
+    ghosts: Mapping[str, AttackSession] | None = None,
 ) -> CloakResult:
     """Cloak the faces of a decoded photo; see the module docstring for the method and the modes.
 
@@ -345,12 +375,26 @@ def cloak_image(
         for f in faces:
             directions = scatter_directions(f.clean, scatter_rng(seed, original, f.index))
             f.steer = {n: -np.float32(settings.scatter) * d for n, d in directions.items()}
+    if settings.centroid > 1 and not targeted:
+        # The gradient follows ``centroid . features`` (the steer adds ``centroid - clean`` to the
+        # reference) while the early stop and the verdict stay on the clean embedding.
+        for f in faces:
+            centroid = view_centroids(
+                original,
+                f.site,
+                size,
+                recognizers,
+                settings.centroid,
+                np.random.default_rng([seed, zlib.crc32(original.data), f.index, 1]),
+            )
+            steer = {n: centroid[n] - f.clean[n] for n in f.clean}
+            f.steer = steer if f.steer is None else {n: f.steer[n] + steer[n] for n in steer}
 
     photo = original.copy()
     run = _BatchRunner(
         _attack(settings), settings, recognizers, original, targeted=targeted, saved=saved,
         rng=np.random.default_rng(seed), luminance_only=loaded.is_grayscale, progress=progress,
-        faces_per_batch=faces_per_batch,
+        faces_per_batch=faces_per_batch, ghosts=ghosts,
     )  # fmt: skip
     by_index = {f.index: f for f in faces}
 
@@ -663,12 +707,14 @@ class _BatchRunner:
         luminance_only: bool,
         progress: CloakProgressCallback | None,
         faces_per_batch: int | None,
+        ghosts: Mapping[str, AttackSession] | None = None,
     ) -> None:
         if faces_per_batch is not None and faces_per_batch < 1:
             raise InputError(f"faces_per_batch must be >= 1, got {faces_per_batch}")
         self.attack, self.settings, self.recognizers, self.original = attack, settings, recognizers, original
         self.targeted, self.saved, self.rng = targeted, saved, rng
         self.luminance_only, self.progress = luminance_only, progress
+        self.ghosts: Mapping[str, AttackSession] = {} if ghosts is None else ghosts
         batchable = settings.ssim_min is None and settings.coarse <= 1.0 and not settings.scales
         self.most = (BATCH_FACES if faces_per_batch is None else faces_per_batch) if batchable else 1
 
@@ -727,7 +773,9 @@ class _BatchRunner:
             attack = replace(attack, cap=None if all(c is None for c in caps) else PerImageCap(caps))
         if settings.blur > 0:
             # The basis's width is each face's own crop pixel in photo pixels.
-            attack = replace(attack, blur=tuple(settings.blur * crop_scale(j.warp) for j in batch))
+            attack = replace(
+                attack, blur=tuple(max(settings.blur * crop_scale(j.warp), settings.blur_min) for j in batch)
+            )
         if any(p is not None for p in priors):
             # A refinement round continues from the cap the face has spent, not from the start's share.
             attack = replace(attack, cap_start=1.0)
@@ -748,7 +796,13 @@ class _BatchRunner:
             return np.stack([zero if j.steer is None else j.steer[name] for j in batch])
 
         victims = [
-            Victim(r, np.stack([j.references[r.name] for j in batch]), name=r.name, steer=steer(r.name))
+            Victim(
+                r,
+                np.stack([j.references[r.name] for j in batch]),
+                name=r.name,
+                steer=steer(r.name),
+                ghost=self.ghosts.get(r.name),
+            )
             for r in self.recognizers
         ]
         progress = self.progress
@@ -840,7 +894,11 @@ def _past_margin(
 
 
 def _attack(settings: CloakSettings) -> MIFGSM:
-    diversity = AlignmentJitter(probability=settings.diversity) if settings.diversity > 0 else None
+    diversity = (
+        AlignmentJitter(probability=settings.diversity, mirror=settings.mirror, grey=settings.grey)
+        if max(settings.diversity, settings.mirror, settings.grey) > 0
+        else None
+    )
     transforms: list[Transform] = [] if settings.eot_quality is None else [Jpeg(settings.eot_quality)]
     if settings.eot_downscale is not None:
         transforms.append(Downscale(settings.eot_downscale))

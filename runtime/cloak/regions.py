@@ -15,8 +15,11 @@ from numpy.typing import NDArray
 from uncnn_rt.runtime import visibility
 from uncnn_rt.runtime.arrays import Float32Array, Float64Array, Uint8Array
 from uncnn_rt.runtime.attacks import (
+    Chain,
+    Grey,
     InputDiversity,
     LinearMap,
+    Mirror,
 )
 from uncnn_rt.runtime.cloak.modes import FEATHER, CloakSettings
 from uncnn_rt.runtime.errors import InputError
@@ -167,13 +170,32 @@ class AlignmentJitter(InputDiversity):
     little. Each draw (with ``probability``) resamples the crop bilinearly about its centre with a scale
     in ``1 +- scale``, a rotation in ``+-rotation`` degrees and a shift in ``+-shift`` of the side; the
     map is linear with an exact adjoint (:class:`~uncnn_rt.runtime.geometry.warp.Warp`), edges are replicated.
+
+    Two more views, each drawn on its own: the crop mirrored (``mirror``; a face's mirror image is the
+    same person, and many recognizers embed both), and its luma in all three channels (``grey``; a
+    recognizer that leans on colour less than ours sees the cloak's luminance only).
     """
 
     scale: float = 0.05
     rotation: float = 4.0
     shift: float = 0.03
+    mirror: float = 0.0
+    grey: float = 0.0
 
     def sample(self, size: tuple[int, int], rng: np.random.Generator) -> LinearMap | None:
+        maps: list[LinearMap] = []
+        jitter = self._jitter(size, rng)
+        if jitter is not None:
+            maps.append(jitter)
+        if self.mirror > 0 and rng.random() < self.mirror:
+            maps.append(Mirror())
+        if self.grey > 0 and rng.random() < self.grey:
+            maps.append(Grey())
+        if not maps:
+            return None
+        return maps[0] if len(maps) == 1 else Chain(maps)
+
+    def _jitter(self, size: tuple[int, int], rng: np.random.Generator) -> LinearMap | None:
         if rng.random() >= self.probability:
             return None
         side = size[0]

@@ -176,10 +176,11 @@ def embed(
 ) -> dict[str, Float32Array]:
     """Each recognizer's unit embedding ``[D]`` of the face at ``site`` in ``rgb`` ``[H, W, 3]``."""
     crop = Warp(site.crop_to_photo, rgb.shape, site.size).apply(rgb)[None]
-    return {r.name: _features(r, crop)[0] for r in recognizers}
+    return {r.name: features_of(r, crop)[0] for r in recognizers}
 
 
-def _features(session: AttackSession, crops: Float32Array) -> Float32Array:
+def features_of(session: AttackSession, crops: Float32Array) -> Float32Array:
+    """``session``'s unit embeddings ``[N, D]`` of canonical crops ``[N, S, S, 3]`` of any size ``S``."""
     size = session.info.canonical_size
     if crops.shape[1:3] != (size, size):
         crops = Resize(crops.shape[1:3], (size, size)).forward(crops)

@@ -1,0 +1,71 @@
+"""Transfer levers of issue 27 in the cloak: the mirrored and grey views, the centroid of views.
+
+On the astronaut (scikit-image) and the shipped ``mobileface``, so a fresh clone runs them. What each
+lever buys is measured, not asserted here: ``bench/RESULTS.md``, run 18.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+
+from uncnn_rt.runtime import cloak
+from uncnn_rt.runtime.cloak.photo import view_centroids
+from uncnn_rt.runtime.geometry.faces import embed, find_faces
+from uncnn_rt.runtime.geometry.warp import Warp
+from uncnn_rt.runtime.imageio import LoadedImage, load_image
+from uncnn_rt.runtime.sessions import AttackSession
+
+NAME = "mobileface"
+
+
+@pytest.fixture(scope="module")
+def model() -> list[AttackSession]:
+    return cloak.load_recognizers([NAME], device="cpu")
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> LoadedImage:
+    buffer = io.BytesIO()
+    Image.fromarray(data.astronaut()).save(buffer, format="PNG")
+    return load_image(buffer.getvalue(), name="astronaut.png")
+
+
+def test_the_centroid_of_two_views_is_the_mean_of_the_crop_and_its_mirror(
+    model: list[AttackSession], astronaut: LoadedImage
+) -> None:
+    (session,) = model
+    site = find_faces(astronaut.rgb, cloak.load_detector())[0]
+    size = session.info.canonical_size
+    crop = Warp(site.crop_to_photo, astronaut.rgb.shape, size).apply(astronaut.rgb)[None]
+    both = session.features(np.concatenate([crop, crop[:, :, ::-1]]).astype(np.float32))
+    expected = both.sum(axis=0) / np.linalg.norm(both.sum(axis=0))
+    got = view_centroids(astronaut.rgb, site, size, model, 2, np.random.default_rng(0))[NAME]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    # More views (jittered crops) stay near the face's own embedding, as views of one person should.
+    many = view_centroids(astronaut.rgb, site, size, model, 8, np.random.default_rng(0))[NAME]
+    clean = embed(astronaut.rgb, site, model)[NAME]
+    assert float(np.linalg.norm(many)) == pytest.approx(1.0, abs=1e-5)
+    assert float(many @ clean) > 0.8
+
+
+def test_levers_steer_the_attack_but_the_verdict_stays_on_the_clean_face(
+    model: list[AttackSession], astronaut: LoadedImage
+) -> None:
+    settings = replace(cloak.MODES["mid"], centroid=6, mirror=0.5, grey=0.25)
+    detector = cloak.load_detector()
+    first = cloak.cloak_image(astronaut, recognizers=model, detector=detector, mode=settings, seed=3)
+    again = cloak.cloak_image(astronaut, recognizers=model, detector=detector, mode=settings, seed=3)
+    np.testing.assert_array_equal(first.image, again.image)  # deterministic for its seed
+    (face,) = first.faces
+    clean = embed(astronaut.rgb, face.site, model)[NAME]
+    np.testing.assert_allclose(face.references[NAME], clean, atol=1e-6)
+    plain = cloak.cloak_image(
+        astronaut, recognizers=model, detector=detector, mode=cloak.MODES["mid"], seed=3
+    )
+    assert not np.array_equal(plain.image, first.image)  # the levers did change the attack
