@@ -42,8 +42,10 @@ def cloak_function(
     no_align: bool = False,
     largest: bool = False,
     seed: int = 0,
+    ghosts: Mapping[str, AttackSession] | None = None,
 ) -> CloakFunction:
-    """The real cloak (:func:`~.cloak.cloak_image`) as a :class:`CloakFunction` over named sessions."""
+    """The real cloak (:func:`~.cloak.cloak_image`) as a :class:`CloakFunction` over named sessions
+    (``ghosts``: their model-augmented attack graphs, by name, for the gradients)."""
 
     def run(photo: LoadedImage, ensemble: tuple[str, ...]) -> Cloaked:
         result = cloak_image(
@@ -55,6 +57,7 @@ def cloak_function(
             largest=largest,
             seed=seed,
             saved=lossy_round_trip(photo, fmt=output_format(photo)),
+            ghosts=ghosts,
         )
         steps = float(np.mean([f.steps for f in result.faces])) if result.faces else None
         return Cloaked(result.image, steps, result.output_quality)
