@@ -454,6 +454,17 @@ def _print_mode(
             )
         elif scores:
             table.add_section()
+    unseen = mode.unseen()
+    if len(unseen) > 1 and len(unseen) != len(mode.of_kind("leave-one-out")):
+        cells = [_pct(ev.pooled(unseen, c, p)) for p in ev.PROTOCOLS for c in names]
+        table.add_row(
+            "[bold]never seen by its cloak (pooled)",
+            "",
+            "",
+            str(sum(s.eligible for s in unseen)),
+            *[f"[bold]{c}" for c in cells],
+            "",
+        )
     out.print(table)
     duplicates = [s for s in mode.scores if s.duplicate_of]
     for s in duplicates:

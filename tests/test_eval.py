@@ -226,6 +226,23 @@ def test_attacks_white_box_leave_one_out_and_external(tmp_path: Path) -> None:
         "rate": 0.5,
     }
     assert "external" not in summary  # the only external evaluator is not independent
+    # Never seen by its cloak: the members' leave-one-out scores, and no duplicate of a member.
+    assert summary["unseen"]["evaluators"] == ["m1", "m2"]
+    assert summary["unseen"]["conditions"][ev.AS_SAVED]["p1"]["protected"] == 8
+    outsider = run(
+        write_dataset(tmp_path / "outsider"),
+        fools_m1_only,
+        embedders=[*embedders, LinearEmbedder("other")],
+        ensemble=("m1", "m2"),
+    )
+    unseen = outsider.modes[0].summary(outsider.condition_names)["unseen"]
+    assert unseen["evaluators"] == ["m1", "m2", "other"]
+    # m1 left unchanged by its leave-one-out cloak, m2 and the outsider fooled by m1's noise.
+    assert unseen["conditions"][ev.AS_SAVED]["p1"] == {
+        "protected": 16,
+        "of": 24,
+        "rate": pytest.approx(2 / 3),
+    }
     no_transfer = run(
         write_dataset(tmp_path / "b"),
         fools_m1_only,
@@ -314,7 +331,7 @@ def test_json_schema_is_stable(tmp_path: Path) -> None:
     assert expected is not None and abs(expected) < 0.3, expected
     assert isinstance(jpeg75["mean_self_similarity"], float)
     assert jpeg75["mean_self_similarity"] == pytest.approx(expected, abs=1e-6)
-    assert set(mode["summary"]) == {"white-box", "leave-one-out"}
+    assert set(mode["summary"]) == {"white-box", "leave-one-out", "unseen"}
 
 
 # ---------------------------------------------------------------------------------------------------

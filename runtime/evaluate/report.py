@@ -233,12 +233,19 @@ class ModeReport:
     def of_kind(self, kind: Kind, *, independent_only: bool = False) -> list[Score]:
         return [s for s in self.scores if s.kind == kind and (s.independent or not independent_only)]
 
+    def unseen(self) -> list[Score]:
+        """Every recognizer scored on a cloak that never saw it: each member on its leave-one-out cloak,
+        each independent outsider on the white-box cloak. Pooled, this compares ensembles of different
+        sizes on the same held-out models."""
+        return self.of_kind("leave-one-out") + self.of_kind("external", independent_only=True)
+
     def quality_of(self, kind: Kind) -> list[AttackQuality]:
         attacks = {s.attack for s in self.of_kind(kind)}
         return [q for q in self.quality if q.attack in attacks]
 
     def summary(self, conditions: Sequence[str]) -> dict[str, Any]:
-        """Pooled protection per kind (external: independent evaluators only), condition and protocol."""
+        """Pooled protection per kind (external: independent evaluators only), condition and protocol, and
+        over every recognizer the cloak never saw (``unseen``: :meth:`unseen`)."""
         out: dict[str, Any] = {}
         for kind in SCORE_KINDS:
             scores = self.of_kind(kind, independent_only=kind == "external")
@@ -250,6 +257,14 @@ class ModeReport:
                 "ssim_mean": rounded(_weighted_ssim(quality)),
                 "conditions": {
                     c: {p: pooled(scores, c, p).to_dict(_WORD[p]) for p in PROTOCOLS} for c in conditions
+                },
+            }
+        unseen = self.unseen()
+        if unseen:
+            out["unseen"] = {
+                "evaluators": [s.evaluator for s in unseen],
+                "conditions": {
+                    c: {p: pooled(unseen, c, p).to_dict(_WORD[p]) for p in PROTOCOLS} for c in conditions
                 },
             }
         return out
