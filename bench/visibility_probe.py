@@ -23,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from uncnn_rt.runtime import catalog
 from uncnn_rt.runtime import cloak as c
 from uncnn_rt.runtime import evaluate as ev
 
@@ -39,6 +40,18 @@ def main() -> None:
     )
     parser.add_argument("--limit", type=int, default=12, help="photos to cloak (whole identities)")
     parser.add_argument("--dataset", type=Path, default=COLOUR)
+    parser.add_argument(
+        "--models", default=None, help="comma-separated ensemble (default: the shipped default ensemble)"
+    )
+    parser.add_argument(
+        "--ghosts", type=Path, default=None, help="ghost attack graphs (NAME.onnx) for the gradients"
+    )
+    parser.add_argument(
+        "--evaluators",
+        default="all",
+        help='comma-separated recognizers that score the cloaks ("all": every shipped face recognizer); '
+        "those outside the ensemble are external",
+    )
     args = parser.parse_args()
     overrides: dict[str, Any] = json.loads(args.overrides)
     base = c.MODES[overrides.pop("base", "mid")]
@@ -47,15 +60,31 @@ def main() -> None:
     settings = replace(base, **overrides)
 
     data = ev.load_dataset(args.dataset)
-    names = c.default_recognizer_names()
-    sessions = c.load_recognizers(names)
+    names = args.models.split(",") if args.models else c.default_recognizer_names()
+    scorers = (
+        [e.name for e in catalog.load_manifest() if e.kind == "face"]
+        if args.evaluators == "all"
+        else args.evaluators.split(",")
+    )
+    sessions = c.load_recognizers(list(dict.fromkeys(names + scorers)))
     detector = c.load_detector()
+    ghosts = None
+    if args.ghosts is not None:
+        ghosts = {
+            n: c.load_recognizers([str(args.ghosts / f"{n}.onnx")])[0]
+            for n in names
+            if (args.ghosts / f"{n}.onnx").is_file()
+        }
     start = time.perf_counter()
     report = ev.evaluate(
         data,
         cloaks={
             args.label: ev.cloak_function(
-                {s.name: s for s in sessions}, settings, detector=detector, largest=True
+                {s.name: s for s in sessions},
+                settings,
+                detector=detector,
+                largest=True,
+                ghosts=ghosts,
             )
         },
         embedders=ev.shipped_embedders(sessions),
@@ -77,6 +106,16 @@ def main() -> None:
             condition: {p: (r[p]["unlinked" if p == "p3" else "protected"], r[p]["of"]) for p in ev.PROTOCOLS}
             for condition, r in summary["conditions"].items()
         }
+    # Per recognizer, P1 as saved when the cloak never saw it (leave-one-out, or external and not a
+    # duplicate of a member): with every recognizer scoring, ensembles of different sizes compare on
+    # the same held-out models.
+    unseen: dict[str, list[int]] = {}
+    for row in mode["scores"]:
+        if row["kind"] == "leave-one-out" or (row["kind"] == "external" and row["independent"]):
+            p1 = row["conditions"]["as_saved"]["p1"]
+            unseen[row["evaluator"]] = [p1["protected"], p1["of"]]
+    out["unseen_p1"] = unseen
+    out["unseen_p1_pooled"] = [sum(v[0] for v in unseen.values()), sum(v[1] for v in unseen.values())]
     white = mode["quality"][0]["visibility"]
     out["face_flip"] = white["flip"]
     out["face_ciede2000_mean"] = white["ciede2000_mean"]
