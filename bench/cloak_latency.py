@@ -35,6 +35,9 @@ Usage::
     .venv/bin/python bench/cloak_latency.py              # every case, default mode, 3 runs
     .venv/bin/python bench/cloak_latency.py --mode high --runs 5 --threads 2
     .venv/bin/python bench/cloak_latency.py --cases group folder
+    .venv/bin/python bench/cloak_latency.py --cases 1080p --models faceres,mobileface,sface
+
+``--models`` (comma-separated) cloaks the 1080p and 12 MP cases with another ensemble than the default.
 """
 
 from __future__ import annotations
@@ -75,8 +78,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(case: str, mode: str, runs: int, device: str) -> dict[str, object]:
-    """Run in a child process: cloak and verify ``runs`` times with the models loaded once."""
+def measure(
+    case: str, mode: str, runs: int, device: str, models: list[str] | None = None
+) -> dict[str, object]:
+    """Run in a child process: cloak and verify ``runs`` times with the models loaded once
+    (``models``: the ensemble, default the shipped default)."""
     from uncnn_rt.runtime import cloak
     from uncnn_rt.runtime.cloak.verify import verify
     from uncnn_rt.runtime.imageio import load_image, lossy_round_trip, save_image
@@ -84,7 +90,7 @@ def measure(case: str, mode: str, runs: int, device: str) -> dict[str, object]:
     folder = Path(tempfile.mkdtemp(prefix="cloak_bench_"))
     path = make_photo(case, folder)
     start = time.perf_counter()
-    recognizers = cloak.load_recognizers(device=device)
+    recognizers = cloak.load_recognizers(models, device=device)
     detector = cloak.load_detector(device=device)
     load_seconds = time.perf_counter() - start
     cloak_wall, cloak_cpu, verify_wall, steps, protected = [], [], [], [], []
@@ -215,12 +221,14 @@ main()
 """
 
 
-def cold_cli(photo: str, mode: str) -> tuple[float, float, float]:
+def cold_cli(photo: str, mode: str, models: str | None = None) -> tuple[float, float, float]:
     """Wall seconds, peak RSS (MB) and seconds to the end of the first attack step of one ``uncnn-rt
     cloak`` command in a fresh process (measured by a wrapper process whose only child is the command,
     so no other process's peak is counted)."""
     out = Path(photo).with_name("cold.cloaked.jpg")
     args = ["--quiet", "cloak", photo, "--mode", mode, "-o", str(out), "--json"]
+    if models:
+        args += ["--models", models]
     done = subprocess.run(
         [sys.executable, "-c", _RUN_CLI, _CLI_WITH_FIRST_STEP, *args], capture_output=True, text=True,
         check=False,
@@ -240,13 +248,15 @@ def main() -> None:
     parser.add_argument("--cases", nargs="*", default=[*CASES, "group", "folder"])
     parser.add_argument("--group", type=Path, default=GROUP, help="the group photo of the group case")
     parser.add_argument("--folder-photos", type=int, default=20)
+    parser.add_argument("--models", default=None, help="comma-separated ensemble of the 1080p and 12mp cases")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child == "group":
         print(json.dumps(measure_group(args.group, args.mode, args.runs, args.device)))
         return
     if args.child:
-        print(json.dumps(measure(args.child, args.mode, args.runs, args.device)))
+        models = args.models.split(",") if args.models else None
+        print(json.dumps(measure(args.child, args.mode, args.runs, args.device, models)))
         return
     if args.threads:
         os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[: args.threads]))
@@ -255,7 +265,8 @@ def main() -> None:
     if not any(e.kind == "face" and e.in_default_ensemble for e in catalog.load_manifest()):
         raise SystemExit("no face recognizers are shipped; build the model zoo first")
     cores, load = len(os.sched_getaffinity(0)), os.getloadavg()[0]
-    print(f"cloak latency, mode {args.mode}, {cores} CPU cores, load average {load:.1f}")
+    ensemble = args.models or "the default ensemble"
+    print(f"cloak latency, mode {args.mode}, {ensemble}, {cores} CPU cores, load average {load:.1f}")
     print("targets: 1080p cloak <= 5 s median (issue 26); 12 MP peak memory <= 1 GB\n")
     for case in args.cases:
         if case == "folder":
@@ -266,7 +277,8 @@ def main() -> None:
             continue
         child = subprocess.run(
             [sys.executable, __file__, "--child", case, "--mode", args.mode, "--runs", str(args.runs),
-             "--device", args.device, "--group", str(args.group)],
+             "--device", args.device, "--group", str(args.group),
+             *(["--models", args.models] if args.models else [])],
             capture_output=True, text=True, check=False,
         )  # fmt: skip
         if child.returncode != 0:
@@ -283,7 +295,7 @@ def main() -> None:
                     f"protected {r['protected']} faces  steps {r['steps']}"
                 )
             continue
-        cold_s, cold_rss, first_step = cold_cli(str(row["photo"]), args.mode)
+        cold_s, cold_rss, first_step = cold_cli(str(row["photo"]), args.mode, args.models)
         print(
             f"{case:6s} {row['size']:>9s}  faces {row['faces']}  cloak {row['cloak_s']:.2f} s median "
             f"(cpu {row['cloak_cpu_s']:.2f} s)  verify {row['verify_s']:.2f} s  "
