@@ -563,6 +563,10 @@ def test_alignment_jitter_draws_mirror_and_grey_views_at_their_rates() -> None:
     assert 110 < kinds.count("NoneType") < 190
     # Off by default: the jitter's draws are the same as before the views existed.
     assert AlignmentJitter(probability=0.0).sample((16, 16), rng) is None
+    with pytest.raises(InputError, match="mirror view's probability"):
+        AlignmentJitter(mirror=1.5)
+    with pytest.raises(InputError, match="grey view's probability"):
+        AlignmentJitter(grey=-0.1)
 
 
 def test_resize_matches_pillow_bilinear() -> None:

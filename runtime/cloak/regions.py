@@ -182,6 +182,12 @@ class AlignmentJitter(InputDiversity):
     mirror: float = 0.0
     grey: float = 0.0
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name, value in (("mirror", self.mirror), ("grey", self.grey)):
+            if not 0.0 <= value <= 1.0:
+                raise InputError(f"the {name} view's probability must be in [0, 1], got {value}")
+
     def sample(self, size: tuple[int, int], rng: np.random.Generator) -> LinearMap | None:
         maps: list[LinearMap] = []
         jitter = self._jitter(size, rng)
