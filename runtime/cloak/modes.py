@@ -34,6 +34,9 @@ class CloakSettings:
         centroid: move away from the mean embedding of this many views of the face (the crop, its
             mirror, alignment jitters; :func:`~uncnn_rt.runtime.cloak.photo.view_centroids`) instead
             of the crop's own; 0 or 1: the crop's own. The verdict is always on the crop's own.
+        prune: with ``least``, also try each face's change pruned to the pixels whose protection per
+            unit of FLIP is above ``prune`` times the median's, scaled to its own least share; the face
+            keeps the less visible of the two. 0: off.
         eot_quality: JPEG qualities EOT draws from each step, or None (off).
         smoothing: TI radius in crop pixels (0: off).
         texture_floor: smallest share of eps in flat areas (1: a uniform budget inside the region).
@@ -117,6 +120,7 @@ class CloakSettings:
     grey: float = 0.0
     blur_min: float = 0.0
     centroid: int = 0
+    prune: float = 0.0
 
     def describe(self) -> str:
         parts = [f"eps {self.eps:g}", f"{self.steps} steps"]

@@ -78,12 +78,14 @@ from uncnn_rt.runtime.attacks import (
     MIFGSM,
     AttackResult,
     Downscale,
+    Ensemble,
     Jpeg,
     LinearMap,
     Mirror,
     PastThresholds,
     PerImage,
     PerImageCap,
+    Smooth,
     Transform,
     TranslationInvariance,
     Victim,
@@ -564,32 +566,127 @@ def _least_visible(
     The attack stops a face at the first check past its margin, so its last steps may overshoot; and
     a face still short of its margin at its whole change keeps all of it. Each face's ``short`` records
     which.
+
+    With ``settings.prune`` the change is also pruned to where it pays (:func:`_kept`) and scaled to its
+    own least share (up to :data:`PRUNE_MOST`); the face keeps it when it is the less visible of the two
+    (FLIP lower and CIEDE2000 mean no higher, on its JPEG window as saved).
     """
     found = None if detector is None else sites_from_detections(detector.detect(photo), faces[0].site.size)
     photo = photo.copy()
+    margin = settings.success_margin
     for f in faces:
         site = f.site
         if found is not None:
             again = rematch(f.site, found)
             site = again.site if again.matched else f.site
         least = _LeastShare(original, photo, f, site, saved)
-        if not least.protected(1.0, recognizers, targeted, settings.success_margin):
+        if not least.protected(1.0, recognizers, targeted, margin):
             f.short = True
             continue
-        lo, hi = 0.0, 1.0
-        for _ in range(LEAST_PROBES):
-            mid = (lo + hi) / 2
-            if least.protected(mid, recognizers, targeted, settings.success_margin):
-                hi = mid
-            else:
-                lo = mid
-        photo[least.window.slices] = least.at(hi)
+        best = least.at(least.smallest(1.0, recognizers, targeted, margin))
+        if settings.prune > 0:
+            pruned = _pruned(original, photo, f, site, recognizers, targeted, settings, saved)
+            if pruned is not None:
+                mine, theirs = least.figures(pruned), least.figures(best)
+                if mine[0] < theirs[0] and mine[1] <= theirs[1]:
+                    best = pruned
+        photo[least.window.slices] = best
     return photo
+
+
+PRUNE_MOST: Final = 2.0
+"""The largest share a pruned change (:func:`_kept`) is scaled by: the pixels it keeps may carry up to
+twice the attack's change there (within eps), to make up for those it drops."""
+
+PRUNE_LADDER: Final = (1.0, 0.25)
+"""The thresholds :func:`_pruned` tries, as multiples of ``settings.prune``: a face whose change is all
+needed keeps more of it at the second."""
+
+
+def _pruned(
+    original: Uint8Array,
+    photo: Uint8Array,
+    face: _Face,
+    site: FaceSite,
+    recognizers: Sequence[AttackSession],
+    targeted: bool,
+    settings: CloakSettings,
+    saved: Callable[[Uint8Array], Uint8Array] | None,
+) -> Uint8Array | None:
+    """The face's JPEG window with its change pruned to where it pays (:func:`_kept`) and scaled to the
+    least share that keeps the margin, at the first threshold of :data:`PRUNE_LADDER` that can; None
+    when none can within :data:`PRUNE_MOST`."""
+    margin = settings.success_margin
+    for step in PRUNE_LADDER:
+        keep = _kept(original, photo, face, site, recognizers, targeted, settings.prune * step, settings.blur)
+        if keep is None:
+            return None
+        # Concentrated, the change is less forgiving of a shifted alignment: it must hold on the face as
+        # first found too.
+        trial = _LeastShare(original, photo, face, site, saved, keep=keep, eps=settings.eps, also=face.site)
+        if trial.protected(PRUNE_MOST, recognizers, targeted, margin):
+            return trial.at(trial.smallest(PRUNE_MOST, recognizers, targeted, margin))
+    return None
+
+
+def _kept(
+    original: Uint8Array,
+    photo: Uint8Array,
+    face: _Face,
+    site: FaceSite,
+    recognizers: Sequence[AttackSession],
+    targeted: bool,
+    threshold: float,
+    blur: float,
+) -> Float32Array | None:
+    """``[h, w]`` on ``face.region``, in [0, 1]: where the face's change buys more protection per unit of
+    visibility than ``threshold`` times the median pixel that helps, smoothed; None when no pixel
+    helps.
+
+    A pixel's benefit is the ensemble's attack gradient at the cloaked face (re-detected at ``site``)
+    times the change there: the first-order protection that dropping it would lose. Its cost is the
+    FLIP error the change makes there. Both are smoothed over ``blur`` crop pixels (at least one photo
+    pixel), and so is the mask, so it writes no edges of its own. FLIP pools a concave error (HyAB to
+    the power 0.7) by its mean, so a change concentrated where it pays costs less than the same
+    protection spread evenly (``bench/RESULTS.md``, run 19).
+    """
+    region = face.region
+    height, width = original.shape[:2]
+    warp = Warp(site.crop_to_photo, (height, width), site.size)
+    # The re-detected crop may reach past the region: its gradient is taken on both, read on the region.
+    reach = union(region, region_box(warp, height, width))
+    victims = [Victim(r, face.reference[r.name][None], name=r.name) for r in recognizers]
+    crops = CropMap(warp, reach)
+    ensemble = Ensemble(victims, 1, (site.size, site.size), targeted=targeted, input_map=crops)
+    grad = ensemble.gradient(photo[reach.slices].astype(np.float32)[None], np.random.default_rng(0)).grad[0]
+    grad = grad[
+        region.top - reach.top : region.bottom - reach.top,
+        region.left - reach.left : region.right - reach.left,
+    ]
+    cloaked = photo[region.slices].astype(np.float32)
+    owned = face.owned > 0
+    delta = (cloaked - original[region.slices]) * owned[..., None]
+    stride = visibility.search_stride(region.height, region.width)
+    error = visibility.FlipReference(original[region.slices], stride=stride).error_map(photo[region.slices])
+    error = np.repeat(np.repeat(error, stride, axis=0), stride, axis=1)[: region.height, : region.width]
+    smooth = Smooth(max(1.0, blur * crop_scale(warp), float(stride)))
+
+    def blurred(values: NDArray[Any]) -> Float32Array:
+        return smooth.forward(np.asarray(values, np.float32)[None, ..., None])[0, ..., 0]
+
+    benefit = np.maximum(blurred((grad * delta).sum(axis=-1)), np.float32(0.0))
+    ratio = benefit / (blurred(error) + np.float32(1e-3))
+    useful = ratio[(benefit > 0) & owned]
+    if useful.size == 0:
+        return None
+    return blurred(ratio > threshold * float(np.median(useful)))
 
 
 class _LeastShare:
     """One face's change in ``photo`` scaled by a share, tried on the face's JPEG window only (the rest of
-    the photo is the same in every trial)."""
+    the photo is the same in every trial). ``keep`` (``[h, w]`` on the face's region) weighs the change
+    pixel by pixel first, ``eps`` bounds the scaled change, and ``also`` is a second site of the face
+    that a trial must protect too."""
 
     def __init__(
         self,
@@ -598,6 +695,10 @@ class _LeastShare:
         face: _Face,
         site: FaceSite,
         saved: Callable[[Uint8Array], Uint8Array] | None,
+        *,
+        keep: Float32Array | None = None,
+        eps: float | None = None,
+        also: FaceSite | None = None,
     ) -> None:
         self.window, inner = visibility.jpeg_window(photo.shape, face.region)
         self.owned = np.zeros((self.window.height, self.window.width, 1), bool)
@@ -605,30 +706,64 @@ class _LeastShare:
         self.base = original[self.window.slices]
         self.cloaked = photo[self.window.slices].copy()
         self.delta = np.where(self.owned, self.cloaked.astype(np.float32) - self.base, np.float32(0.0))
+        if keep is not None:
+            weight = np.zeros((self.window.height, self.window.width, 1), np.float32)
+            weight[inner.slices] = keep[..., None]
+            self.delta *= weight
+        self.eps = eps
         self.trial = photo  # the window is put back after each trial
-        self.face, self.site, self.saved = face, site, saved
+        self.face, self.saved = face, saved
+        self.sites = (site,) if also is None or also is site else (site, also)
 
     def at(self, share: float) -> Uint8Array:
         """The window with the face's change scaled by ``share``, in whole grey levels."""
-        return np.where(self.owned, _shrunk(self.base, self.delta, share), self.cloaked)
+        return np.where(self.owned, _shrunk(self.base, self.delta, share, self.eps), self.cloaked)
+
+    def shown(self, pixels: Uint8Array) -> Uint8Array:
+        """The window's ``pixels`` as the output file will hold them."""
+        return pixels if self.saved is None else self.saved(np.ascontiguousarray(pixels))
+
+    def figures(self, pixels: Uint8Array) -> tuple[float, float]:
+        """FLIP and CIEDE2000 mean of the window's ``pixels`` as saved (the rest of the photo is the same
+        in every trial), estimated on a large face (:func:`visibility.search_stride`)."""
+        stride = visibility.search_stride(self.window.height, self.window.width)
+        return visibility.colour_difference(self.base, self.shown(pixels), stride=stride)
 
     def protected(
         self, share: float, recognizers: Sequence[AttackSession], targeted: bool, margin: float
     ) -> bool:
         """Whether every recognizer is past its margin with the change scaled by ``share``, as saved."""
-        pixels = self.at(share)
-        if self.saved is not None:
-            pixels = self.saved(np.ascontiguousarray(pixels))
-        self.trial[self.window.slices] = pixels
+        self.trial[self.window.slices] = self.shown(self.at(share))
         try:
-            return _past_margin(self.trial, self.site, recognizers, self.face.reference, targeted, margin)
+            return all(
+                _past_margin(self.trial, site, recognizers, self.face.reference, targeted, margin)
+                for site in self.sites
+            )
         finally:
             self.trial[self.window.slices] = self.cloaked
 
+    def smallest(
+        self, most: float, recognizers: Sequence[AttackSession], targeted: bool, margin: float
+    ) -> float:
+        """The least share in ``(0, most]`` still :meth:`protected` (``most`` is), by bisection to within
+        ``most / 2**LEAST_PROBES``."""
+        lo, hi = 0.0, most
+        for _ in range(LEAST_PROBES):
+            mid = (lo + hi) / 2
+            if self.protected(mid, recognizers, targeted, margin):
+                hi = mid
+            else:
+                lo = mid
+        return hi
 
-def _shrunk(original: Uint8Array, delta: Float32Array, share: float) -> Uint8Array:
-    """``original + share * delta`` in whole grey levels, rounded towards the original."""
-    return np.asarray(np.clip(np.trunc(delta * np.float32(share)) + original, 0, 255), dtype=np.uint8)
+
+def _shrunk(original: Uint8Array, delta: Float32Array, share: float, eps: float | None = None) -> Uint8Array:
+    """``original + share * delta`` in whole grey levels, rounded towards the original (and within
+    ``eps`` of it)."""
+    change = np.trunc(delta * np.float32(share))
+    if eps is not None:
+        change = np.clip(change, -eps, eps)
+    return np.asarray(np.clip(change + original, 0, 255), dtype=np.uint8)
 
 
 def _held(
