@@ -41,9 +41,10 @@ Proxies refuse headers of some KB (8 KB in nginx by default), and the header was
 MODE_SUMMARIES: Final = {
     "low": "Lightest: never more visible than saving the photo again as an ordinary JPEG; "
     "it protects the fewest faces.",
-    "mid": "Balanced (the default): each face gets the least change that protects it, at most twice "
-    "as visible as an ordinary JPEG re-save; the change can show on smooth skin when you look closely.",
-    "high": "Strongest: protects the most, up to three times as visible as an ordinary JPEG re-save; "
+    "mid": "Balanced (the default): each face gets the least change that protects it, where it protects "
+    "most, at most three times as visible as an ordinary JPEG re-save; the change can show on the eyes, "
+    "nose and mouth when you look closely.",
+    "high": "Strongest: the same ceiling as mid with twice its margin past every recognizer's threshold; "
     "the changes can be seen when you look closely, and it takes longer than mid.",
 }
 """What each mode gives and costs, in words, for the page's mode menu (the technical recipe is the

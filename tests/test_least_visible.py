@@ -44,6 +44,7 @@ BASE = replace(
     cap_scale=3.0,
     cap_ciede2000=None,
     blur=0.0,
+    prune=0.0,  # the even shrink; test_pruning_... turns pruning on
 )
 # The cap as a fixed budget: sign steps that may spend all of it from the first step, run to the end.
 FIXED = replace(BASE, step="sign", cap_start=1.0, least=False, check_every=10_000)

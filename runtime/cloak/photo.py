@@ -31,7 +31,7 @@ on the pixels as the output file stores them (``saved``):
 mode    ceiling per face region              margin  steps  refinement
 ======  ===================================  ======  =====  ====================================
 low     the JPEG q75 re-encode               0.02    24     up to 3 rounds of 8 steps
-mid     2x the q75 re-encode's figures       0.04    24     up to 3 rounds of 8 steps
+mid     3x the q75 re-encode's figures       0.04    24     up to 3 rounds of 8 steps
 high    3x the q75 re-encode's figures       0.08    40     up to 3 rounds of 12 steps
 ======  ===================================  ======  =====  ====================================
 
@@ -40,7 +40,9 @@ to all of it over the first three quarters of the steps (``cap_start``), the fac
 check past its margin, and the change is then shrunk (bisection on one factor) to the least share that
 keeps every recognizer past its margin on the face as the verify step will see it, re-detected in the
 saved file. A face still short of its margin at the whole change (its ceiling, its steps or the
-per-pixel bound stopped it) is marked ``short`` and keeps all of it.
+per-pixel bound stopped it) is marked ``short`` and keeps all of it. The change is also pruned to the
+pixels where it buys the most protection per unit of FLIP and scaled to its own least share
+(``prune``, :func:`_kept`); the face keeps that when it is the less visible.
 
 Where the budget goes: steps along the momentum's own shape (MI-FGM,
 :class:`~uncnn_rt.runtime.attacks.MIFGM`), not its sign, which spends the same change on every pixel
