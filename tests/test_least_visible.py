@@ -17,8 +17,11 @@ from test_cloak import CROP, FakeDetector, loaded_photo, run, similarity
 
 from uncnn_rt.runtime import cloak, visibility
 from uncnn_rt.runtime.attacks import MIFGM, Smooth
+from uncnn_rt.runtime.cloak import photo as cloak_photo
 from uncnn_rt.runtime.cloak import report as cloak_report
+from uncnn_rt.runtime.cloak.regions import region_box
 from uncnn_rt.runtime.errors import InputError
+from uncnn_rt.runtime.geometry.faces import sites_from_detections
 from uncnn_rt.runtime.geometry.warp import Warp
 from uncnn_rt.runtime.imageio import LoadedImage, load_image
 from uncnn_rt.runtime.sessions import AttackSession
@@ -230,10 +233,6 @@ def test_pruning_reads_a_realigned_crop_that_reaches_past_the_faces_region(
 ) -> None:
     """The face re-detected on the cloaked photo may frame a crop that reaches past the region the attack
     changed (no refinement round grew it): the pruning mask is still taken, on the region."""
-    from uncnn_rt.runtime.cloak import photo as cloak_photo
-    from uncnn_rt.runtime.cloak.regions import region_box
-    from uncnn_rt.runtime.geometry.faces import sites_from_detections
-
     loaded = loaded_photo()
     original = loaded.rgb
     size = CROP
@@ -244,12 +243,13 @@ def test_pruning_reads_a_realigned_crop_that_reaches_past_the_faces_region(
     below = face.region.bottom - Warp(first.crop_to_photo, (height, width), size).box.bottom
     moved = similarity(3.0, 8.0, 60.0, 30.0 + below + 3)
     again = sites_from_detections(FakeDetector([moved]).detect(original), size)[0]
-    assert region_box(Warp(again.crop_to_photo, (height, width), size), height, width).bottom > face.region.bottom
+    reach = region_box(Warp(again.crop_to_photo, (height, width), size), height, width)
+    assert reach.bottom > face.region.bottom
     rng = np.random.default_rng(0)
     photo = original.copy()
     noise = rng.integers(-6, 7, size=(face.region.height, face.region.width, 3))
     photo[face.region.slices] = np.clip(original[face.region.slices] + noise, 0, 255).astype(np.uint8)
     keep = cloak_photo._kept(original, photo, face, again, recognizers, False, 1.0, 0.5)
     assert keep is not None and keep.shape == (face.region.height, face.region.width)
-    assert 0.0 <= float(keep.min()) and float(keep.max()) <= 1.0 + 1e-6
+    assert float(keep.min()) >= 0.0 and float(keep.max()) <= 1.0 + 1e-6
     assert 0.0 < float(keep.mean()) < 1.0
