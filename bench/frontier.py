@@ -19,6 +19,12 @@ Usage::
     .venv/bin/python bench/frontier.py plot bench/results/frontier_run17.jsonl \
         -o bench/results/frontier_run17.png
 
+Run 19 (pruning) against run 17's default (a123794 in the worktree)::
+
+    .venv/bin/python bench/frontier.py run --old /tmp/old26/pkg -o bench/results/frontier_run19.jsonl
+    .venv/bin/python bench/frontier.py plot bench/results/frontier_run19.jsonl \
+        -o bench/results/frontier_run19.png --old-label "run 17 (a123794)" --new-label "pruned (run 19)"
+
 About 1 minute per point and version on 2 CPU cores.
 """
 
@@ -54,7 +60,7 @@ def run(old: Path | None, out: Path) -> None:
             print(line, flush=True)
 
 
-def plot(source: Path, out: Path) -> None:
+def plot(source: Path, out: Path, names: dict[str, str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,8 +78,7 @@ def plot(source: Path, out: Path) -> None:
                 if r["label"].startswith(version)
             )
             if points:
-                name = "before (24eb81b)" if version == "old" else "least visible (run 17)"
-                ax.plot(*zip(*points, strict=True), style, label=name)
+                ax.plot(*zip(*points, strict=True), style, label=names[version])
         ladder = rows[0]["ladder"]
         for q in ("q85", "q75"):
             ax.axvline(ladder[q][0], color="grey", lw=0.8, ls=":")
@@ -105,11 +110,13 @@ def main() -> None:
     p = sub.add_parser("plot")
     p.add_argument("source", type=Path)
     p.add_argument("-o", "--out", type=Path, required=True)
+    p.add_argument("--old-label", default="before (24eb81b)", help="legend of the older version")
+    p.add_argument("--new-label", default="least visible (run 17)", help="legend of this tree's version")
     args = parser.parse_args()
     if args.command == "run":
         run(args.old, args.out)
     else:
-        plot(args.source, args.out)
+        plot(args.source, args.out, {"old": args.old_label, "new": args.new_label})
 
 
 if __name__ == "__main__":
