@@ -249,7 +249,9 @@ def test_pruning_reads_a_realigned_crop_that_reaches_past_the_faces_region(
     photo = original.copy()
     noise = rng.integers(-6, 7, size=(face.region.height, face.region.width, 3))
     photo[face.region.slices] = np.clip(original[face.region.slices] + noise, 0, 255).astype(np.uint8)
-    keep = cloak_photo._kept(original, photo, face, again, recognizers, False, 1.0, 0.5)
-    assert keep is not None and keep.shape == (face.region.height, face.region.width)
+    payoff = cloak_photo._payoff(original, photo, face, again, recognizers, False, 0.5)
+    assert payoff is not None
+    keep = payoff.kept(1.0)
+    assert keep.shape == (face.region.height, face.region.width)
     assert float(keep.min()) >= 0.0 and float(keep.max()) <= 1.0 + 1e-6
     assert 0.0 < float(keep.mean()) < 1.0

@@ -42,7 +42,7 @@ keeps every recognizer past its margin on the face as the verify step will see i
 saved file. A face still short of its margin at the whole change (its ceiling, its steps or the
 per-pixel bound stopped it) is marked ``short`` and keeps all of it. The change is also pruned to the
 pixels where it buys the most protection per unit of FLIP and scaled to its own least share
-(``prune``, :func:`_kept`); the face keeps that when it is the less visible.
+(``prune``, :func:`_payoff`); the face keeps that when it is the less visible.
 
 Where the budget goes: steps along the momentum's own shape (MI-FGM,
 :class:`~uncnn_rt.runtime.attacks.MIFGM`), not its sign, which spends the same change on every pixel
@@ -569,7 +569,7 @@ def _least_visible(
     a face still short of its margin at its whole change keeps all of it. Each face's ``short`` records
     which.
 
-    With ``settings.prune`` the change is also pruned to where it pays (:func:`_kept`) and scaled to its
+    With ``settings.prune`` the change is also pruned to where it pays (:func:`_payoff`) and scaled to its
     own least share (up to :data:`PRUNE_MOST`); the face keeps it when it is the less visible of the two
     (FLIP lower and CIEDE2000 mean no higher, on its JPEG window as saved).
     """
@@ -597,7 +597,7 @@ def _least_visible(
 
 
 PRUNE_MOST: Final = 2.0
-"""The largest share a pruned change (:func:`_kept`) is scaled by: the pixels it keeps may carry up to
+"""The largest share a pruned change (:func:`_pruned`) is scaled by: the pixels it keeps may carry up to
 twice the attack's change there (within eps), to make up for those it drops."""
 
 PRUNE_LADDER: Final = (1.0, 0.25)
@@ -615,14 +615,15 @@ def _pruned(
     settings: CloakSettings,
     saved: Callable[[Uint8Array], Uint8Array] | None,
 ) -> Uint8Array | None:
-    """The face's JPEG window with its change pruned to where it pays (:func:`_kept`) and scaled to the
+    """The face's JPEG window with its change pruned to where it pays (:func:`_payoff`) and scaled to the
     least share that keeps the margin, at the first threshold of :data:`PRUNE_LADDER` that can; None
     when none can within :data:`PRUNE_MOST`."""
     margin = settings.success_margin
+    payoff = _payoff(original, photo, face, site, recognizers, targeted, settings.blur)
+    if payoff is None:
+        return None
     for step in PRUNE_LADDER:
-        keep = _kept(original, photo, face, site, recognizers, targeted, settings.prune * step, settings.blur)
-        if keep is None:
-            return None
+        keep = payoff.kept(settings.prune * step)
         # Concentrated, the change is less forgiving of a shifted alignment: it must hold on the face as
         # first found too.
         trial = _LeastShare(original, photo, face, site, saved, keep=keep, eps=settings.eps, also=face.site)
@@ -631,26 +632,39 @@ def _pruned(
     return None
 
 
-def _kept(
+@dataclass(frozen=True)
+class _Payoff:
+    """What each pixel of a face's change buys (:func:`_payoff`): thresholded by :meth:`kept`."""
+
+    ratio: Float32Array
+    """``[h, w]`` on the face's region: protection per unit of FLIP error, smoothed."""
+    median: float
+    """The median ratio over the pixels that help."""
+    smooth: Smooth
+
+    def kept(self, threshold: float) -> Float32Array:
+        """``[h, w]`` in [0, 1]: where the ratio is above ``threshold`` times its median, smoothed as the
+        ratio was, so the mask writes no edges of its own."""
+        mask = np.asarray(self.ratio > threshold * self.median, np.float32)
+        return self.smooth.forward(mask[None, ..., None])[0, ..., 0]
+
+
+def _payoff(
     original: Uint8Array,
     photo: Uint8Array,
     face: _Face,
     site: FaceSite,
     recognizers: Sequence[AttackSession],
     targeted: bool,
-    threshold: float,
     blur: float,
-) -> Float32Array | None:
-    """``[h, w]`` on ``face.region``, in [0, 1]: where the face's change buys more protection per unit of
-    visibility than ``threshold`` times the median pixel that helps, smoothed; None when no pixel
-    helps.
+) -> _Payoff | None:
+    """Where the face's change buys protection per unit of visibility; None when no pixel of it helps.
 
     A pixel's benefit is the ensemble's attack gradient at the cloaked face (re-detected at ``site``)
     times the change there: the first-order protection that dropping it would lose. Its cost is the
     FLIP error the change makes there. Both are smoothed over ``blur`` crop pixels (at least one photo
-    pixel), and so is the mask, so it writes no edges of its own. FLIP pools a concave error (HyAB to
-    the power 0.7) by its mean, so a change concentrated where it pays costs less than the same
-    protection spread evenly (``bench/RESULTS.md``, run 19).
+    pixel). FLIP pools a concave error (HyAB to the power 0.7) by its mean, so a change concentrated
+    where it pays costs less than the same protection spread evenly (``bench/RESULTS.md``, run 19).
     """
     region = face.region
     height, width = original.shape[:2]
@@ -681,7 +695,7 @@ def _kept(
     useful = ratio[(benefit > 0) & owned]
     if useful.size == 0:
         return None
-    return blurred(ratio > threshold * float(np.median(useful)))
+    return _Payoff(ratio, float(np.median(useful)), smooth)
 
 
 class _LeastShare:
