@@ -255,3 +255,31 @@ def test_pruning_reads_a_realigned_crop_that_reaches_past_the_faces_region(
     assert keep.shape == (face.region.height, face.region.width)
     assert float(keep.min()) >= 0.0 and float(keep.max()) <= 1.0 + 1e-6
     assert 0.0 < float(keep.mean()) < 1.0
+
+
+@pytest.mark.parametrize(("steps", "seed"), [(5, 2), (6, 0), (7, 1)])
+def test_a_face_short_at_its_whole_change_reaches_the_margin_pruned(
+    tmp_path_factory: pytest.TempPathFactory, steps: int, seed: int
+) -> None:
+    """An attack stopped after a few steps leaves the face short of its margin (in one case not even past
+    its threshold) at its whole change. Concentrated where it pays and scaled up to
+    :data:`~uncnn_rt.runtime.cloak.photo.PRUNE_MOST` within eps, the same change reaches the margin, at a
+    lower FLIP than the whole change: the face takes it and is no longer short. Measured: margins -0.074,
+    -0.052 and +0.066 against the threshold before, about -0.10 after; FLIP 0.77-0.89 times."""
+    root = tmp_path_factory.mktemp("short")
+    graph = build_linear_face(root / "t04.onnx", size=CROP, dim=8, seed=5, threshold=0.4)
+    models = [AttackSession(graph.path, device="cpu")]
+    loaded = loaded_photo()
+    detector = FakeDetector([ONE_FACE])
+    few = replace(LEAST, steps=steps)
+    even = run(loaded, models, detector, mode=few, seed=seed)
+    pruned = run(loaded, models, detector, mode=replace(few, prune=1.0), seed=seed)
+    margin = LEAST.success_margin
+    (before,) = even.faces[0].outcomes
+    assert even.faces[0].short and before.threshold is not None
+    assert before.similarity > before.threshold - margin + 0.02, before
+    (after,) = pruned.faces[0].outcomes
+    assert not pruned.faces[0].short and pruned.passed
+    assert after.threshold is not None and after.similarity < after.threshold - margin + 0.01, after
+    assert spent(loaded, pruned)[0] < spent(loaded, even)[0]
+    assert int(np.abs(pruned.image.astype(np.int16) - loaded.rgb).max()) <= LEAST.eps

@@ -571,7 +571,9 @@ def _least_visible(
 
     With ``settings.prune`` the change is also pruned to where it pays (:func:`_payoff`) and scaled to its
     own least share (up to :data:`PRUNE_MOST`); the face keeps it when it is the less visible of the two
-    (FLIP lower and CIEDE2000 mean no higher, on its JPEG window as saved).
+    (FLIP lower and CIEDE2000 mean no higher, on its JPEG window as saved). A face short at its whole
+    change takes a pruned change that reaches the margin when it is no more visible than the whole
+    change, and is no longer short.
     """
     found = None if detector is None else sites_from_detections(detector.detect(photo), faces[0].site.size)
     photo = photo.copy()
@@ -582,16 +584,17 @@ def _least_visible(
             again = rematch(f.site, found)
             site = again.site if again.matched else f.site
         least = _LeastShare(original, photo, f, site, saved)
-        if not least.protected(1.0, recognizers, targeted, margin):
-            f.short = True
-            continue
-        best = least.at(least.smallest(1.0, recognizers, targeted, margin))
+        whole = least.protected(1.0, recognizers, targeted, margin)
+        best = least.at(least.smallest(1.0, recognizers, targeted, margin) if whole else 1.0)
         if settings.prune > 0:
             pruned = _pruned(original, photo, f, site, recognizers, targeted, settings, saved)
             if pruned is not None:
                 mine, theirs = least.figures(pruned), least.figures(best)
-                if mine[0] < theirs[0] and mine[1] <= theirs[1]:
-                    best = pruned
+                # Short at its whole change, a face may yet reach its margin with the change concentrated
+                # where it pays: it takes that when no more visible than the whole change.
+                if (mine[0] < theirs[0] or not whole and mine[0] <= theirs[0]) and mine[1] <= theirs[1]:
+                    best, whole = pruned, True
+        f.short = not whole
         photo[least.window.slices] = best
     return photo
 
