@@ -592,7 +592,7 @@ def _least_visible(
                 mine, theirs = least.figures(pruned), least.figures(best)
                 # Short at its whole change, a face may yet reach its margin with the change concentrated
                 # where it pays: it takes that when no more visible than the whole change.
-                if (mine[0] < theirs[0] or not whole and mine[0] <= theirs[0]) and mine[1] <= theirs[1]:
+                if (mine[0] < theirs[0] or (not whole and mine[0] <= theirs[0])) and mine[1] <= theirs[1]:
                     best, whole = pruned, True
         f.short = not whole
         photo[least.window.slices] = best
