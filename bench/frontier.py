@@ -25,6 +25,14 @@ Run 19 (pruning) against run 17's default (a123794 in the worktree)::
     .venv/bin/python bench/frontier.py plot bench/results/frontier_run19.jsonl \
         -o bench/results/frontier_run19.png --old-label "run 17 (a123794)" --new-label "pruned (run 19)"
 
+Run 20 against the default before issue 26 (24eb81b, whose evaluation API predates this tree's probe,
+so it runs its own)::
+
+    .venv/bin/python bench/frontier.py run --old /tmp/old26/pkg \
+        --old-probe /tmp/old26/wt/bench/visibility_probe.py -o bench/results/frontier_run20.jsonl
+    .venv/bin/python bench/frontier.py plot bench/results/frontier_run20.jsonl \
+        -o bench/results/frontier_run20.png --new-label "pruned, short faces too (run 20)"
+
 About 1 minute per point and version on 2 CPU cores.
 """
 
@@ -38,20 +46,23 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+COLOUR = HERE.parents[1] / "shared" / "faces" / "colour"
 CEILINGS = ((85, 1.0), (75, 1.0), (75, 1.5), (75, 2.0), (75, 3.0))
 
 
-def run(old: Path | None, out: Path) -> None:
-    versions = [("new", None)] + ([] if old is None else [("old", old)])
+def run(old: Path | None, out: Path, old_probe: Path | None = None) -> None:
+    versions = [("new", None, HERE / "visibility_probe.py")]
+    if old is not None:
+        versions.append(("old", old, old_probe or HERE / "visibility_probe.py"))
     for quality, scale in CEILINGS:
-        for label, path in versions:
+        for label, path, probe in versions:
             env = dict(os.environ)
             if path is not None:
                 env["PYTHONPATH"] = str(path)
             fields = {"cap_jpeg": quality, "cap_scale": scale, "cap_ciede2000": None}
             done = subprocess.run(
-                [sys.executable, str(HERE / "visibility_probe.py"), f"{label} q{quality} x{scale:g}",
-                 json.dumps(fields)],
+                [sys.executable, str(probe), f"{label} q{quality} x{scale:g}", json.dumps(fields),
+                 "--dataset", str(COLOUR)],
                 env=env, capture_output=True, text=True, check=True,
             )  # fmt: skip
             line = done.stdout.strip().splitlines()[-1]
@@ -106,6 +117,12 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run")
     r.add_argument("--old", type=Path, help="package folder of the older version (PYTHONPATH)")
+    r.add_argument(
+        "--old-probe",
+        type=Path,
+        help="the older version's own bench/visibility_probe.py, where this tree's no longer runs it "
+        "(default: this tree's)",
+    )
     r.add_argument("-o", "--out", type=Path, required=True)
     p = sub.add_parser("plot")
     p.add_argument("source", type=Path)
@@ -114,7 +131,7 @@ def main() -> None:
     p.add_argument("--new-label", default="least visible (run 17)", help="legend of this tree's version")
     args = parser.parse_args()
     if args.command == "run":
-        run(args.old, args.out)
+        run(args.old, args.out, args.old_probe)
     else:
         plot(args.source, args.out, {"old": args.old_label, "new": args.new_label})
 
