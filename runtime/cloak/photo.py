@@ -42,7 +42,8 @@ keeps every recognizer past its margin on the face as the verify step will see i
 saved file. A face still short of its margin at the whole change (its ceiling, its steps or the
 per-pixel bound stopped it) is marked ``short`` and keeps all of it. The change is also pruned to the
 pixels where it buys the most protection per unit of FLIP and scaled to its own least share
-(``prune``, :func:`_payoff`); the face keeps that when it is the less visible.
+(``prune``, :func:`_payoff`); the face keeps that when it is the less visible. A short face tries the
+same, and is no longer short when the pruned change reaches its margin.
 
 Where the budget goes: steps along the momentum's own shape (MI-FGM,
 :class:`~uncnn_rt.runtime.attacks.MIFGM`), not its sign, which spends the same change on every pixel
