@@ -101,6 +101,7 @@ def main() -> None:
     out["ladder"] = {
         q: (v["flip"]["median"], v["ciede2000_mean"]["median"]) for q, v in d["jpeg_ladder"].items()
     }
+    out["ladder_over_jnd"] = {q: v["over_jnd"]["median"] for q, v in d["jpeg_ladder"].items()}
     for kind, summary in mode["summary"].items():
         out[kind] = {
             condition: {p: (r[p]["unlinked" if p == "p3" else "protected"], r[p]["of"]) for p in ev.PROTOCOLS}
@@ -119,6 +120,7 @@ def main() -> None:
     white = mode["quality"][0]["visibility"]
     out["face_flip"] = white["flip"]
     out["face_ciede2000_mean"] = white["ciede2000_mean"]
+    out["face_over_jnd"] = white["over_jnd"]
     out["seconds_per_photo"] = [q["seconds_per_photo"] for q in mode["quality"]]
     out["wall"] = round(time.perf_counter() - start, 1)
     print(json.dumps(out))

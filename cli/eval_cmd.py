@@ -526,8 +526,9 @@ def _quality_row(q: ev.AttackQuality) -> list[str]:
 def _visibility_table(
     title: str, ladder: dict[int, tuple[visibility.Visibility, ...]], rows: Sequence[ev.AttackQuality]
 ) -> Table:
-    """Median (and worst) face FLIP, CIEDE2000, SSIM and PSNR: first each JPEG re-encode of the clean
-    photos, then each attack's saved cloaks, with the highest JPEG quality whose medians they stay within."""
+    """Median (and worst) face FLIP, CIEDE2000, share of pixels over twice their JND, SSIM and PSNR: first
+    each JPEG re-encode of the clean photos, then each attack's saved cloaks, with the highest JPEG
+    quality whose medians they stay within."""
     table = Table(title=title, title_justify="left")
     for column in (
         "image",
@@ -535,6 +536,7 @@ def _visibility_table(
         "FLIP median (worst)",
         "CIEDE2000 mean (worst)",
         "CIEDE2000 p95",
+        "over 2 JND",
         "SSIM",
         "PSNR",
         "JPEG equiv.",
@@ -554,6 +556,10 @@ def _visibility_table(
     return table
 
 
+def _percent(share: float) -> str:
+    return "-" if math.isnan(share) else f"{100 * share:.1f}%"
+
+
 def _visibility_row(
     label: str, faces: Sequence[visibility.Visibility], ladder: dict[int, tuple[float, float]] | None
 ) -> list[str]:
@@ -571,6 +577,7 @@ def _visibility_row(
         f"{flip:.4f} ({max(flips):.4f})",
         f"{de:.2f} ({max(des):.2f})",
         f"{float(np.median([f.ciede2000_p95 for f in faces])):.2f}",
+        _percent(float(np.median([f.over_jnd for f in faces]))),
         f"{float(np.median([f.ssim for f in faces])):.4f}",
         f"{float(np.median(psnr)):.1f} dB" if psnr else "inf",
         equivalent,

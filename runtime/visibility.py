@@ -15,6 +15,10 @@ Four measures, each of an 8-bit sRGB photo ``[H, W, 3]`` against its original:
   compared (the feature error ``e_f``); the pixel's error is ``e_c ^ (1 - e_f)``.
 * **CIEDE2000** (Sharma, Wu and Dalal, Color Res. Appl. 2005), per pixel in CIELAB (D65); about 2.3 is
   one just-noticeable difference. Reported as the mean and the 95th percentile.
+* **Over JND**: the share of pixels whose luminance changes by more than :data:`OVER_JND_FACTOR` times
+  its just-noticeable difference (:func:`luminance_jnd`), a change a person can see when looking there.
+  FLIP and CIEDE2000 pool by the mean, so a change concentrated on a few features can score as low as
+  a JPEG re-encode's faint change everywhere while showing as streaks; this figure counts the streaks.
 * **SSIM** and **PSNR** (:mod:`.image_ops`), for comparison with published work.
 
 Every figure is taken on a *face region* (:func:`face_region`: the face box grown by a quarter of its
@@ -46,6 +50,9 @@ FACE_MARGIN: Final = 0.25
 """A face region is the detector's face box grown by this share of its longer side on each side."""
 JND_CIEDE2000: Final = 2.3
 """About one just-noticeable difference in CIEDE2000 units (Sharma's review; Mahy et al. 1994)."""
+OVER_JND_FACTOR: Final = 2.0
+"""A pixel counts in :attr:`Visibility.over_jnd` when its luminance changes by more than this many times
+its just-noticeable difference: well past the threshold of detection, not a borderline one."""
 
 # D65 white and the sRGB primaries (IEC 61966-2-1), as CIELAB and FLIP use them.
 _WHITE: Final = np.array([0.950428545, 1.0, 1.088900371])
@@ -356,13 +363,15 @@ def reference_flip(reference: NDArray[np.generic], test: NDArray[np.generic], pp
 @dataclass(frozen=True)
 class Visibility:
     """How visible ``test`` is next to its original: FLIP mean, CIEDE2000 mean and 95th percentile,
-    SSIM and PSNR (dB; ``inf`` for identical images)."""
+    SSIM, PSNR (dB; ``inf`` for identical images) and the share of pixels changed past twice their
+    luminance JND (:func:`over_jnd`; NaN where not measured, as in a cap)."""
 
     flip: float
     ciede2000_mean: float
     ciede2000_p95: float
     ssim: float
     psnr: float
+    over_jnd: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -371,6 +380,7 @@ class Visibility:
             "ciede2000_p95": round(self.ciede2000_p95, 4),
             "ssim": round(self.ssim, 5),
             "psnr": None if math.isinf(self.psnr) else round(self.psnr, 3),
+            "over_jnd": None if math.isnan(self.over_jnd) else round(self.over_jnd, 5),
         }
 
     def within(self, cap: Visibility) -> bool:
@@ -378,7 +388,7 @@ class Visibility:
         return self.flip <= cap.flip and self.ciede2000_mean <= cap.ciede2000_mean
 
 
-IDENTICAL: Final = Visibility(0.0, 0.0, 0.0, 1.0, math.inf)
+IDENTICAL: Final = Visibility(0.0, 0.0, 0.0, 1.0, math.inf, 0.0)
 
 
 def measure(original: NDArray[np.generic], test: NDArray[np.generic]) -> Visibility:
@@ -394,7 +404,23 @@ def measure(original: NDArray[np.generic], test: NDArray[np.generic]) -> Visibil
     mse = float(np.mean(np.square(a.astype(np.float64) - b)))
     psnr = math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
     ssim = float(image_ops.ssim(a[None], b[None])[0]) if min(a.shape[:2]) >= 11 else 1.0 - float(mse > 0)
-    return Visibility(flip(a, b), float(de.mean()), float(np.percentile(de, 95)), ssim, psnr)
+    return Visibility(flip(a, b), float(de.mean()), float(np.percentile(de, 95)), ssim, psnr, over_jnd(a, b))
+
+
+def _luma(rgb: NDArray[np.generic]) -> Float32Array:
+    return np.asarray(np.asarray(rgb, dtype=np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))
+
+
+def over_jnd_map(original: NDArray[np.generic], test: NDArray[np.generic]) -> NDArray[np.bool_]:
+    """``[H, W]``: where the luminance of ``test`` differs from ``original``'s by more than
+    :data:`OVER_JND_FACTOR` times ``original``'s luminance JND (:func:`luminance_jnd`)."""
+    change = np.abs(_luma(test) - _luma(original))
+    return np.asarray(change > OVER_JND_FACTOR * luminance_jnd(original))
+
+
+def over_jnd(original: NDArray[np.generic], test: NDArray[np.generic]) -> float:
+    """The share of pixels of ``test`` changed past :data:`OVER_JND_FACTOR` times their luminance JND."""
+    return float(np.mean(over_jnd_map(original, test)))
 
 
 def colour_difference(
@@ -453,7 +479,8 @@ def photo_figures(
         grown(int(cols[0]), int(cols[-1]) + 1, reach, width),
     )
     rows_per_band = max(1, band_pixels // max(r0 - l0, 1))
-    error_sum, de_sum, pieces = 0.0, 0.0, []
+    error_sum, de_sum, over, pieces = 0.0, 0.0, 0, []
+    jnd_reach = JND_WINDOW  # the JND's box means and gradient read this far
     for start in range(t1, b1, rows_per_band):
         stop = min(b1, start + rows_per_band)
         lo, hi = max(t0, start - 2 * reach), min(b0, stop + 2 * reach)
@@ -461,6 +488,11 @@ def photo_figures(
         error_sum += float(band.sum(dtype=np.float64))
         de_band = ciede2000(srgb_to_lab(a[start:stop, l1:r1]), srgb_to_lab(b[start:stop, l1:r1])).ravel()
         de_sum += float(de_band.sum())
+        top, left = max(0, start - jnd_reach), max(0, l1 - jnd_reach)
+        seen = over_jnd_map(
+            a[top : stop + jnd_reach, left : r1 + jnd_reach], b[top : stop + jnd_reach, left : r1 + jnd_reach]
+        )
+        over += int(seen[start - top : stop - top, l1 - left : r1 - left].sum())
         pieces.append(de_band.astype(np.float32))  # kept for the percentile, at half the memory
     de = np.concatenate(pieces)
     total = height * width
@@ -468,7 +500,7 @@ def photo_figures(
     zeros = total - de.size
     rank = 0.95 * (total - 1) - zeros
     p95 = 0.0 if rank < 0 else float(np.quantile(de, rank / max(de.size - 1, 1)))
-    return Visibility(error_sum / total, de_sum / total, p95, ssim, psnr)
+    return Visibility(error_sum / total, de_sum / total, p95, ssim, psnr, over / total)
 
 
 def search_stride(height: int, width: int, pixels: int = 60_000) -> int:
@@ -512,6 +544,7 @@ def envelope(ladder: dict[int, Visibility]) -> dict[int, Visibility]:
             worst([r.ciede2000_p95 for r in rungs], True),
             worst([r.ssim for r in rungs], False),
             worst([r.psnr for r in rungs], False),
+            worst([r.over_jnd for r in rungs], True),
         )
     return {q: out[q] for q in ladder}
 
@@ -631,7 +664,7 @@ def luminance_jnd(rgb: NDArray[np.generic]) -> Float32Array:
     Dark and very bright areas hide more than mid-grey skin (luminance adaptation); hair, beards,
     brows and edges hide far more than smooth cheeks and forehead (texture masking).
     """
-    luma = np.asarray(rgb, dtype=np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    luma = _luma(rgb)
     background = _box_mean(luma, JND_WINDOW)
     adaptation = np.where(
         background <= 127,

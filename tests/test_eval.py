@@ -308,7 +308,7 @@ def test_json_schema_is_stable(tmp_path: Path) -> None:
         "seconds_per_photo", "steps_mean", "visibility", "photo_visibility",
     }  # fmt: skip
     visible = mode["quality"][0]["visibility"]
-    assert set(visible) == {"faces", "flip", "ciede2000_mean", "ciede2000_p95", "ssim", "psnr"}
+    assert set(visible) == {"faces", "flip", "ciede2000_mean", "ciede2000_p95", "ssim", "psnr", "over_jnd"}
     assert visible["faces"] == data["probes"] and visible["flip"]["median"] > 0
     # The whole photo changes only where its face does: its figures are the face's, diluted.
     photo = mode["quality"][0]["photo_visibility"]

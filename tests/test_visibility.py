@@ -35,6 +35,7 @@ def test_identical_images_are_invisible() -> None:
     assert (figures.flip, figures.ciede2000_mean, figures.ciede2000_p95, figures.ssim) == (0.0, 0.0, 0.0, 1.0)
     assert math.isinf(figures.psnr)
     assert visibility.flip(rgb, rgb) == 0.0
+    assert figures.over_jnd == 0.0
     assert visibility.photo_figures(rgb, rgb, ssim=1.0, psnr=math.inf) == visibility.IDENTICAL
 
 
@@ -146,12 +147,13 @@ def test_envelope_makes_a_dipping_ladder_monotone() -> None:
 def test_photo_figures_equal_the_whole_photo_computation() -> None:
     rgb = np.asarray(Image.fromarray(data.astronaut()).resize((256, 256)))
     test = rgb.copy()
-    test[100:140, 90:150] = noisy(rgb[100:140, 90:150], 6, grey=True)
+    test[100:140, 90:150] = noisy(rgb[100:140, 90:150], 30, grey=True)  # past this textured patch's JND
     got = visibility.photo_figures(rgb, test, ssim=0.5, psnr=30.0)
     de = visibility.ciede2000(visibility.srgb_to_lab(rgb), visibility.srgb_to_lab(test))
     assert got.flip == pytest.approx(visibility.flip(rgb, test), rel=1e-5)
     assert got.ciede2000_mean == pytest.approx(float(de.mean()), rel=1e-9)
     assert got.ciede2000_p95 == pytest.approx(float(np.percentile(de, 95)), abs=1e-9)
+    assert got.over_jnd == visibility.over_jnd(rgb, test) > 0
     assert (got.ssim, got.psnr) == (0.5, 30.0)
     # A change everywhere (a lossy save), in bands of 8 rows: the same figures as on the whole photo.
     saved = noisy(rgb, 2, grey=False)
@@ -161,6 +163,11 @@ def test_photo_figures_equal_the_whole_photo_computation() -> None:
     assert whole.flip == pytest.approx(visibility.flip(rgb, saved), rel=1e-5)
     assert banded.ciede2000_mean == pytest.approx(whole.ciede2000_mean, rel=1e-12)
     assert banded.ciede2000_p95 == whole.ciede2000_p95
+    # The JND reads a few rows around each pixel: every band reads them too.
+    loud = noisy(rgb, 20, grey=True)
+    whole = visibility.photo_figures(rgb, loud, ssim=0.5, psnr=30.0)
+    banded = visibility.photo_figures(rgb, loud, ssim=0.5, psnr=30.0, band_pixels=8 * 256)
+    assert banded.over_jnd == whole.over_jnd == visibility.over_jnd(rgb, loud) > 0
 
 
 def test_face_region_grows_the_box_and_stays_in_the_photo() -> None:
@@ -198,3 +205,21 @@ def test_jpeg_equivalent_is_the_finest_reencode_the_cloak_stays_within() -> None
     assert visibility.RegionReport(v(0.03, 0.7, 1.9, 0.98, 42.0), ladder).jpeg_equivalent() == 85
     assert visibility.RegionReport(v(0.04, 0.9, 2.5, 0.96, 38.0), ladder).jpeg_equivalent() == 75
     assert visibility.RegionReport(v(0.07, 1.8, 5.8, 0.85, 30.0), ladder).jpeg_equivalent() is None
+
+
+def test_over_jnd_counts_streaks_that_the_means_forgive() -> None:
+    """A faint change everywhere and the same total change on a few rows of the face: the means (FLIP,
+    CIEDE2000) rank them close, the share over twice the JND tells them apart."""
+    rgb = portrait()
+    jnd = visibility.luminance_jnd(rgb)
+    spread = np.clip(rgb + np.round(0.5 * jnd)[..., None], 0, 255).astype(np.uint8)
+    rows = np.zeros(rgb.shape[:2], bool)
+    rows[::8] = True  # one row in eight carries eight times the change: streaks
+    streaks = np.clip(rgb + np.round(4 * jnd * rows)[..., None], 0, 255).astype(np.uint8)
+    faint, streaked = visibility.measure(rgb, spread), visibility.measure(rgb, streaks)
+    # The means: 1.08 against 1.14 (CIEDE2000), 0.088 against 0.104 (FLIP).
+    assert streaked.ciede2000_mean < 1.2 * faint.ciede2000_mean
+    assert streaked.flip < 1.4 * faint.flip
+    assert faint.over_jnd == 0.0  # half a JND changes no pixel past two
+    # About one pixel in eight (rows clipped at white or black count less).
+    assert 0.08 < streaked.over_jnd <= 0.126

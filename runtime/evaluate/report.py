@@ -119,8 +119,8 @@ class AttackQuality:
 
 
 def summarise_visibility(faces: Sequence[visibility.Visibility]) -> dict[str, Any] | None:
-    """Median and worst of each face figure over ``faces`` (worst: largest FLIP and CIEDE2000, smallest
-    SSIM and PSNR), or None for none."""
+    """Median and worst of each face figure over ``faces`` (worst: largest FLIP, CIEDE2000 and share over
+    JND, smallest SSIM and PSNR), or None for none."""
     if not faces:
         return None
 
@@ -136,6 +136,7 @@ def summarise_visibility(faces: Sequence[visibility.Visibility]) -> dict[str, An
         "ciede2000_p95": stats([f.ciede2000_p95 for f in faces], True),
         "ssim": stats([f.ssim for f in faces], False),
         "psnr": stats([f.psnr for f in faces], False),
+        "over_jnd": stats([f.over_jnd for f in faces], True),
     }
 
 
