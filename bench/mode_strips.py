@@ -11,8 +11,8 @@ come from ``uncnn-rt eval --plots`` and stay out of the repository):
 
 Each mode cloaks each photo as ``uncnn-rt cloak`` would (PNG, lossless, every face, seed 0). A strip
 shows one face region (box + a quarter of its side) per mode, left to right low, mid, high: original /
-cloaked / difference x10. The script prints each mode's face FLIP and CIEDE2000 next to the photo's own
-JPEG ladder on the same region.
+cloaked / difference x10. The script prints each mode's face FLIP, CIEDE2000 and share of pixels changed
+past twice their JND next to the photo's own JPEG ladder on the same region.
 
 Usage::
 
@@ -74,7 +74,7 @@ def main() -> None:
                 print(
                     f"{name} face {face.number} {mode}: face FLIP {face.visibility.flip:.4f}, CIEDE2000 "
                     f"{face.visibility.ciede2000_mean:.2f} (p95 {face.visibility.ciede2000_p95:.2f}), "
-                    f"SSIM {face.visibility.ssim:.4f}; "
+                    f"over 2 JND {100 * face.visibility.over_jnd:.1f}%, SSIM {face.visibility.ssim:.4f}; "
                     + ", ".join(f"{o.name} {o.similarity - (o.threshold or 0):+.3f}" for o in face.outcomes)
                     + f"; protected {face.passed}{', short' if face.short else ''}"
                 )
@@ -87,7 +87,8 @@ def main() -> None:
         for q, v in visibility.region_ladder(loaded.rgb, region).items():
             print(
                 f"{name} face {shown + 1} JPEG q{q}: face FLIP {v.flip:.4f}, "
-                f"CIEDE2000 {v.ciede2000_mean:.2f} (p95 {v.ciede2000_p95:.2f})"
+                f"CIEDE2000 {v.ciede2000_mean:.2f} (p95 {v.ciede2000_p95:.2f}), "
+                f"over 2 JND {100 * v.over_jnd:.1f}%"
             )
         args.out.mkdir(parents=True, exist_ok=True)
         for zoom in (1, 2):
