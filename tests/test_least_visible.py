@@ -284,3 +284,39 @@ def test_a_face_short_at_its_whole_change_reaches_the_margin_pruned(
     assert after.threshold is not None and after.similarity < after.threshold - margin + 0.01, after
     assert spent(loaded, pruned)[0] < spent(loaded, even)[0]
     assert int(np.abs(pruned.image.astype(np.int16) - loaded.rgb).max()) <= LEAST.eps
+
+
+def test_the_margin_check_stops_at_the_first_model_short_and_tries_it_first_next(
+    recognizers: list[AttackSession], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The least-share search asks "is every recognizer past its margin?" a dozen times per face; a model
+    short of its margin answers it alone, and is asked first the next time, with the answer that
+    checking every model gives."""
+    original = loaded_photo().rgb
+    site = sites_from_detections(FakeDetector([ONE_FACE]).detect(original), CROP)[0]
+    clean = cloak_photo.embed(original, site, recognizers)
+    first, second = recognizers
+    # The first model's reference is the face's opposite (far past its threshold), the second's the face
+    # itself (similarity 1: short).
+    references = {first.name: -clean[first.name], second.name: clean[second.name]}
+    calls: list[str] = []
+    for r in recognizers:
+        monkeypatch.setattr(r, "features", lambda x, r=r, f=r.features: calls.append(r.name) or f(x))
+    check = cloak_photo._MarginCheck(recognizers, references, False, 0.05)
+    every = all(
+        o.passed and o.similarity < (o.threshold or 0.0) - 0.05
+        for o in cloak_photo._outcomes_at(original, site, recognizers, references, False)
+    )
+    calls.clear()
+    assert check(original, site) is every is False
+    assert calls == [first.name, second.name]
+    calls.clear()
+    assert check(original, site) is False
+    assert calls == [second.name]  # the model that fell short is asked first, and alone
+    # Both past: every model is asked, and the check says so.
+    passing = cloak_photo._MarginCheck(
+        recognizers, {r.name: -clean[r.name] for r in recognizers}, False, 0.05
+    )
+    calls.clear()
+    assert passing(original, site) is True
+    assert sorted(calls) == sorted(r.name for r in recognizers)
