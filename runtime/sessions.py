@@ -312,6 +312,11 @@ class AttackSession:
         # 1080p cloak peaked at 465 MB instead of 560 MB and a 12 MP one at 933 MB instead of 1027-1047,
         # in the same time (bench/cloak_latency.py, interleaved runs).
         options.enable_mem_pattern = False
+        # Nor does the CPU arena pay here: it keeps each session's largest run's blocks for good, across
+        # a gradient and a forward session per model. Off, with the default four models a 1080p cloak
+        # peaked at 320 MB instead of 410 in the same time (4.02 against 4.07 s), and with six models a
+        # 12 MP one at 828 MB instead of 1032 (bench/RESULTS.md, run 22).
+        options.enable_cpu_mem_arena = False
         options.graph_optimization_level = _OPTIMIZATION_LEVELS[optimization]
         if not spin:
             stop_spinning(options)

@@ -248,9 +248,12 @@ def test_sessions_do_not_spin_unless_asked(linear_face_graph: LinearGraph) -> No
         spinning._options.get_session_config_entry("session.intra_op.allow_spinning")
 
 
-def test_sessions_do_not_keep_memory_patterns(linear_face_graph: LinearGraph) -> None:
-    # a pre-planned block per input shape: about 100 MB of a 1080p cloak's peak
-    assert AttackSession(linear_face_graph.path, device="cpu")._options.enable_mem_pattern is False
+def test_sessions_keep_no_memory_patterns_and_no_cpu_arena(linear_face_graph: LinearGraph) -> None:
+    # a pre-planned block per input shape, about 100 MB of a 1080p cloak's peak; and the arena's blocks of
+    # each session's largest run, about 200 MB of a six-model 12 MP cloak's (bench/RESULTS.md, run 22)
+    options = AttackSession(linear_face_graph.path, device="cpu")._options
+    assert options.enable_mem_pattern is False
+    assert options.enable_cpu_mem_arena is False
 
 
 def test_concurrent_runs_on_one_session_match_serial_runs(linear_face_graph: LinearGraph) -> None:
