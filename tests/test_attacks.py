@@ -569,6 +569,27 @@ def test_alignment_jitter_draws_mirror_and_grey_views_at_their_rates() -> None:
         AlignmentJitter(grey=-0.1)
 
 
+def test_alignment_jitter_draws_a_blurred_view_of_one_112_crop_pixel() -> None:
+    from uncnn_rt.runtime.attacks import Smooth
+    from uncnn_rt.runtime.cloak.regions import AlignmentJitter
+
+    rng = np.random.default_rng(5)
+    jitter = AlignmentJitter(probability=0.0, blurred=0.5)
+    views = [jitter.sample((224, 224), rng) for _ in range(400)]
+    blurred = [v for v in views if v is not None]
+    assert all(isinstance(v, Smooth) for v in blurred)
+    assert 160 < len(blurred) < 240
+    assert isinstance(blurred[0], Smooth) and blurred[0].sigmas == (2.0,)  # one pixel at 112, two at 224
+    impulse = np.zeros((1, 224, 224, 3), np.float32)
+    impulse[0, 100, 100] = 1.0
+    spread = blurred[0].forward(impulse)[0, 100, 95:106, 0]
+    # A 2-D Gaussian of sigma 2: 1 / (8 pi) at the centre, exp(-9 / 8) of that 3 pixels away.
+    assert spread.argmax() == 5 and spread[5] == pytest.approx(1 / (8 * np.pi), rel=0.05)
+    assert spread[2] == pytest.approx(spread[5] * np.exp(-9 / 8), rel=0.05)
+    with pytest.raises(InputError, match="blurred view's probability"):
+        AlignmentJitter(blurred=2.0)
+
+
 def test_resize_matches_pillow_bilinear() -> None:
     image = np.random.default_rng(2).uniform(0, 255, (37, 29)).astype(np.float32)
     for size in ((16, 16), (50, 60)):

@@ -31,6 +31,8 @@ class CloakSettings:
             at each gradient evaluation (0: off).
         mirror: probability that the crop a gradient is taken on is also mirrored (0: off).
         grey: probability that it is also taken to its luma (0: off).
+        blurred: probability that it is also blurred (LowKey's blurred branch; a Gaussian of one pixel of
+            a 112-pixel crop, :data:`~uncnn_rt.runtime.cloak.regions.BLURRED_SIGMA`; 0: off).
         centroid: move away from the mean embedding of this many views of the face (the crop, its
             mirror, alignment jitters; :func:`~uncnn_rt.runtime.cloak.photo.view_centroids`) instead
             of the crop's own; 0 or 1: the crop's own. The verdict is always on the crop's own.
@@ -118,6 +120,7 @@ class CloakSettings:
     least: bool = False
     mirror: float = 0.0
     grey: float = 0.0
+    blurred: float = 0.0
     blur_min: float = 0.0
     centroid: int = 0
     prune: float = 0.0

@@ -1077,8 +1077,13 @@ class _MarginCheck:
 
 def _attack(settings: CloakSettings) -> MIFGSM:
     diversity = (
-        AlignmentJitter(probability=settings.diversity, mirror=settings.mirror, grey=settings.grey)
-        if max(settings.diversity, settings.mirror, settings.grey) > 0
+        AlignmentJitter(
+            probability=settings.diversity,
+            mirror=settings.mirror,
+            grey=settings.grey,
+            blurred=settings.blurred,
+        )
+        if max(settings.diversity, settings.mirror, settings.grey, settings.blurred) > 0
         else None
     )
     transforms: list[Transform] = [] if settings.eot_quality is None else [Jpeg(settings.eot_quality)]

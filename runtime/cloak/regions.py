@@ -20,6 +20,7 @@ from uncnn_rt.runtime.attacks import (
     InputDiversity,
     LinearMap,
     Mirror,
+    Smooth,
 )
 from uncnn_rt.runtime.cloak.modes import FEATHER, CloakSettings
 from uncnn_rt.runtime.errors import InputError
@@ -33,6 +34,11 @@ pixel lies inside the region (two window radii of the 11-tap Gaussian)."""
 
 JPEG_BLOCK: Final = 16
 """Regions start on this grid, so EOT's JPEG blocks fall where the saved file's do."""
+
+
+BLURRED_SIGMA: Final = 1.0 / 112
+"""The blurred view's Gaussian (:class:`AlignmentJitter`), as a share of the crop's side: one pixel of a
+112-pixel crop, the native size of most face recognizers."""
 
 
 TEXTURE_RADIUS: Final = 3
@@ -171,9 +177,12 @@ class AlignmentJitter(InputDiversity):
     in ``1 +- scale``, a rotation in ``+-rotation`` degrees and a shift in ``+-shift`` of the side; the
     map is linear with an exact adjoint (:class:`~uncnn_rt.runtime.geometry.warp.Warp`), edges are replicated.
 
-    Two more views, each drawn on its own: the crop mirrored (``mirror``; a face's mirror image is the
-    same person, and many recognizers embed both), and its luma in all three channels (``grey``; a
-    recognizer that leans on colour less than ours sees the cloak's luminance only).
+    Three more views, each drawn on its own: the crop mirrored (``mirror``; a face's mirror image is the
+    same person, and many recognizers embed both), its luma in all three channels (``grey``; a
+    recognizer that leans on colour less than ours sees the cloak's luminance only), and blurred
+    (``blurred``: a Gaussian of :data:`BLURRED_SIGMA` of the side; LowKey, Cherepanova et al. 2021, attacks a
+    blurred copy of each face beside the face, so that the change holds in the coarse features any
+    recognizer reads).
     """
 
     scale: float = 0.05
@@ -181,10 +190,11 @@ class AlignmentJitter(InputDiversity):
     shift: float = 0.03
     mirror: float = 0.0
     grey: float = 0.0
+    blurred: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name, value in (("mirror", self.mirror), ("grey", self.grey)):
+        for name, value in (("mirror", self.mirror), ("grey", self.grey), ("blurred", self.blurred)):
             if not 0.0 <= value <= 1.0:
                 raise InputError(f"the {name} view's probability must be in [0, 1], got {value}")
 
@@ -197,6 +207,8 @@ class AlignmentJitter(InputDiversity):
             maps.append(Mirror())
         if self.grey > 0 and rng.random() < self.grey:
             maps.append(Grey())
+        if self.blurred > 0 and rng.random() < self.blurred:
+            maps.append(Smooth(BLURRED_SIGMA * size[0]))
         if not maps:
             return None
         return maps[0] if len(maps) == 1 else Chain(maps)
