@@ -1,7 +1,7 @@
-"""Transfer levers of issue 27 in the cloak: the mirrored and grey views, the centroid of views.
+"""Transfer levers of issue 27 in the cloak: the mirrored, grey and blurred views, the centroid of views.
 
 On the astronaut (scikit-image) and the shipped ``mobileface``, so a fresh clone runs them. What each
-lever buys is measured, not asserted here: ``bench/RESULTS.md``, run 18.
+lever buys is measured, not asserted here: ``bench/RESULTS.md``, runs 18 and 22.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def test_the_centroid_of_two_views_is_the_mean_of_the_crop_and_its_mirror(
 def test_levers_steer_the_attack_but_the_verdict_stays_on_the_clean_face(
     model: list[AttackSession], astronaut: LoadedImage
 ) -> None:
-    settings = replace(cloak.MODES["mid"], centroid=6, mirror=0.5, grey=0.25)
+    settings = replace(cloak.MODES["mid"], centroid=6, mirror=0.5, grey=0.25, blurred=0.5)
     detector = cloak.load_detector()
     first = cloak.cloak_image(astronaut, recognizers=model, detector=detector, mode=settings, seed=3)
     again = cloak.cloak_image(astronaut, recognizers=model, detector=detector, mode=settings, seed=3)
