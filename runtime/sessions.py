@@ -313,9 +313,9 @@ class AttackSession:
         # in the same time (bench/cloak_latency.py, interleaved runs).
         options.enable_mem_pattern = False
         # Nor does the CPU arena pay here: it keeps each session's largest run's blocks for good, across
-        # a gradient and a forward session per model. Off, with the default four models a 1080p cloak
-        # peaked at 320 MB instead of 410 in the same time (4.02 against 4.07 s), and with six models a
-        # 12 MP one at 828 MB instead of 1032 (bench/RESULTS.md, run 22).
+        # a gradient and a forward session per model. Off, with the same cloaks, a 1080p default cloak
+        # peaked at 329-332 MB instead of 411-413 in the same time, and a six-model 12 MP one at 852 MB
+        # instead of 1085 (bench/RESULTS.md, run 22).
         options.enable_cpu_mem_arena = False
         options.graph_optimization_level = _OPTIMIZATION_LEVELS[optimization]
         if not spin:

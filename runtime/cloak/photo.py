@@ -1046,7 +1046,7 @@ class _MarginCheck:
     The first model short of its margin ends a check and is tried first in the next one: the model that
     holds a face back holds it back through a search (``_LeastShare.smallest``), so a trial that fails
     costs that model's forward pass rather than every model's (on the 1080p bench most failing trials
-    are failed by one of the cheaper models; fr_feature's pass costs as much as the other three's
+    are failed by one of the cheaper models; fr_feature's pass costs more than the other three's
     together). The answer is the one checking every model gives.
     """
 
