@@ -250,7 +250,7 @@ def test_sessions_do_not_spin_unless_asked(linear_face_graph: LinearGraph) -> No
 
 def test_sessions_keep_no_memory_patterns_and_no_cpu_arena(linear_face_graph: LinearGraph) -> None:
     # a pre-planned block per input shape, about 100 MB of a 1080p cloak's peak; and the arena's blocks of
-    # each session's largest run, about 200 MB of a six-model 12 MP cloak's (bench/RESULTS.md, run 22)
+    # each session's largest run, about 230 MB of a six-model 12 MP cloak's (bench/RESULTS.md, run 22)
     options = AttackSession(linear_face_graph.path, device="cpu")._options
     assert options.enable_mem_pattern is False
     assert options.enable_cpu_mem_arena is False
