@@ -419,14 +419,14 @@ def test_real_cloak_function_end_to_end(tmp_path: Path, linear_face_graph: Linea
     the visibility cap (on these flat +-60 grey patterns the JPEG q75 / CIEDE2000 cap allows about 7 grey
     levels: at eps 16 with the cap the cloaked probes kept a mean self-similarity of 0.94-0.98, P1 0 of 3,
     on seeds 0..9). The cloak stops a face once it is below the threshold minus the mode's margin
-    (0.5 - 0.04 = 0.46), then shrinks it to the least change still past that margin, so the cloaked probes
-    end just under 0.46 on the cloak's own view. The evaluator frames the photos as the cloak did
+    (0.5 - 0.05 = 0.45), then shrinks it to the least change still past that margin, so the cloaked probes
+    end under 0.45 on the cloak's own view. The evaluator frames the photos as the cloak did
     (``finder=whole``, the graph's 16 px): the default finder frames at 224 px and resizes to 16, which
     blurs a per-pixel cloak of a 16 px photo.
 
-    Measured with seed 0: P1 3 of 3 and P2 3 of 3, mean self-similarity 0.459. P3 is not asserted:
+    Measured with seed 0: P1 3 of 3 and P2 3 of 3, mean self-similarity 0.432. P3 is not asserted:
     an untargeted cloak moves the near-identical photos of one identity the same way, so they still link
-    to each other (P3 0 of 3 on 7 of the 10 seeds).
+    to each other (P3 0 of 3 on 7 of the 10 seeds, measured at margin 0.04).
     """
     session = open_session(linear_face_graph.path, device="cpu")
     embedders = [ev.SessionEmbedder(session)]  # the graph's own threshold, the one the cloak attacks
@@ -447,8 +447,8 @@ def test_real_cloak_function_end_to_end(tmp_path: Path, linear_face_graph: Linea
     assert info.baseline == ev.Rate(8, 8)  # every clean photo is recognized: all three probes count
     saved = report.modes[0].scores[0].conditions[ev.AS_SAVED]
     assert (saved.p1, saved.p2) == (ev.Rate(3, 3), ev.Rate(3, 3))
-    # The cloak's own goal is 0.46 (threshold 0.5 minus the margin 0.04), and it spends no more than that
-    # takes: the probes end just under the goal (0.459), not far past it.
+    # The cloak's own goal is 0.45 (threshold 0.5 minus mid's margin 0.05), and it spends no more than that
+    # takes: the probes end under the goal (0.432), not far past it.
     goal = 0.5 - settings.success_margin
     assert saved.self_similarity is not None and goal - 0.1 < saved.self_similarity <= goal + 0.005
 
