@@ -12,6 +12,10 @@ Usage::
 
     .venv/bin/python bench/visibility_probe.py fine '{"coarse": 1.0, "scales": []}'
     .venv/bin/python bench/visibility_probe.py coarse '{"base": "mid"}' --limit 12
+    .venv/bin/python bench/visibility_probe.py mid_s1 '{}' --limit 200 --seed 1
+
+One seed's pooled figures move with its draws (bench/RESULTS.md, run 24: the default's leave-one-out P1
+over seeds 0-3 spans 18 of 191 pairs): compare recipes at several seeds.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ def main() -> None:
     )
     parser.add_argument("--limit", type=int, default=12, help="photos to cloak (whole identities)")
     parser.add_argument("--dataset", type=Path, default=COLOUR)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="the cloak seed (jitter, EOT, scatter); another shows the noise"
+    )
     parser.add_argument(
         "--models", default=None, help="comma-separated ensemble (default: the shipped default ensemble)"
     )
@@ -84,6 +91,7 @@ def main() -> None:
                 settings,
                 detector=detector,
                 largest=True,
+                seed=args.seed,
                 ghosts=ghosts,
             )
         },
@@ -97,7 +105,8 @@ def main() -> None:
     )
     d = report.to_dict()
     mode = d["modes"][0]
-    out: dict[str, Any] = {"label": args.label, "overrides": args.overrides, "probes": d["probes"]}
+    out: dict[str, Any] = {"label": args.label, "overrides": args.overrides, "seed": args.seed}
+    out["probes"] = d["probes"]
     out["ladder"] = {
         q: (v["flip"]["median"], v["ciede2000_mean"]["median"]) for q, v in d["jpeg_ladder"].items()
     }
