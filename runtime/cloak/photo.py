@@ -254,11 +254,28 @@ BATCH_PIXELS: Final = 1_500_000
 about a dozen float32 copies of its images, so a batch stays near 200 MB whatever the photo holds."""
 
 
+def photo_rng(seed: int, photo: Uint8Array, *stream: int) -> np.random.Generator:
+    """A random source of one photo's cloak: the run's seed, a checksum of the photo's pixels and the
+    numbers naming the stream (none for the attack's own draws; a face's number for its scatter
+    directions; the face's number and 1 for its centroid views).
+
+    Every photo of a run thus takes draws of its own (alignment jitter, JPEG EOT, victim draws, scatter
+    directions) while a seed still repeats a cloak exactly. Started from the seed alone, every photo
+    of a run took the same sequence of draws, and a sequence that happened to suit (or not) the
+    recognizers moved the run's pooled figures together (bench/RESULTS.md, runs 24 and 25).
+
+    The stream's length goes into the entropy before the stream: numpy's seed sequences ignore
+    trailing zeros (``[s, c]`` and ``[s, c, 0]`` draw alike), so without it the attack's stream and face
+    0's scatter directions would be one stream."""
+    checksum = zlib.crc32(np.ascontiguousarray(photo).data)
+    return np.random.default_rng([seed, checksum, len(stream), *stream])
+
+
 def scatter_rng(seed: int, photo: Uint8Array, face: int) -> np.random.Generator:
     """The random source of a face's scatter directions: the run's seed, the photo's pixels and the
     face's number, so that every photo (and face) of a run gets its own directions, and a run repeats
     only with its seed."""
-    return np.random.default_rng([seed, zlib.crc32(np.ascontiguousarray(photo).data), face])
+    return photo_rng(seed, photo, face)
 
 
 def scatter_directions(clean: dict[str, Float32Array], rng: np.random.Generator) -> dict[str, Float32Array]:
@@ -390,7 +407,7 @@ def cloak_image(
                 size,
                 recognizers,
                 settings.centroid,
-                np.random.default_rng([seed, zlib.crc32(original.data), f.index, 1]),
+                photo_rng(seed, original, f.index, 1),
             )
             steer = {n: centroid[n] - f.clean[n] for n in f.clean}
             f.steer = steer if f.steer is None else {n: f.steer[n] + steer[n] for n in steer}
@@ -398,7 +415,7 @@ def cloak_image(
     photo = original.copy()
     run = _BatchRunner(
         _attack(settings), settings, recognizers, original, targeted=targeted, saved=saved,
-        rng=np.random.default_rng(seed), luminance_only=loaded.is_grayscale, progress=progress,
+        rng=photo_rng(seed, original), luminance_only=loaded.is_grayscale, progress=progress,
         faces_per_batch=faces_per_batch, ghosts=ghosts,
     )  # fmt: skip
     by_index = {f.index: f for f in faces}
