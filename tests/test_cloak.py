@@ -485,6 +485,8 @@ def test_refinement_protects_under_the_alignment_found_on_the_cloaked_photo(
     unrefined = run(loaded, recognizers, MovingDetector(ONE_FACE, moved), mode=plain)
     written = save_image(unrefined.image, loaded, tmp_path / "plain.png")
     assert not verify(loaded, written, unrefined, recognizers=recognizers, detector=detector).protected
+    # The cloak's own verdict is taken where the verify step looks, not where the cloak was made.
+    assert result.faces[0].passed and not unrefined.faces[0].passed
 
 
 def test_equal_seeds_give_equal_cloaks(recognizers: list[AttackSession]) -> None:

@@ -445,13 +445,17 @@ def cloak_image(
             break
         attack([f.moved_to(moved, original, faces, settings) for f, moved in short], settings.refine_steps)
 
+    checked = None
     if settings.least:
-        photo = _least_visible(original, photo, faces, recognizers, detector, targeted, settings, saved)
+        photo, checked = _least_visible(
+            original, photo, faces, recognizers, detector, targeted, settings, saved
+        )
     photo, figures = _held(original, photo, faces, settings, saved)
-    if settings.least:
-        # The attack's own outcomes were taken before the shrink.
-        for f in faces:
-            f.outcomes = _outcomes_at(photo, f.site, recognizers, f.reference, targeted)
+    if checked is not None:
+        # The attack's own outcomes were taken before the shrink; these are taken where the shrink checked
+        # each face, as the verify step will: re-detected on the cloaked photo, else as first found.
+        for f, site in zip(faces, checked, strict=True):
+            f.outcomes = _outcomes_at(photo, site, recognizers, f.reference, targeted)
     return CloakResult(
         image=photo,
         faces=tuple(f.result(original, photo, figure) for f, figure in zip(faces, figures, strict=True)),
@@ -578,10 +582,11 @@ def _least_visible(
     targeted: bool,
     settings: CloakSettings,
     saved: Callable[[Uint8Array], Uint8Array] | None,
-) -> Uint8Array:
+) -> tuple[Uint8Array, list[FaceSite]]:
     """Each face's perturbation shrunk to the least share of it (bisection) that keeps every recognizer
     past its threshold by the mode's margin, as the verify step sees the face: re-detected on the
     cloaked photo and through the output's round trip (``saved``, on the face's JPEG window only).
+    Returns the photo and, per face, the site it was checked at.
 
     The attack stops a face at the first check past its margin, so its last steps may overshoot; and
     a face still short of its margin at its whole change keeps all of it. Each face's ``short`` records
@@ -596,11 +601,13 @@ def _least_visible(
     found = None if detector is None else sites_from_detections(detector.detect(photo), faces[0].site.size)
     photo = photo.copy()
     margin = settings.success_margin
+    checked = []
     for f in faces:
         site = f.site
         if found is not None:
             again = rematch(f.site, found)
             site = again.site if again.matched else f.site
+        checked.append(site)
         least = _LeastShare(original, photo, f, site, saved)
         check = _MarginCheck(recognizers, f.reference, targeted, margin)
         whole = least.protected(1.0, check)
@@ -615,7 +622,7 @@ def _least_visible(
                     best, whole = pruned, True
         f.short = not whole
         photo[least.window.slices] = best
-    return photo
+    return photo, checked
 
 
 PRUNE_MOST: Final = 3.0
