@@ -204,13 +204,14 @@ MODES: Final[dict[str, CloakSettings]] = {
     "low": _mode(
         "low", steps=24, step_size=8.0, success_margin=0.02, check_every=6, refine_rounds=3, refine_steps=8
     ),
-    # Up to three times the q75 re-encode, each face 0.05 past every threshold: on the whole colour set
-    # 188 of 191 white-box and 133 of 191 leave-one-out pairs protected at a median face FLIP 0.999 times
-    # the re-encode's at seed 0 (bench/RESULTS.md, run 23); over seeds 0-3, 187-190 and 115-133 (mean
-    # 124.8) at 0.94-1.02 times (mean 0.98; run 24). At seed 0, margin 0.04 gave 188 and 124 at 0.98
-    # times; 0.06, 186 and 136 at 1.007 times, past the re-encode (run 22); 0.06 with a 2.5x ceiling, 187
-    # and 129 at 1.0006 times (run 23): leave-one-out differences within the seeds' range of 18 pairs.
-    # Lower ceilings stay under 95% white-box (run 20).
+    # Up to three times the q75 re-encode, each face 0.05 past every threshold: on the whole colour set,
+    # each photo drawing from the seed and its own pixels, 187-188 of 191 white-box and 122-132 of 191
+    # leave-one-out pairs protected (mean 126.8) at a median face FLIP 0.95-1.02 times the re-encode's
+    # (mean 0.996) over seeds 0-3 (bench/RESULTS.md, run 25). With one draw sequence for every photo
+    # (runs 22-24, seed 0): margin 0.04 gave 188 and 124 at 0.98 times, 0.05 188 and 133 at 0.999, 0.06
+    # 186 and 136 at 1.007, past the re-encode; 0.06 with a 2.5x ceiling 187 and 129 at 1.0006: within
+    # that draw's noise of about 12 pairs between two recipes. Lower ceilings stay under 95% white-box
+    # (run 20).
     "mid": _mode(
         "mid",
         steps=24,
