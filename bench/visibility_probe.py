@@ -14,8 +14,9 @@ Usage::
     .venv/bin/python bench/visibility_probe.py coarse '{"base": "mid"}' --limit 12
     .venv/bin/python bench/visibility_probe.py mid_s1 '{}' --limit 200 --seed 1
 
-One seed's pooled figures move with its draws (bench/RESULTS.md, run 24: the default's leave-one-out P1
-over seeds 0-3 spans 18 of 191 pairs): compare recipes at several seeds.
+One seed's pooled figures move with its draws (bench/RESULTS.md: the default's leave-one-out P1 over
+seeds 0-3 spans 18 of 191 pairs with one draw sequence for every photo, run 24, and 10 with each photo's
+own, run 25): compare recipes at several seeds.
 """
 
 from __future__ import annotations
