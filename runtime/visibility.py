@@ -639,6 +639,8 @@ JND_TEXTURE: Final = 0.117
 """Texture-masking gain on the local gradient (Yang et al.'s NAMM, eta)."""
 JND_OVERLAP: Final = 0.3
 """How much luminance and texture masking overlap when added (NAMM's C)."""
+JND_DARK: Final = 17.0
+"""How far the luminance adaptation rises from mid grey towards black (Chou and Li's 17 grey levels)."""
 
 
 def _box_mean(values: Float32Array, side: int) -> Float32Array:
@@ -650,25 +652,26 @@ def _box_mean(values: Float32Array, side: int) -> Float32Array:
     return np.asarray((c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]) / (k * k), dtype=np.float32)
 
 
-def luminance_jnd(rgb: NDArray[np.generic]) -> Float32Array:
+def luminance_jnd(rgb: NDArray[np.generic], *, dark: float = JND_DARK) -> Float32Array:
     """Per pixel, the smallest visible change of luminance, in grey levels ``[H, W]``.
 
     The nonlinear additive masking model (Yang, Ling, Lu, Ong and Yao, IEEE TCSVT 2005) over Chou and
     Li's luminance adaptation (IEEE TCSVT 1995): with ``b`` the local mean luminance and ``g`` the local
     gradient magnitude,
 
-        LA = 17 (1 - sqrt(b / 127)) + 3   (b <= 127),   3 (b - 127) / 128 + 3   (b > 127)
+        LA = D (1 - sqrt(b / 127)) + 3   (b <= 127),   3 (b - 127) / 128 + 3   (b > 127)
         TM = 0.117 g
         JND = LA + TM - 0.3 min(LA, TM)
 
     Dark and very bright areas hide more than mid-grey skin (luminance adaptation); hair, beards,
-    brows and edges hide far more than smooth cheeks and forehead (texture masking).
+    brows and edges hide far more than smooth cheeks and forehead (texture masking). ``dark`` is ``D``,
+    the rise towards black (Chou and Li's 17, :data:`JND_DARK`; 0: flat below mid grey).
     """
     luma = _luma(rgb)
     background = _box_mean(luma, JND_WINDOW)
     adaptation = np.where(
         background <= 127,
-        17 * (1 - np.sqrt(np.maximum(background, 0) / 127)) + 3,
+        dark * (1 - np.sqrt(np.maximum(background, 0) / 127)) + 3,
         3 * (background - 127) / 128 + 3,
     )
     gy, gx = np.gradient(luma)

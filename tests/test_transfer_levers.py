@@ -69,3 +69,24 @@ def test_levers_steer_the_attack_but_the_verdict_stays_on_the_clean_face(
         astronaut, recognizers=model, detector=detector, mode=cloak.MODES["mid"], seed=3
     )
     assert not np.array_equal(plain.image, first.image)  # the levers did change the attack
+
+
+def test_a_model_past_its_margin_keeps_the_met_share_of_the_steps() -> None:
+    """The focus of the ensemble: each model's share is its distance from the margin relative to the
+    farthest; a model past the margin drops out (0) unless ``met`` keeps it steering."""
+    from uncnn_rt.runtime.attacks.criteria import ModelState
+    from uncnn_rt.runtime.attacks.sampling import MIN_SHARE, shares
+
+    def state(similarity: float) -> ModelState:
+        one = np.ones((1, 4), np.float32)
+        return ModelState("face", 0.5, one, np.array([similarity], np.float32), one)
+
+    # Margin 0.05: the goal is 0.45; distances 0.35, 0.07 and met (0.30 is 0.15 past the goal).
+    states = {"far": state(0.80), "near": state(0.52), "past": state(0.30)}
+    plain = shares(states, targeted=False, margin=0.05)
+    kept = shares(states, targeted=False, margin=0.05, met=0.3)
+    assert plain["far"][0] == pytest.approx(1.0)
+    assert plain["near"][0] == pytest.approx(max(0.07 / 0.35, MIN_SHARE), rel=1e-4)
+    assert plain["past"][0] == 0.0
+    assert kept["past"][0] == pytest.approx(0.3)
+    assert kept["far"][0] == plain["far"][0] and kept["near"][0] == plain["near"][0]

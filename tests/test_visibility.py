@@ -186,6 +186,10 @@ def test_luminance_jnd_follows_adaptation_and_masking() -> None:
     assert mid == pytest.approx(3.0, abs=0.1)  # Chou and Li's floor at mid-grey
     assert dark > 2 * mid  # luminance adaptation: dark areas hide more
     assert busy > 2 * mid  # texture masking
+    # Without the rise towards black, a flat dark patch hides no more than mid grey; texture still does.
+    flat = float(np.median(visibility.luminance_jnd(flat_dark, dark=0)))
+    assert flat == pytest.approx(mid, abs=0.1)
+    assert float(np.median(visibility.luminance_jnd(texture, dark=0))) > 2 * mid
 
 
 def test_visibility_inputs_are_checked() -> None:

@@ -135,6 +135,8 @@ class GradientAttack(ABC):
             sums their normalised gradients over the steps, so each step costs a fraction of the
             ensemble's and every victim still steers the perturbation ("stochastic ensemble").
             ``None``: all of them.
+        met_share: the share a victim keeps once it meets ``success_margin`` (0: it is no longer run;
+            :func:`~.sampling.shares`), so the models already past it keep steering the change.
         coarse: take each step on a grid this many times coarser than the images' own, bilinearly
             upsampled (``B``; the step is ``B direction(B^T mask v)``), so the perturbation is smooth
             over about ``coarse`` pixels. Smooth changes move local means rather than local contrast
@@ -175,6 +177,7 @@ class GradientAttack(ABC):
     ssim_every: int = 1
     success_margin: float | None = None
     victims_per_step: int | None = None
+    met_share: float = 0.0
     coarse: float = 1.0
     scales: tuple[float, ...] = ()
     schedule: str = "constant"
@@ -200,6 +203,8 @@ class GradientAttack(ABC):
             raise InputError(f"{name}: l2 must be >= 0, got {self.l2}")
         if self.ssim_min is not None and not -1.0 <= self.ssim_min <= 1.0:
             raise InputError(f"{name}: ssim_min must be in [-1, 1], got {self.ssim_min}")
+        if not 0.0 <= self.met_share <= 1.0:
+            raise InputError(f"{name}: met_share must be in [0, 1], got {self.met_share}")
         if self.victims_per_step is not None and self.victims_per_step < 1:
             raise InputError(f"{name}: victims_per_step must be >= 1, got {self.victims_per_step}")
         if not all(1.0 <= c < math.inf for c in (self.coarse, *self.scales)):
@@ -299,7 +304,11 @@ class GradientAttack(ABC):
         budget = _Budget(x0, bound, self.l2, self.ssim_min, quantize, chroma=chroma, cap=cap)
         budget.level[:] = self.cap_start
         focus = VictimFocus(
-            ensemble, per_step=self.victims_per_step, margin=self.success_margin, targeted=targeted
+            ensemble,
+            per_step=self.victims_per_step,
+            margin=self.success_margin,
+            targeted=targeted,
+            met=self.met_share,
         )
         bases: list[LinearMap | None] = (
             [coarse_basis(c, (h, w)) for c in (self.coarse, *self.scales)]

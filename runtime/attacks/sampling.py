@@ -26,8 +26,17 @@ Shares = dict[str, Float32Array]
 class VictimFocus:
     """The shares of the victims, updated from their states, and the draw of each step's victims."""
 
-    def __init__(self, ensemble: Ensemble, *, per_step: int | None, margin: float | None, targeted: bool):
+    def __init__(
+        self,
+        ensemble: Ensemble,
+        *,
+        per_step: int | None,
+        margin: float | None,
+        targeted: bool,
+        met: float = 0.0,
+    ):
         self.ensemble, self.per_step, self.margin, self.targeted = ensemble, per_step, margin, targeted
+        self.met = met
         self.shares: Shares | None = None
 
     def draw(self, rng: np.random.Generator) -> Shares | None:
@@ -38,7 +47,7 @@ class VictimFocus:
 
     def update(self, states: dict[str, ModelState]) -> None:
         if self.margin is not None:
-            self.shares = shares(states, targeted=self.targeted, margin=self.margin)
+            self.shares = shares(states, targeted=self.targeted, margin=self.margin, met=self.met)
 
 
 def draw(current: Shares | None, ensemble: Ensemble, count: int, rng: np.random.Generator) -> Shares:
@@ -54,9 +63,10 @@ def draw(current: Shares | None, ensemble: Ensemble, count: int, rng: np.random.
     return {key: full[key] if key in chosen else np.zeros(n, np.float32) for key in ensemble.keys}
 
 
-def shares(states: dict[str, ModelState], *, targeted: bool, margin: float) -> Shares:
+def shares(states: dict[str, ModelState], *, targeted: bool, margin: float, met: float = 0.0) -> Shares:
     """Per victim and image, its distance from success relative to the image's farthest victim, in
-    [MIN_SHARE, 1], or 0 once it meets its criterion by ``margin``. Classifiers and thresholdless face
+    [MIN_SHARE, 1], or ``met`` once it meets its criterion by ``margin`` (0: it is no longer run; above
+    0 it keeps steering the change while the others catch up). Classifiers and thresholdless face
     models count as distance 1 until met (classifiers) or always (thresholdless)."""
     distance = {}
     for key, s in states.items():
@@ -71,6 +81,6 @@ def shares(states: dict[str, ModelState], *, targeted: bool, margin: float) -> S
             distance[key] = np.where(met, 0.0, 1.0).astype(np.float32)
     farthest = np.maximum(np.max(np.stack(list(distance.values())), axis=0), np.float32(1e-12))
     return {
-        key: np.where(d > 0, np.maximum(d / farthest, MIN_SHARE), 0.0).astype(np.float32)
+        key: np.where(d > 0, np.maximum(d / farthest, MIN_SHARE), met).astype(np.float32)
         for key, d in distance.items()
     }

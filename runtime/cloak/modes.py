@@ -43,6 +43,9 @@ class CloakSettings:
         smoothing: TI radius in crop pixels (0: off).
         texture_floor: smallest share of eps in flat areas (1: a uniform budget inside the region).
         success_margin: stop a face once every recognizer is past its threshold by this much.
+        met_share: the share of the steps a recognizer already past ``success_margin`` keeps, relative
+            to the one farthest from it (0: it is no longer run; see
+            :class:`~uncnn_rt.runtime.attacks.GradientAttack`).
         check_every: steps between early-stop checks (each costs a forward pass of every model).
         ssim_every: steps between SSIM-floor checks (the result always meets the floor).
         coarse: the perturbation's grid step in canonical-crop pixels: steps are taken on a grid this
@@ -64,6 +67,8 @@ class CloakSettings:
         jnd_floor: shape the budget by the luminance just-noticeable difference
             (:func:`visibility.luminance_jnd`): each pixel's share is its JND over the face's 90th
             percentile, clipped to ``[jnd_floor, 1]``; None: no JND shaping.
+        jnd_dark: the JND model's rise towards black (``dark`` of :func:`visibility.luminance_jnd`) in the
+            budget's shaping; 0: dark pixels get no more budget than mid grey.
         step: ``sign`` (MI-FGSM: the same change on every pixel) or ``gradient`` (MI-FGM: the velocity's
             own shape, :class:`~uncnn_rt.runtime.attacks.MIFGM`).
         blur: the perturbation's basis, a Gaussian of this standard deviation in canonical-crop pixels
@@ -96,6 +101,7 @@ class CloakSettings:
     feather: float = FEATHER
     feather_inside: bool = True
     success_margin: float = 0.05
+    met_share: float = 0.0
     check_every: int = 3
     ssim_every: int = 3
     victims_per_step: int | None = 1
@@ -112,6 +118,7 @@ class CloakSettings:
     cap_every: int = 4
     chroma: float = 1.0
     jnd_floor: float | None = None
+    jnd_dark: float = 17.0
     scatter: float = 0.0
     step: str = "sign"
     blur: float = 0.0

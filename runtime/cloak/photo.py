@@ -1134,6 +1134,7 @@ def _attack(settings: CloakSettings) -> MIFGSM:
         ssim_every=settings.ssim_every,
         success_margin=settings.success_margin,
         victims_per_step=settings.victims_per_step,
+        met_share=settings.met_share,
         schedule=settings.schedule,
         schedule_floor=settings.schedule_floor,
         chroma=settings.chroma,

@@ -283,7 +283,7 @@ def shaped_mask(
             pixels, settings.texture_floor, within=mask, quantile=settings.texture_quantile
         )
     if settings.jnd_floor is not None:
-        jnd = visibility.luminance_jnd(pixels)
+        jnd = visibility.luminance_jnd(pixels, dark=settings.jnd_dark)
         inside = jnd[mask > 0.5]
         reference = float(np.quantile(inside, 0.9)) if inside.size else float(jnd.max(initial=1.0))
         mask = mask * np.clip(jnd / max(reference, 1e-6), settings.jnd_floor, 1.0)
