@@ -31,7 +31,7 @@ on the pixels as the output file stores them (``saved``):
 mode    ceiling per face region              margin  steps  refinement
 ======  ===================================  ======  =====  ====================================
 low     the JPEG q75 re-encode               0.02    24     up to 3 rounds of 8 steps
-mid     3x the q75 re-encode's figures       0.05    24     up to 3 rounds of 8 steps
+mid     3x the q75 re-encode's figures       0.05    24     up to 6 rounds of 8 steps
 high    3x the q75 re-encode's figures       0.08    40     up to 3 rounds of 12 steps
 ======  ===================================  ======  =====  ====================================
 
