@@ -90,3 +90,22 @@ def test_a_model_past_its_margin_keeps_the_met_share_of_the_steps() -> None:
     assert plain["past"][0] == 0.0
     assert kept["past"][0] == pytest.approx(0.3)
     assert kept["far"][0] == plain["far"][0] and kept["near"][0] == plain["near"][0]
+
+
+def test_a_classifier_that_met_its_criterion_leaves_the_draw_unless_met_keeps_it() -> None:
+    from uncnn_rt.runtime.attacks.criteria import ModelState
+    from uncnn_rt.runtime.attacks.sampling import shares
+
+    # Untargeted classifier: met once the reference (true) class is no longer the top one.
+    flipped = ModelState(
+        "classifier", None, np.log(np.array([[0.1, 0.9]], np.float32)), np.log(np.array([0.1], np.float32)),
+        np.array([[1.0, 0.0]], np.float32),
+    )  # fmt: skip
+    held = ModelState(
+        "classifier", None, np.log(np.array([[0.9, 0.1]], np.float32)), np.log(np.array([0.9], np.float32)),
+        np.array([[1.0, 0.0]], np.float32),
+    )  # fmt: skip
+    states = {"held": held, "flipped": flipped}
+    assert shares(states, targeted=False, margin=0.05)["flipped"][0] == 0.0
+    assert shares(states, targeted=False, margin=0.05)["held"][0] == pytest.approx(1.0)
+    assert shares(states, targeted=False, margin=0.05, met=0.25)["flipped"][0] == pytest.approx(0.25)

@@ -77,8 +77,8 @@ def shares(states: dict[str, ModelState], *, targeted: bool, margin: float, met:
         elif s.kind == "face":
             distance[key] = np.ones_like(s.objective, dtype=np.float32)
         else:
-            met = default_criterion(key, s.kind, targeted=targeted)(states)
-            distance[key] = np.where(met, 0.0, 1.0).astype(np.float32)
+            reached = default_criterion(key, s.kind, targeted=targeted)(states)
+            distance[key] = np.where(reached, 0.0, 1.0).astype(np.float32)
     farthest = np.maximum(np.max(np.stack(list(distance.values())), axis=0), np.float32(1e-12))
     return {
         key: np.where(d > 0, np.maximum(d / farthest, MIN_SHARE), met).astype(np.float32)
