@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Final
 
 from uncnn_rt.runtime.errors import InputError
+from uncnn_rt.runtime.visibility import JND_DARK
 
 FEATHER: Final = 0.1
 """Soft edge of a face region, as a fraction of the canonical crop's side in photo pixels."""
@@ -118,7 +119,7 @@ class CloakSettings:
     cap_every: int = 4
     chroma: float = 1.0
     jnd_floor: float | None = None
-    jnd_dark: float = 17.0
+    jnd_dark: float = JND_DARK
     scatter: float = 0.0
     step: str = "sign"
     blur: float = 0.0
