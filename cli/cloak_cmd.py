@@ -73,12 +73,9 @@ from uncnn_rt.runtime.sessions import open_session
 
 def _mode_line(name: str, m: cloaking.CloakSettings) -> str:
     rounds = f"{m.refine_rounds} refinement round{'s' if m.refine_rounds != 1 else ''}"
-    return f"  {m.describe()}; + {rounds} of at most {m.refine_steps} steps (at most {max_steps(m)} per face)"
-
-
-def max_steps(settings: cloaking.CloakSettings) -> int:
-    """The most attack steps one face can take: the first pass and every refinement round."""
-    return settings.steps + settings.refine_rounds * settings.refine_steps
+    if m.rescue_rounds:
+        rounds += f" (+ {m.rescue_rounds} for a face still short after them)"
+    return f"  {m.describe()}; + {rounds} of at most {m.refine_steps} steps (at most {m.most_steps} per face)"
 
 
 _MODE_LINES = "\n\n".join(_mode_line(name, m) for name, m in cloaking.MODES.items())

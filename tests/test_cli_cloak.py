@@ -491,7 +491,8 @@ def test_cloak_help_shows_no_bool_metavar_all_formats_the_pixel_limit_and_the_re
     assert "jpg, png, webp, tif or bmp" in text
     assert "100 megapixels" in text
     mid = cloak_cmd.cloaking.MODES["mid"]
-    assert f"at most {mid.steps + mid.refine_rounds * mid.refine_steps} per face" in text
+    most = mid.steps + (mid.refine_rounds + mid.rescue_rounds) * mid.refine_steps
+    assert f"at most {most} per face" in text
 
 
 def test_the_report_says_how_visible_each_face_is_against_its_cap(

@@ -41,6 +41,7 @@ BASE = replace(
     diversity=0.5,
     eot_quality=None,
     refine_rounds=0,
+    rescue_rounds=0,
     success_margin=0.1,
     check_every=1,
     cap_jpeg=75,
@@ -286,6 +287,36 @@ def test_a_face_short_at_its_whole_change_reaches_the_margin_pruned(
     assert after.threshold is not None and after.similarity < after.threshold - margin + 0.01, after
     assert spent(loaded, pruned)[0] < spent(loaded, even)[0]
     assert int(np.abs(pruned.image.astype(np.int16) - loaded.rgb).max()) <= LEAST.eps
+
+
+def test_rescue_rounds_run_only_for_a_face_still_short_after_the_least_visible_step(
+    tmp_path_factory: pytest.TempPathFactory, recognizers: list[AttackSession]
+) -> None:
+    """``rescue_rounds``: a face short of its margin at its whole change after the first pass (5 steps, as
+    in the test above, unpruned) continues its attack in rescue rounds and reaches the margin, exactly as
+    the same number of refinement rounds would have taken it there (one face: the same draws, from the
+    same whole change). A face the least-visible step protects runs none: its cloak is the same."""
+    root = tmp_path_factory.mktemp("rescue")
+    graph = build_linear_face(root / "t04.onnx", size=CROP, dim=8, seed=5, threshold=0.4)
+    models = [AttackSession(graph.path, device="cpu")]
+    loaded = loaded_photo()
+    detector = FakeDetector([ONE_FACE])
+    few = replace(LEAST, steps=5, refine_steps=8)
+    short = run(loaded, models, detector, mode=few, seed=6)
+    assert short.faces[0].short and short.faces[0].steps == 5
+    rescued = run(loaded, models, detector, mode=replace(few, rescue_rounds=3), seed=6)
+    face = rescued.faces[0]
+    assert not face.short and rescued.passed
+    assert 5 < face.steps <= replace(few, rescue_rounds=3).most_steps
+    refined = run(loaded, models, detector, mode=replace(few, refine_rounds=3), seed=6)
+    assert refined.faces[0].steps == face.steps
+    assert np.array_equal(refined.image, rescued.image)
+
+    protected = run(loaded, recognizers, detector, mode=LEAST, seed=0)
+    assert protected.passed and not protected.faces[0].short
+    again = run(loaded, recognizers, detector, mode=replace(LEAST, rescue_rounds=3), seed=0)
+    assert again.faces[0].steps == protected.faces[0].steps
+    assert np.array_equal(again.image, protected.image)
 
 
 def test_the_margin_check_stops_at_the_first_model_short_and_tries_it_first_next(

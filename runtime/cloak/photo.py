@@ -31,7 +31,7 @@ on the pixels as the output file stores them (``saved``):
 mode    ceiling per face region              margin  steps  refinement
 ======  ===================================  ======  =====  ====================================
 low     the JPEG q75 re-encode               0.02    24     up to 3 rounds of 8 steps
-mid     3x the q75 re-encode's figures       0.05    24     up to 6 rounds of 8 steps
+mid     3x the q75 re-encode's figures       0.05    24     up to 3 + 3 rescue rounds of 8 steps
 high    3x the q75 re-encode's figures       0.08    40     up to 3 rounds of 12 steps
 ======  ===================================  ======  =====  ====================================
 
@@ -43,7 +43,9 @@ saved file. A face still short of its margin at the whole change (its ceiling, i
 per-pixel bound stopped it) is marked ``short`` and keeps all of it. The change is also pruned to the
 pixels where it buys the most protection per unit of FLIP and scaled to its own least share
 (``prune``, :func:`_payoff`); the face keeps that when it is the less visible. A short face tries the
-same, and is no longer short when the pruned change reaches its margin.
+same, and is no longer short when the pruned change reaches its margin. A face still short after both
+runs the mode's rescue rounds (``rescue_rounds``): its attack continues from its whole change, and it is
+shrunk and pruned again.
 
 Where the budget goes: steps along the momentum's own shape (MI-FGM,
 :class:`~uncnn_rt.runtime.attacks.MIFGM`), not its sign, which spends the same change on every pixel
@@ -429,27 +431,44 @@ def cloak_image(
     # Recognizers align the cloaked photo themselves, and landmarks found on it differ a little from the
     # clean photo's. Each refinement round re-detects the faces as the verify step will and continues the
     # attack, from the perturbation so far, on faces that fall short under their new alignment.
-    for _ in range(settings.refine_rounds):
-        if no_align or detector is None:
-            break
-        found = sites_from_detections(detector.detect(photo), size)
-        short = [
-            (f, again.site)
-            for f, again in ((f, rematch(f.site, found)) for f in faces)
-            if again.matched
-            and not _past_margin(
-                photo, again.site, recognizers, f.reference, targeted, settings.success_margin
-            )
-        ]
-        if not short:
-            break
-        attack([f.moved_to(moved, original, faces, settings) for f, moved in short], settings.refine_steps)
 
+    def refine(chosen: Sequence[_Face], rounds: int) -> bool:
+        """Up to ``rounds`` refinement rounds on ``chosen``; whether any ran."""
+        ran = False
+        for _ in range(rounds):
+            if no_align or detector is None:
+                break
+            found = sites_from_detections(detector.detect(photo), size)
+            short = [
+                (f, again.site)
+                for f, again in ((f, rematch(f.site, found)) for f in chosen)
+                if again.matched
+                and not _past_margin(
+                    photo, again.site, recognizers, f.reference, targeted, settings.success_margin
+                )
+            ]
+            if not short:
+                break
+            jobs = [f.moved_to(moved, original, faces, settings) for f, moved in short]
+            attack(jobs, settings.refine_steps)
+            ran = True
+        return ran
+
+    refine(faces, settings.refine_rounds)
     checked = None
     if settings.least:
         photo, checked = _least_visible(
             original, photo, faces, recognizers, detector, targeted, settings, saved
         )
+        # A face short of its margin at its whole change and pruned keeps its whole change: the rescue
+        # rounds continue its attack from there, then shrink and prune it again.
+        rescue = [f for f in faces if f.short]
+        if rescue and refine(rescue, settings.rescue_rounds):
+            photo, again = _least_visible(
+                original, photo, rescue, recognizers, detector, targeted, settings, saved
+            )
+            where = {f.index: site for f, site in zip(rescue, again, strict=True)}
+            checked = [where.get(f.index, site) for f, site in zip(faces, checked, strict=True)]
     photo, figures = _held(original, photo, faces, settings, saved)
     if checked is not None:
         # The attack's own outcomes were taken before the shrink; these are taken where the shrink checked
