@@ -232,9 +232,10 @@ MODES: Final[dict[str, CloakSettings]] = {
     # that draw's noise of about 12 pairs between two recipes. Lower ceilings stay under 95% white-box
     # (run 20). Three rescue rounds (run 27): a face still short after three rounds and the least-visible
     # step, such as the 988-pixel face of insightface_RD/d1.jpg at seeds 0 and 1, kept its whole, visible
-    # change. Six rounds for every face short after three (run 26) did as well on the set (over seeds
-    # 0-3, 188-189 white-box and mean 126.75 leave-one-out at 0.987 times the re-encode's FLIP) but also
-    # ran for faces that the pruned change protects, and cost the 12 MP case 5-10 s.
+    # change; with them, over seeds 0-3, 188-189 white-box and a mean of 127.0 leave-one-out pairs at
+    # 0.984 times the re-encode's FLIP. Six rounds for every face short after three (run 26) did as well
+    # (126.75 at 0.987) but also ran for faces that the pruned change protects: the 12 MP case took 1.2
+    # times as long.
     "mid": _mode(
         "mid",
         steps=24,
