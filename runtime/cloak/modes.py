@@ -182,7 +182,8 @@ class CloakSettings:
 #   median face FLIP and 24% less CIEDE2000 at the same ceiling, as many white-box pairs protected and
 #   more leave-one-out (run 19); a face short at its whole change tries it too (run 20).
 # The budget stays grey (CHROMA) and shaped by the luminance JND (JND_FLOOR), as run 15 found; eps is a
-# per-pixel guard only (32 grey levels, times the JND share): the ceiling is the budget.
+# per-pixel guard only (32 grey levels, times the JND share; a pruned change may reach 32 anywhere, see
+# photo.PRUNE_MOST): the ceiling is the budget.
 SCHEDULE: Final = "cosine"
 
 

@@ -646,7 +646,10 @@ def _least_visible(
 
 PRUNE_MOST: Final = 3.0
 """The largest share a pruned change (:func:`_pruned`) is scaled by: the pixels it keeps may carry up to
-three times the attack's change there (within eps), to make up for those it drops. On the colour set
+three times the attack's change there, to make up for those it drops, within ``eps`` grey levels of the
+original (not the JND-shaped bound the attack stepped within: held to that, the pruned change reached
+the margin less often and face FLIP rose on six of the seven faces of ``bench/peak_faces.py``,
+bench/RESULTS.md run 28). On the colour set
 3 rather than 2 cut the default's median face FLIP from 0.0468 to 0.0454 and protected one pair more
 (bench/RESULTS.md, run 20)."""
 
