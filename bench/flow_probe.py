@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from peak_faces import faces
+from peak_faces import faces, save_strips
 from PIL import Image
 from scipy.ndimage import gaussian_filter, map_coordinates
 
@@ -180,7 +180,7 @@ def main() -> None:
         visible = face.visible
         q75 = visibility.region_ladder(loaded.rgb, visible, (75,))[75]
         original = loaded.rgb[visible.slices]
-        shown, changes = [], []
+        shown = []
         for most in args.most:
             flow, taken = face.attack(most, args)
             buffer = io.BytesIO()
@@ -213,13 +213,7 @@ def main() -> None:
                     flush=True,
                 )
             shown.append(after)
-            changes.append(np.clip(128 + 8 * (after.astype(np.float32) - original), 0, 255).astype(np.uint8))
-        top = np.concatenate([original, *shown], axis=1)
-        bottom = np.concatenate([np.full_like(original, 128), *changes], axis=1)
-        Image.fromarray(np.concatenate([top, bottom], axis=0)).save(args.out / f"{name}_100.png")
-        Image.fromarray(top).resize((2 * top.shape[1], 2 * top.shape[0]), Image.Resampling.NEAREST).save(
-            args.out / f"{name}_200.png"
-        )
+        save_strips(args.out, name, original, shown)
 
 
 if __name__ == "__main__":

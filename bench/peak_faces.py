@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 from mode_strips import photos
+from numpy.typing import NDArray
 from PIL import Image
 
 from uncnn_rt.runtime import cloak, visibility
@@ -52,6 +53,20 @@ def faces() -> dict[str, tuple[LoadedImage, int | None]]:
     return out
 
 
+def save_strips(out: Path, name: str, original: NDArray[np.uint8], shown: list[NDArray[np.uint8]]) -> None:
+    """``NAME_100.png``: the original and each changed face side by side, each change x8 around grey
+    below; ``NAME_200.png``: the faces alone at 200% (nearest neighbour)."""
+    changes = [
+        np.clip(128 + 8 * (face.astype(np.float32) - original), 0, 255).astype(np.uint8) for face in shown
+    ]
+    top = np.concatenate([original, *shown], axis=1)
+    bottom = np.concatenate([np.full_like(original, 128), *changes], axis=1)
+    Image.fromarray(np.concatenate([top, bottom], axis=0)).save(out / f"{name}_100.png")
+    Image.fromarray(top).resize((2 * top.shape[1], 2 * top.shape[0]), Image.Resampling.NEAREST).save(
+        out / f"{name}_200.png"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -66,7 +81,7 @@ def main() -> None:
     recognizers, detector = cloak.load_recognizers(), cloak.load_detector()
     args.out.mkdir(parents=True, exist_ok=True)
     for name, (loaded, index) in faces().items():
-        shown, changes = [], []
+        shown = []
         original = None
         for label, settings in recipes:
             result = cloak.cloak_image(
@@ -91,16 +106,8 @@ def main() -> None:
                 flush=True,
             )
             shown.append(cloaked)
-            changes.append(
-                np.clip(128 + 8 * (cloaked.astype(np.float32) - original), 0, 255).astype(np.uint8)
-            )
         assert original is not None
-        top = np.concatenate([original, *shown], axis=1)
-        bottom = np.concatenate([np.full_like(original, 128), *changes], axis=1)
-        Image.fromarray(np.concatenate([top, bottom], axis=0)).save(args.out / f"{name}_100.png")
-        Image.fromarray(top).resize((2 * top.shape[1], 2 * top.shape[0]), Image.Resampling.NEAREST).save(
-            args.out / f"{name}_200.png"
-        )
+        save_strips(args.out, name, original, shown)
 
 
 if __name__ == "__main__":
