@@ -41,10 +41,9 @@ from scipy.ndimage import gaussian_filter, map_coordinates
 
 from uncnn_rt.runtime import cloak, visibility
 from uncnn_rt.runtime.arrays import Float32Array, Uint8Array
-from uncnn_rt.runtime.attacks import EOT, Ensemble, Jpeg, Victim
+from uncnn_rt.runtime.attacks import Ensemble, Victim
 from uncnn_rt.runtime.cloak import photo as cloak_photo
 from uncnn_rt.runtime.cloak.regions import (
-    AlignmentJitter,
     CropMap,
     crop_scale,
     face_mask,
@@ -112,7 +111,9 @@ class _Face:
         """The flow, at most ``most`` crop pixels long, shrunk to its least share past the margin when it
         gets there; and the steps taken."""
         rng = np.random.default_rng(0)
-        jitter, eot = AlignmentJitter(probability=0.5), EOT(transforms=(Jpeg((70, 95)),))
+        # The default mode's own alignment jitter and JPEG EOT, as its attack draws them.
+        draws = cloak_photo._attack(cloak.MODES[cloak.DEFAULT_MODE])
+        jitter, eot = draws.diversity, draws.eot
         flow = np.zeros((2, *self.rows.shape), np.float32)
         velocity = np.zeros_like(flow)
         shares = None
