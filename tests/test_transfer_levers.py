@@ -1,7 +1,8 @@
-"""Transfer levers of issue 27 in the cloak: the mirrored, grey and blurred views, the centroid of views.
+"""Transfer levers of issue 27 in the cloak: the mirrored, grey and blurred views, the centroid of views,
+a far target.
 
 On the astronaut (scikit-image) and the shipped ``mobileface``, so a fresh clone runs them. What each
-lever buys is measured, not asserted here: ``bench/RESULTS.md``, runs 18 and 22.
+lever buys is measured, not asserted here: ``bench/RESULTS.md``, runs 18, 22 and 29.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 from PIL import Image
 from skimage import data
 
 from uncnn_rt.runtime import cloak
-from uncnn_rt.runtime.cloak.photo import view_centroids
+from uncnn_rt.runtime.cloak.photo import far_directions, view_centroids
+from uncnn_rt.runtime.errors import InputError
 from uncnn_rt.runtime.geometry.faces import embed, find_faces
 from uncnn_rt.runtime.geometry.warp import Warp
 from uncnn_rt.runtime.imageio import LoadedImage, load_image
@@ -57,10 +60,16 @@ def test_the_centroid_of_two_views_is_the_mean_of_the_crop_and_its_mirror(
 def test_levers_steer_the_attack_but_the_verdict_stays_on_the_clean_face(
     model: list[AttackSession], astronaut: LoadedImage
 ) -> None:
-    settings = replace(cloak.MODES["mid"], centroid=6, mirror=0.5, grey=0.25, blurred=0.5)
+    settings = replace(cloak.MODES["mid"], centroid=6, mirror=0.5, grey=0.25, blurred=0.5, far=0.3)
     detector = cloak.load_detector()
-    first = cloak.cloak_image(astronaut, recognizers=model, detector=detector, mode=settings, seed=3)
-    again = cloak.cloak_image(astronaut, recognizers=model, detector=detector, mode=settings, seed=3)
+    draw = np.random.default_rng(0).standard_normal((2, model[0].info.embedding_dim))
+    pool = {NAME: (draw / np.linalg.norm(draw, axis=1, keepdims=True)).astype(np.float32)}
+    first, again = (
+        cloak.cloak_image(
+            astronaut, recognizers=model, detector=detector, mode=settings, seed=3, far_targets=pool
+        )
+        for _ in range(2)
+    )
     np.testing.assert_array_equal(first.image, again.image)  # deterministic for its seed
     (face,) = first.faces
     clean = embed(astronaut.rgb, face.site, model)[NAME]
@@ -69,6 +78,37 @@ def test_levers_steer_the_attack_but_the_verdict_stays_on_the_clean_face(
         astronaut, recognizers=model, detector=detector, mode=cloak.MODES["mid"], seed=3
     )
     assert not np.array_equal(plain.image, first.image)  # the levers did change the attack
+
+
+def test_far_directions_aim_at_the_farthest_identity_in_every_space() -> None:
+    """The far target is one identity for every recognizer: the pool's person of least cosine to the
+    face, averaged over the recognizers, even where one recognizer alone would pick another."""
+    rng = np.random.default_rng(5)
+
+    def unit(x: NDArray[np.float64]) -> NDArray[np.float32]:
+        return np.asarray(x / np.linalg.norm(x, axis=-1, keepdims=True), np.float32)
+
+    clean = {"a": unit(rng.standard_normal(16)), "b": unit(rng.standard_normal(8))}
+    # Person 1 is far from the face for both recognizers; person 2 is the farthest for "a" alone.
+    pool = {
+        "a": unit(np.stack([clean["a"] + 0.1 * rng.standard_normal(16), -clean["a"] + rng.standard_normal(16),
+                            -clean["a"] + 0.1 * rng.standard_normal(16)])),
+        "b": unit(np.stack([clean["b"], -clean["b"] + 0.5 * rng.standard_normal(8),
+                            clean["b"] + 0.2 * rng.standard_normal(8)])),
+    }  # fmt: skip
+    k, towards = far_directions(clean, pool)
+    assert k == 1 and far_directions({"a": clean["a"]}, {"a": pool["a"]})[0] == 2
+    for n, d in towards.items():
+        # The unit part of the target off the clean embedding: a move along it raises the cosine to it.
+        assert abs(float(np.linalg.norm(d)) - 1) < 1e-5 and abs(float(d @ clean[n])) < 1e-5
+        assert float(d @ pool[n][1]) > 0.1
+    # A target exactly opposite the face: moving away already moves towards it, no steer.
+    _, opposite = far_directions({"b": clean["b"]}, {"b": -clean["b"][None]})
+    assert not opposite["b"].any()
+    with pytest.raises(InputError, match="no embeddings for b"):
+        far_directions(clean, {"a": pool["a"]})
+    with pytest.raises(InputError, match="same K"):
+        far_directions(clean, {"a": pool["a"], "b": pool["b"][:2]})
 
 
 def test_a_model_past_its_margin_keeps_the_met_share_of_the_steps() -> None:

@@ -91,6 +91,9 @@ class CloakSettings:
             (:func:`scatter_directions`): an untargeted cloak then also moves towards it, so that one
             person's cloaked photos scatter instead of moving away from their clean embeddings
             together, and still match each other (P3 of ``uncnn-rt eval``). 0: off.
+        far: weight of a move towards another identity: the one of ``cloak_image``'s ``far_targets``
+            farthest from the face (:func:`far_directions`; Fawkes' choice), in every recognizer's
+            space the same person. 0 or no pool: off.
     """
 
     mode: str
@@ -138,6 +141,7 @@ class CloakSettings:
     blur_min: float = 0.0
     centroid: int = 0
     prune: float = 0.0
+    far: float = 0.0
 
     def describe(self) -> str:
         parts = [f"eps {self.eps:g}", f"{self.steps} steps"]
@@ -151,6 +155,8 @@ class CloakSettings:
             parts.append(f"SSIM >= {self.ssim_min:g}")
         if self.scatter > 0:
             parts.append(f"scatter {self.scatter:g}")
+        if self.far > 0:
+            parts.append(f"far {self.far:g}")
         return f"{self.mode}: " + ", ".join(parts)
 
     @property

@@ -287,13 +287,42 @@ def scatter_directions(clean: dict[str, Float32Array], rng: np.random.Generator)
     own way: random directions in a space of 128-1024 dimensions are nearly orthogonal to one another,
     so one person's cloaks move apart instead of together. A tracker cannot predict them without the
     run's seed."""
-    out = {}
-    for name, e in clean.items():
-        unit = np.asarray(e, np.float64) / max(float(np.linalg.norm(e)), 1e-12)
-        draw = rng.standard_normal(unit.shape[0])
-        d = draw - float(draw @ unit) * unit
-        out[name] = np.asarray(d / max(float(np.linalg.norm(d)), 1e-12), dtype=np.float32)
-    return out
+    return {name: _orthogonal_unit(rng.standard_normal((e.shape[0],)), e) for name, e in clean.items()}
+
+
+def _orthogonal_unit(direction: NDArray[np.float64], embedding: Float32Array) -> Float32Array:
+    """The unit part of ``direction`` orthogonal to ``embedding``; zero where there is next to none (a
+    direction along the embedding: moving away from it already moves towards the opposite)."""
+    unit = np.asarray(embedding, np.float64) / max(float(np.linalg.norm(embedding)), 1e-12)
+    d = direction - float(direction @ unit) * unit
+    norm = float(np.linalg.norm(d))
+    if norm <= 1e-6 * float(np.linalg.norm(direction)):
+        return np.zeros(d.shape, np.float32)
+    return np.asarray(d / norm, dtype=np.float32)
+
+
+def far_directions(
+    clean: Mapping[str, Float32Array], pool: Mapping[str, Float32Array]
+) -> tuple[int, dict[str, Float32Array]]:
+    """The identity of ``pool`` farthest from the face, and per recognizer the unit direction towards it
+    orthogonal to the face's clean embedding.
+
+    ``pool`` holds, per recognizer, the unit embeddings ``[K, D]`` of the same K identities in the same
+    order. The farthest is the one of least cosine to the face averaged over the recognizers of
+    ``clean``. Unlike :func:`scatter_directions`, the K directions are one person in every recognizer's
+    space: a move towards that person is a move a recognizer the cloak never saw can share."""
+    names = list(clean)
+    missing = [n for n in names if n not in pool]
+    if missing:
+        raise InputError(f"the far-target pool has no embeddings for {', '.join(missing)}")
+    sizes = {pool[n].shape[0] for n in names}
+    if len(sizes) != 1 or 0 in sizes:
+        raise InputError(f"the far-target pool needs the same K > 0 identities per recognizer, got {sizes}")
+    cosines = np.mean(
+        [np.asarray(pool[n], np.float64) @ np.asarray(clean[n], np.float64) for n in names], axis=0
+    )
+    k = int(np.argmin(cosines))
+    return k, {n: _orthogonal_unit(np.asarray(pool[n][k], np.float64), clean[n]) for n in names}
 
 
 def view_centroids(
@@ -343,6 +372,7 @@ def cloak_image(
     faces_per_batch: int | None = None,
     max_faces: int | None = None,
     ghosts: Mapping[str, AttackSession] | None = None,
+    far_targets: Mapping[str, Float32Array] | None = None,
 ) -> CloakResult:
     """Cloak the faces of a decoded photo; see the module docstring for the method and the modes.
 
@@ -365,6 +395,8 @@ def cloak_image(
             reference, budget, momentum, early stop and cap; :class:`_BatchRunner`); 1 attacks them one
             after another. Default :data:`BATCH_FACES`, within :data:`BATCH_PIXELS`.
         max_faces: most faces this call cloaks (after ``face``/``largest`` chose), or None: no limit.
+        far_targets: per recognizer, unit embeddings ``[K, D]`` of K other people, for the mode's
+            ``far`` weight (:func:`far_directions`); ignored when ``far`` is 0 or targeted.
 
     Raises:
         NoFaceError: no face found (and not ``no_align``).
@@ -399,6 +431,11 @@ def cloak_image(
         for f in faces:
             directions = scatter_directions(f.clean, scatter_rng(seed, original, f.index))
             f.steer = {n: -np.float32(settings.scatter) * d for n, d in directions.items()}
+    if settings.far > 0 and far_targets is not None and not targeted:
+        for f in faces:
+            _, towards = far_directions(f.clean, far_targets)
+            steer = {n: -np.float32(settings.far) * d for n, d in towards.items()}
+            f.steer = steer if f.steer is None else {n: f.steer[n] + steer[n] for n in steer}
     if settings.centroid > 1 and not targeted:
         # The gradient follows ``centroid . features`` (the steer adds ``centroid - clean`` to the
         # reference) while the early stop and the verdict stay on the clean embedding.
