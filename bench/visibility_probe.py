@@ -28,11 +28,54 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from uncnn_rt.runtime import catalog
 from uncnn_rt.runtime import cloak as c
 from uncnn_rt.runtime import evaluate as ev
+from uncnn_rt.runtime.attacks import Victim
+from uncnn_rt.runtime.attacks.criteria import PastThresholds
+from uncnn_rt.runtime.cloak import photo as cloak_photo
+from uncnn_rt.runtime.imageio import load_image
+from uncnn_rt.runtime.sessions import AttackSession
 
 COLOUR = Path(__file__).resolve().parents[2] / "shared" / "faces" / "colour"
+
+
+def far_pool(folder: Path, sessions: list[AttackSession]) -> dict[str, np.ndarray]:
+    """Per recognizer, the unit mean embedding ``[K, D]`` of each of ``folder``'s K people (one
+    sub-folder of aligned chips each, the whole image the face)."""
+    people = sorted(p for p in folder.iterdir() if p.is_dir())
+    means: dict[str, list[np.ndarray]] = {s.name: [] for s in sessions}
+    for person in people:
+        shots = [load_image(p) for p in sorted(person.iterdir()) if p.suffix.lower() in (".png", ".jpg")]
+        for s in sessions:
+            mean = np.mean([c.target_embeddings(x, [s], None, no_align=True)[s.name] for x in shots], axis=0)
+            means[s.name].append(mean / np.linalg.norm(mean))
+    return {n: np.asarray(v, np.float32) for n, v in means.items()}
+
+
+def gradient_only(names: list[str], weight: float) -> list[AttackSession]:
+    """Sessions of ``names`` without a match threshold, drawn at ``weight``: the cloak's victims steer
+    the change towards them too, but neither the early stop nor the margin checks wait for them.
+
+    A probe, not a feature: it patches the cloak module's ``Victim`` (the weight) and ``PastThresholds``
+    (which skips face victims without a threshold; the margin checks already do)."""
+    helpers = [AttackSession(s.path, device="cpu") for s in c.load_recognizers(names)]
+    for h in helpers:
+        h.info = replace(h.info, threshold=None)
+    weights = {h.name: weight for h in helpers}
+
+    def victim(session: AttackSession, references: Any, **kw: Any) -> Victim:
+        return Victim(session, references, weight=weights.get(kw.get("name", ""), 1.0), **kw)
+
+    class Gated(PastThresholds):
+        def __call__(self, states: Any) -> Any:
+            gates = {n: s for n, s in states.items() if not (s.kind == "face" and s.threshold is None)}
+            return super().__call__(gates)
+
+    cloak_photo.Victim, cloak_photo.PastThresholds = victim, Gated  # type: ignore[assignment, misc]
+    return helpers
 
 
 def main() -> None:
@@ -53,6 +96,22 @@ def main() -> None:
     )
     parser.add_argument(
         "--ghosts", type=Path, default=None, help="ghost attack graphs (NAME.onnx) for the gradients"
+    )
+    parser.add_argument(
+        "--far-pool",
+        type=Path,
+        default=None,
+        help="folders of one person's photos each (e.g. ../shared/faces/dev/identities, not the scored "
+        "set): the far-target pool of the recipe's far weight",
+    )
+    parser.add_argument(
+        "--helpers",
+        default=None,
+        help="comma-separated recognizers that join every cloak's gradients without gating it: "
+        "no threshold, so no face waits for them (the probe patches the cloak's early stop)",
+    )
+    parser.add_argument(
+        "--helper-weight", type=float, default=0.25, help="a helper's weight in the step's draw"
     )
     parser.add_argument(
         "--evaluators",
@@ -83,6 +142,8 @@ def main() -> None:
             for n in names
             if (args.ghosts / f"{n}.onnx").is_file()
         }
+    far_targets = None if args.far_pool is None else far_pool(args.far_pool, sessions)
+    helpers = [] if args.helpers is None else gradient_only(args.helpers.split(","), args.helper_weight)
     start = time.perf_counter()
     report = ev.evaluate(
         data,
@@ -94,6 +155,8 @@ def main() -> None:
                 largest=True,
                 seed=args.seed,
                 ghosts=ghosts,
+                far_targets=far_targets,
+                extra=helpers,
             )
         },
         embedders=ev.shipped_embedders(sessions),

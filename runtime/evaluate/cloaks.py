@@ -9,7 +9,7 @@ from typing import Protocol
 
 import numpy as np
 
-from uncnn_rt.runtime.arrays import Uint8Array
+from uncnn_rt.runtime.arrays import Float32Array, Uint8Array
 from uncnn_rt.runtime.cloak import CloakSettings, cloak_image
 from uncnn_rt.runtime.errors import InputError
 from uncnn_rt.runtime.evaluate.protocol import WHITE_BOX_LABEL, Kind
@@ -43,14 +43,17 @@ def cloak_function(
     largest: bool = False,
     seed: int = 0,
     ghosts: Mapping[str, AttackSession] | None = None,
+    far_targets: Mapping[str, Float32Array] | None = None,
+    extra: Sequence[AttackSession] = (),
 ) -> CloakFunction:
     """The real cloak (:func:`~.cloak.cloak_image`) as a :class:`CloakFunction` over named sessions
-    (``ghosts``: their model-augmented attack graphs, by name, for the gradients)."""
+    (``ghosts``: their model-augmented attack graphs, by name, for the gradients; ``far_targets``: the
+    pool of the settings' ``far``; ``extra``: recognizers added to every cloak's ensemble)."""
 
     def run(photo: LoadedImage, ensemble: tuple[str, ...]) -> Cloaked:
         result = cloak_image(
             photo,
-            recognizers=[sessions[n] for n in ensemble],
+            recognizers=[sessions[n] for n in ensemble] + list(extra),
             detector=detector,
             mode=settings,
             no_align=no_align,
@@ -58,6 +61,7 @@ def cloak_function(
             seed=seed,
             saved=lossy_round_trip(photo, fmt=output_format(photo)),
             ghosts=ghosts,
+            far_targets=far_targets,
         )
         steps = float(np.mean([f.steps for f in result.faces])) if result.faces else None
         return Cloaked(result.image, steps, result.output_quality)
