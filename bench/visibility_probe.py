@@ -49,6 +49,8 @@ def far_pool(folder: Path, sessions: list[AttackSession]) -> dict[str, np.ndarra
     means: dict[str, list[np.ndarray]] = {s.name: [] for s in sessions}
     for person in people:
         shots = [load_image(p) for p in sorted(person.iterdir()) if p.suffix.lower() in (".png", ".jpg")]
+        if not shots:
+            raise SystemExit(f"{person}: no .png or .jpg chips for the far-target pool")
         for s in sessions:
             mean = np.mean([c.target_embeddings(x, [s], None, no_align=True)[s.name] for x in shots], axis=0)
             means[s.name].append(mean / np.linalg.norm(mean))
