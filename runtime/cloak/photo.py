@@ -430,12 +430,11 @@ def cloak_image(
     if settings.scatter > 0 and not targeted:
         for f in faces:
             directions = scatter_directions(f.clean, scatter_rng(seed, original, f.index))
-            f.steer = {n: -np.float32(settings.scatter) * d for n, d in directions.items()}
+            f.add_steer({n: -np.float32(settings.scatter) * d for n, d in directions.items()})
     if settings.far > 0 and far_targets is not None and not targeted:
         for f in faces:
             _, towards = far_directions(f.clean, far_targets)
-            steer = {n: -np.float32(settings.far) * d for n, d in towards.items()}
-            f.steer = steer if f.steer is None else {n: f.steer[n] + steer[n] for n in steer}
+            f.add_steer({n: -np.float32(settings.far) * d for n, d in towards.items()})
     if settings.centroid > 1 and not targeted:
         # The gradient follows ``centroid . features`` (the steer adds ``centroid - clean`` to the
         # reference) while the early stop and the verdict stay on the clean embedding.
@@ -448,8 +447,7 @@ def cloak_image(
                 settings.centroid,
                 photo_rng(seed, original, f.index, 1),
             )
-            steer = {n: centroid[n] - f.clean[n] for n in f.clean}
-            f.steer = steer if f.steer is None else {n: f.steer[n] + steer[n] for n in steer}
+            f.add_steer({n: centroid[n] - f.clean[n] for n in f.clean})
 
     photo = original.copy()
     run = _BatchRunner(
@@ -549,6 +547,10 @@ class _Face:
     steps: int = 0
     short: bool = False
     """The face ended short of its margin at its whole change (:attr:`CloakedFace.short`)."""
+
+    def add_steer(self, steer: dict[str, Float32Array]) -> None:
+        """Add ``steer`` to the face's steer term (scatter, far identity, centroid: they sum)."""
+        self.steer = steer if self.steer is None else {n: self.steer[n] + steer[n] for n in steer}
 
     @classmethod
     def of(
