@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -441,6 +442,39 @@ def test_early_stop_freezes_done_images(face: AttackSession) -> None:
     result = PGD(eps=16, steps=40)(x, victims, stop_when=stop, seed=0)
     assert np.all(result.objective["linear_face"] < 0.5 - 0.1)
     assert result.steps.max() < 40  # it stopped before the step budget
+
+
+def test_a_victim_that_does_not_gate_steers_but_never_holds_the_early_stop(
+    face: AttackSession, tmp_path: Path
+) -> None:
+    """``Victim(gates=False)``: a helper whose threshold no image can pass (cosine below -1.5) would
+    hold every image to the last step as a full member; as a helper it is run at its weight and the
+    stop waits for the gating victim alone."""
+    from conftest import build_linear_face
+
+    from uncnn_rt.runtime.attacks.sampling import shares
+
+    unreachable = build_linear_face(tmp_path / "helper.onnx", seed=3, name="helper", threshold=-1.5)
+    helper = AttackSession(unreachable.path, device="cpu")
+    x = _images(4, 16, seed=15)
+    stop = PastThresholds(margin=0.1)
+    attack = PGD(eps=32, steps=40, success_margin=0.1)
+
+    def run(gates: bool) -> AttackResult:
+        victims = [_own(face, x), replace(_own(helper, x), weight=0.25, gates=gates)]
+        return attack(x, victims, stop_when=stop, seed=0)
+
+    member, steering = run(True), run(False)
+    assert member.steps.min() == 40 and not member.success["helper"].any()
+    assert steering.steps.max() < 40
+    assert np.all(steering.objective["linear_face"] < 0.5 - 0.1)
+    assert "helper" not in steering.success and "helper" in steering.objective  # reported, never judged
+    # The helper's state has no threshold: the focus runs it at its weight whatever its objective.
+    states = Ensemble([replace(_own(helper, x), gates=False)], 4, (16, 16), targeted=False).evaluate(x)
+    assert states["helper"].threshold is None
+    np.testing.assert_array_equal(shares(states, targeted=False, margin=0.1)["helper"], np.ones(4))
+    # With nothing left to gate, no image is past.
+    assert not PastThresholds()(states).any()
 
 
 def test_invalid_inputs_raise_input_errors(face: AttackSession) -> None:

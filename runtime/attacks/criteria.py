@@ -158,14 +158,20 @@ def default_criterion(model: str, kind: ModelKind, *, targeted: bool, margin: fl
 @dataclass(frozen=True)
 class PastThresholds(Criterion):
     """Every victim past its own threshold by ``margin`` (:func:`default_criterion` for each): the
-    ensemble's early stop. ``targeted`` must match the attack's direction."""
+    ensemble's early stop. ``targeted`` must match the attack's direction.
+
+    A face model without a threshold (a victim that only steers, ``Victim(gates=False)``) is no part of
+    it, as it is no part of the attack's success; with no victim left to pass, no image is past."""
 
     targeted: bool = False
     margin: float = 0.0
 
     def __call__(self, states: States) -> BoolArray:
-        per_model = (
+        per_model = tuple(
             default_criterion(name, s.kind, targeted=self.targeted, margin=self.margin)
             for name, s in states.items()
+            if s.kind != "face" or s.threshold is not None
         )
-        return AllOf(tuple(per_model))(states)
+        if not per_model:
+            return np.zeros(len(next(iter(states.values())).objective), bool)
+        return AllOf(per_model)(states)

@@ -47,6 +47,11 @@ class Victim:
             DFANet, Zhong & Deng 2020), or None: the gradients come from it, so that each step sees
             another thinned copy of the model, while every check, criterion and result comes from
             ``session``'s plain forward pass.
+        gates: False: the victim only steers the gradient (at ``weight``), it is no criterion: its states
+            carry no threshold, so the ensemble's early stop (:class:`.criteria.PastThresholds`) and the
+            result's success skip it, and the focus gives it a constant share
+            (:func:`.sampling.shares`): a surrogate that helps a change transfer without every image
+            having to get past it (:mod:`uncnn_rt.runtime.cloak`'s helpers).
     """
 
     session: AttackSession
@@ -55,6 +60,7 @@ class Victim:
     name: str | None = None
     steer: ArrayLike | None = None
     ghost: AttackSession | None = None
+    gates: bool = True
 
     @property
     def key(self) -> str:
@@ -73,6 +79,8 @@ class _Member:
     """The stepper runs ``references + steer``: objectives are recomputed from the features."""
     ghost: Stepper | None = None
     """The gradients' stepper when the victim has a ghost graph (its features are not the model's)."""
+    gates: bool = True
+    """False: the victim's states carry no threshold (:attr:`Victim.gates`)."""
 
     def objective(self, features: Float32Array, run: Float32Array) -> Float32Array:
         """The objective of ``references`` from a run's features (``run``: the run's own objective)."""
@@ -139,6 +147,7 @@ class Ensemble:
                     resize=None if size == (s, s) else Resize(size, (s, s)),
                     steered=victim.steer is not None,
                     ghost=None if victim.ghost is None else victim.ghost.stepper(run),
+                    gates=victim.gates,
                 )
             )
 
@@ -148,7 +157,8 @@ class Ensemble:
 
     def _state(self, member: _Member, features: Float32Array, objective: Float32Array) -> ModelState:
         info = member.session.info
-        return ModelState(info.kind, info.threshold, features, objective, member.references)
+        threshold = info.threshold if member.gates else None
+        return ModelState(info.kind, threshold, features, objective, member.references)
 
     def evaluate(self, images: Float32Array) -> dict[str, ModelState]:
         """Forward only: every victim's features and objective on ``images`` ``[N, H, W, 3]``."""
