@@ -33,9 +33,6 @@ import numpy as np
 from uncnn_rt.runtime import catalog
 from uncnn_rt.runtime import cloak as c
 from uncnn_rt.runtime import evaluate as ev
-from uncnn_rt.runtime.attacks import Victim
-from uncnn_rt.runtime.attacks.criteria import PastThresholds
-from uncnn_rt.runtime.cloak import photo as cloak_photo
 from uncnn_rt.runtime.imageio import load_image
 from uncnn_rt.runtime.sessions import AttackSession
 
@@ -55,29 +52,6 @@ def far_pool(folder: Path, sessions: list[AttackSession]) -> dict[str, np.ndarra
             mean = np.mean([c.target_embeddings(x, [s], None, no_align=True)[s.name] for x in shots], axis=0)
             means[s.name].append(mean / np.linalg.norm(mean))
     return {n: np.asarray(v, np.float32) for n, v in means.items()}
-
-
-def gradient_only(names: list[str], weight: float) -> list[AttackSession]:
-    """Sessions of ``names`` without a match threshold, drawn at ``weight``: the cloak's victims steer
-    the change towards them too, but neither the early stop nor the margin checks wait for them.
-
-    A probe, not a feature: it patches the cloak module's ``Victim`` (the weight) and ``PastThresholds``
-    (which skips face victims without a threshold; the margin checks already do)."""
-    helpers = [AttackSession(s.path, device="cpu") for s in c.load_recognizers(names)]
-    for h in helpers:
-        h.info = replace(h.info, threshold=None)
-    weights = {h.name: weight for h in helpers}
-
-    def victim(session: AttackSession, references: Any, **kw: Any) -> Victim:
-        return Victim(session, references, weight=weights.get(kw.get("name", ""), 1.0), **kw)
-
-    class Gated(PastThresholds):
-        def __call__(self, states: Any) -> Any:
-            gates = {n: s for n, s in states.items() if not (s.kind == "face" and s.threshold is None)}
-            return super().__call__(gates)
-
-    cloak_photo.Victim, cloak_photo.PastThresholds = victim, Gated  # type: ignore[assignment, misc]
-    return helpers
 
 
 def main() -> None:
@@ -109,11 +83,14 @@ def main() -> None:
     parser.add_argument(
         "--helpers",
         default=None,
-        help="comma-separated recognizers that join every cloak's gradients without gating it: "
-        "no threshold, so no face waits for them (the probe patches the cloak's early stop)",
+        help="comma-separated recognizers that steer every cloak's gradients and gate none "
+        "(cloak_image's helpers: no face waits for them)",
     )
     parser.add_argument(
-        "--helper-weight", type=float, default=0.25, help="a helper's weight in the step's draw"
+        "--helper-weight",
+        type=float,
+        default=None,
+        help="a helper's weight in the step's draw (default: the settings' helper_weight, 0.25)",
     )
     parser.add_argument(
         "--evaluators",
@@ -145,7 +122,9 @@ def main() -> None:
             if (args.ghosts / f"{n}.onnx").is_file()
         }
     far_targets = None if args.far_pool is None else far_pool(args.far_pool, sessions)
-    helpers = [] if args.helpers is None else gradient_only(args.helpers.split(","), args.helper_weight)
+    helpers = [] if args.helpers is None else c.load_recognizers(args.helpers.split(","))
+    if args.helper_weight is not None:
+        settings = replace(settings, helper_weight=args.helper_weight)
     start = time.perf_counter()
     report = ev.evaluate(
         data,
@@ -158,7 +137,7 @@ def main() -> None:
                 seed=args.seed,
                 ghosts=ghosts,
                 far_targets=far_targets,
-                extra=helpers,
+                helpers=helpers,
             )
         },
         embedders=ev.shipped_embedders(sessions),
@@ -172,6 +151,8 @@ def main() -> None:
     d = report.to_dict()
     mode = d["modes"][0]
     out: dict[str, Any] = {"label": args.label, "overrides": args.overrides, "seed": args.seed}
+    if helpers:
+        out["helpers"] = {"names": [h.name for h in helpers], "weight": settings.helper_weight}
     out["probes"] = d["probes"]
     out["ladder"] = {
         q: (v["flip"]["median"], v["ciede2000_mean"]["median"]) for q, v in d["jpeg_ladder"].items()

@@ -251,7 +251,9 @@ def test_pruning_reads_a_realigned_crop_that_reaches_past_the_faces_region(
     photo = original.copy()
     noise = rng.integers(-6, 7, size=(face.region.height, face.region.width, 3))
     photo[face.region.slices] = np.clip(original[face.region.slices] + noise, 0, 255).astype(np.uint8)
-    payoff = cloak_photo._payoff(original, photo, face, again, recognizers, False, 0.5)
+    payoff = cloak_photo._payoff(
+        original, photo, face, again, cloak_photo._Steering(recognizers, (), 0.0), False, 0.5
+    )
     assert payoff is not None
     keep = payoff.kept(1.0)
     assert keep.shape == (face.region.height, face.region.width)

@@ -1,5 +1,5 @@
 """Transfer levers of issue 27 in the cloak: the mirrored, grey and blurred views, the centroid of views,
-a far target.
+a far target, helpers that steer without gating.
 
 On the astronaut (scikit-image) and the shipped ``mobileface``, so a fresh clone runs them. What each
 lever buys is measured, not asserted here: ``bench/RESULTS.md``, runs 18, 22 and 29.
@@ -78,6 +78,30 @@ def test_levers_steer_the_attack_but_the_verdict_stays_on_the_clean_face(
         astronaut, recognizers=model, detector=detector, mode=cloak.MODES["mid"], seed=3
     )
     assert not np.array_equal(plain.image, first.image)  # the levers did change the attack
+
+
+def test_a_helper_steers_the_cloak_and_the_verdict_stays_the_ensembles(
+    model: list[AttackSession], astronaut: LoadedImage
+) -> None:
+    """``helpers``: another family's recognizer (openface, 96 px) joins the gradients; the outcomes, the
+    verdict and the margin checks are mobileface's alone."""
+    detector = cloak.load_detector()
+    helper = cloak.load_recognizers(["openface"], device="cpu")
+    steered = cloak.cloak_image(astronaut, recognizers=model, detector=detector, seed=3, helpers=helper)
+    plain = cloak.cloak_image(astronaut, recognizers=model, detector=detector, seed=3)
+    assert steered.models == (NAME,) and steered.helpers == ("openface",)
+    assert [o.name for f in steered.faces for o in f.outcomes] == [NAME]
+    assert not np.array_equal(plain.image, steered.image)  # the helper did steer the change
+    with pytest.raises(InputError, match="distinct names"):
+        cloak.cloak_image(astronaut, recognizers=model, detector=detector, helpers=model)
+    with pytest.raises(InputError, match="helper_weight > 0"):
+        cloak.cloak_image(
+            astronaut,
+            recognizers=model,
+            detector=detector,
+            helpers=helper,
+            mode=replace(cloak.MODES["mid"], helper_weight=0.0),
+        )
 
 
 def test_far_directions_aim_at_the_farthest_identity_in_every_space() -> None:

@@ -94,6 +94,9 @@ class CloakSettings:
         far: weight of a move towards another identity: the one of ``cloak_image``'s ``far_targets``
             farthest from the face (:func:`far_directions`; Fawkes' choice), in every recognizer's
             space the same person. 0 or no pool: off.
+        helper_weight: a helper's weight in the step's draw, relative to a gating recognizer's (the
+            recognizers given to ``cloak_image`` as ``helpers``, which steer and gate nothing; 0.25 lifted
+            leave-one-out P1 on the colour set, bench/RESULTS.md run 29). Unused without helpers.
     """
 
     mode: str
@@ -142,6 +145,7 @@ class CloakSettings:
     centroid: int = 0
     prune: float = 0.0
     far: float = 0.0
+    helper_weight: float = 0.25
 
     def describe(self) -> str:
         parts = [f"eps {self.eps:g}", f"{self.steps} steps"]

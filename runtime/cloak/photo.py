@@ -205,6 +205,9 @@ class CloakResult:
     output_quality: int | None = None
     """The quality the output must be written at for the caps to hold (:func:`room_for_the_cloak`), or
     None: the format's default for this photo (also when the output is lossless)."""
+    helpers: tuple[str, ...] = ()
+    """The recognizers that steered the change without gating it (``cloak_image``'s ``helpers``); the
+    verdict and :attr:`CloakedFace.outcomes` are ``models``' alone."""
 
     @property
     def passed(self) -> bool:
@@ -373,6 +376,7 @@ def cloak_image(
     max_faces: int | None = None,
     ghosts: Mapping[str, AttackSession] | None = None,
     far_targets: Mapping[str, Float32Array] | None = None,
+    helpers: Sequence[AttackSession] = (),
 ) -> CloakResult:
     """Cloak the faces of a decoded photo; see the module docstring for the method and the modes.
 
@@ -397,6 +401,10 @@ def cloak_image(
         max_faces: most faces this call cloaks (after ``face``/``largest`` chose), or None: no limit.
         far_targets: per recognizer, unit embeddings ``[K, D]`` of K other people, for the mode's
             ``far`` weight (:func:`far_directions`); ignored when ``far`` is 0 or targeted.
+        helpers: recognizers that steer every face's change, each at the mode's ``helper_weight``
+            times a full member's share of the steps, but gate nothing: the early stop, the refinement
+            and least-visible margin checks and the verdict are ``recognizers``' alone, so a face never
+            spends more to get past a helper (``Victim(gates=False)``). Their thresholds are not used.
 
     Raises:
         NoFaceError: no face found (and not ``no_align``).
@@ -405,22 +413,24 @@ def cloak_image(
     """
     start = time.perf_counter()
     settings = settings_for(mode, eps=eps, steps=steps, ssim_min=ssim_min, cap=cap)
-    size = crop_size_for(recognizers)
+    steering = _Steering(recognizers, helpers, settings.helper_weight)
+    size = crop_size_for(steering.all)
     names = [r.name for r in recognizers]
-    if len(set(names)) != len(names):
-        raise InputError(f"recognizers need distinct names, got {names}")
+    every = [r.name for r in steering.all]
+    if len(set(every)) != len(every):
+        raise InputError(f"recognizers need distinct names, got {every}")
     if target is not None:
-        missing = [n for n in names if n not in target]
+        missing = [n for n in every if n not in target]
         if missing:
             raise InputError(f"the target has no embedding for {', '.join(missing)}")
     original = loaded.rgb
     targeted = target is not None
-    aimed = None if target is None else {n: np.asarray(target[n], np.float32) for n in names}
+    aimed = None if target is None else {n: np.asarray(target[n], np.float32) for n in every}
     sites = find_faces(original, detector, size=size, no_align=no_align, name=loaded.name)
     chosen = select_faces(sites, face=face, largest=largest)
     if max_faces is not None and len(chosen) > max_faces:
         raise TooManyFacesError(len(chosen), max_faces, loaded.name)
-    faces = [_Face.of(i, sites[i], original, size, settings, recognizers, aimed) for i in chosen]
+    faces = [_Face.of(i, sites[i], original, size, settings, steering.all, aimed) for i in chosen]
     _share_the_budget(faces, original, settings)
     output_quality = None
     if isinstance(saved, LossyOutput):
@@ -443,7 +453,7 @@ def cloak_image(
                 original,
                 f.site,
                 size,
-                recognizers,
+                steering.all,
                 settings.centroid,
                 photo_rng(seed, original, f.index, 1),
             )
@@ -451,7 +461,7 @@ def cloak_image(
 
     photo = original.copy()
     run = _BatchRunner(
-        _attack(settings), settings, recognizers, original, targeted=targeted, saved=saved,
+        _attack(settings), settings, steering, original, targeted=targeted, saved=saved,
         rng=photo_rng(seed, original), luminance_only=loaded.is_grayscale, progress=progress,
         faces_per_batch=faces_per_batch, ghosts=ghosts,
     )  # fmt: skip
@@ -492,15 +502,13 @@ def cloak_image(
     refine(faces, settings.refine_rounds)
     checked = None
     if settings.least:
-        photo, checked = _least_visible(
-            original, photo, faces, recognizers, detector, targeted, settings, saved
-        )
+        photo, checked = _least_visible(original, photo, faces, steering, detector, targeted, settings, saved)
         # A face short of its margin at its whole change and pruned keeps its whole change: the rescue
         # rounds continue its attack from there, then shrink and prune it again.
         rescue = [f for f in faces if f.short]
         if rescue and refine(rescue, settings.rescue_rounds):
             photo, again = _least_visible(
-                original, photo, rescue, recognizers, detector, targeted, settings, saved
+                original, photo, rescue, steering, detector, targeted, settings, saved
             )
             where = {f.index: site for f, site in zip(rescue, again, strict=True)}
             checked = [where.get(f.index, site) for f, site in zip(faces, checked, strict=True)]
@@ -521,6 +529,7 @@ def cloak_image(
         seconds=time.perf_counter() - start,
         seed=seed,
         output_quality=output_quality,
+        helpers=tuple(h.name for h in helpers),
     )
 
 
@@ -635,7 +644,7 @@ def _least_visible(
     original: Uint8Array,
     photo: Uint8Array,
     faces: Sequence[_Face],
-    recognizers: Sequence[AttackSession],
+    steering: _Steering,
     detector: Detector | None,
     targeted: bool,
     settings: CloakSettings,
@@ -667,11 +676,11 @@ def _least_visible(
             site = again.site if again.matched else f.site
         checked.append(site)
         least = _LeastShare(original, photo, f, site, saved)
-        check = _MarginCheck(recognizers, f.reference, targeted, margin)
+        check = _MarginCheck(steering.gating, f.reference, targeted, margin)
         whole = least.protected(1.0, check)
         best = least.at(least.smallest(1.0, check) if whole else 1.0)
         if settings.prune > 0:
-            pruned = _pruned(original, photo, f, site, recognizers, targeted, settings, saved, check)
+            pruned = _pruned(original, photo, f, site, steering, targeted, settings, saved, check)
             if pruned is not None:
                 mine, theirs = least.figures(pruned), least.figures(best)
                 # Short at its whole change, a face may yet reach its margin with the change concentrated
@@ -702,7 +711,7 @@ def _pruned(
     photo: Uint8Array,
     face: _Face,
     site: FaceSite,
-    recognizers: Sequence[AttackSession],
+    steering: _Steering,
     targeted: bool,
     settings: CloakSettings,
     saved: Callable[[Uint8Array], Uint8Array] | None,
@@ -711,7 +720,7 @@ def _pruned(
     """The face's JPEG window with its change pruned to where it pays (:func:`_payoff`) and scaled to the
     least share that keeps the margin (``check``), at the first threshold of :data:`PRUNE_LADDER` that
     can; None when none can within :data:`PRUNE_MOST`."""
-    payoff = _payoff(original, photo, face, site, recognizers, targeted, settings.blur)
+    payoff = _payoff(original, photo, face, site, steering, targeted, settings.blur)
     if payoff is None:
         return None
     for step in PRUNE_LADDER:
@@ -746,24 +755,25 @@ def _payoff(
     photo: Uint8Array,
     face: _Face,
     site: FaceSite,
-    recognizers: Sequence[AttackSession],
+    steering: _Steering,
     targeted: bool,
     blur: float,
 ) -> _Payoff | None:
     """Where the face's change buys protection per unit of visibility; None when no pixel of it helps.
 
-    A pixel's benefit is the ensemble's attack gradient at the cloaked face (re-detected at ``site``)
-    times the change there: the first-order protection that dropping it would lose. Its cost is the
-    FLIP error the change makes there. Both are smoothed over ``blur`` crop pixels (at least one photo
-    pixel). FLIP pools a concave error (HyAB to the power 0.7) by its mean, so a change concentrated
-    where it pays costs less than the same protection spread evenly (``bench/RESULTS.md``, run 19).
+    A pixel's benefit is the ensemble's attack gradient (helpers included, at their weight) at the
+    cloaked face (re-detected at ``site``) times the change there: the first-order protection that
+    dropping it would lose. Its cost is the FLIP error the change makes there. Both are smoothed over
+    ``blur`` crop pixels (at least one photo pixel). FLIP pools a concave error (HyAB to the power 0.7)
+    by its mean, so a change concentrated where it pays costs less than the same protection spread
+    evenly (``bench/RESULTS.md``, run 19).
     """
     region = face.region
     height, width = original.shape[:2]
     warp = Warp(site.crop_to_photo, (height, width), site.size)
     # The re-detected crop may reach past the region: its gradient is taken on both, read on the region.
     reach = union(region, region_box(warp, height, width))
-    victims = [Victim(r, face.reference[r.name][None], name=r.name) for r in recognizers]
+    victims = steering.victims(lambda name: face.reference[name][None])
     crops = CropMap(warp, reach)
     ensemble = Ensemble(victims, 1, (site.size, site.size), targeted=targeted, input_map=crops)
     grad = ensemble.gradient(photo[reach.slices].astype(np.float32)[None], np.random.default_rng(0)).grad[0]
@@ -915,6 +925,43 @@ _Done = tuple[Uint8Array, tuple[ModelOutcome, ...], int]
 """A job's result: its region's cloaked pixels, each recognizer's outcome, the steps it took."""
 
 
+class _Steering:
+    """The victims of a cloak: ``gating`` (the ensemble, whose thresholds each face must pass) and
+    ``helpers`` (``cloak_image``'s: they steer the gradient at ``weight`` and gate nothing)."""
+
+    def __init__(
+        self, gating: Sequence[AttackSession], helpers: Sequence[AttackSession], weight: float
+    ) -> None:
+        if not gating:
+            raise InputError("at least one recognizer is needed")
+        if helpers and not weight > 0:
+            raise InputError(f"helpers need a helper_weight > 0, got {weight}")
+        self.gating, self.helpers, self.weight = list(gating), list(helpers), weight
+        self.all = [*self.gating, *self.helpers]
+
+    def victims(
+        self,
+        references: Callable[[str], NDArray[np.float32]],
+        *,
+        steer: Callable[[str], Float32Array | None] | None = None,
+        ghosts: Mapping[str, AttackSession] | None = None,
+    ) -> list[Victim]:
+        """One victim per recognizer, gating ones first, each with ``references(name)``."""
+        helping = {h.name for h in self.helpers}
+        return [
+            Victim(
+                r,
+                references(r.name),
+                name=r.name,
+                steer=None if steer is None else steer(r.name),
+                ghost=None if ghosts is None else ghosts.get(r.name),
+                weight=self.weight if r.name in helping else 1.0,
+                gates=r.name not in helping,
+            )
+            for r in self.all
+        ]
+
+
 class _BatchRunner:
     """Runs the faces of a photo through the attack in batches: one call per batch, every face's crop
     through each recognizer in one run per step.
@@ -935,7 +982,7 @@ class _BatchRunner:
         self,
         attack: MIFGSM,
         settings: CloakSettings,
-        recognizers: Sequence[AttackSession],
+        steering: _Steering,
         original: Uint8Array,
         *,
         targeted: bool,
@@ -948,7 +995,7 @@ class _BatchRunner:
     ) -> None:
         if faces_per_batch is not None and faces_per_batch < 1:
             raise InputError(f"faces_per_batch must be >= 1, got {faces_per_batch}")
-        self.attack, self.settings, self.recognizers, self.original = attack, settings, recognizers, original
+        self.attack, self.settings, self.steering, self.original = attack, settings, steering, original
         self.targeted, self.saved, self.rng = targeted, saved, rng
         self.luminance_only, self.progress = luminance_only, progress
         self.ghosts: Mapping[str, AttackSession] = {} if ghosts is None else ghosts
@@ -1032,16 +1079,9 @@ class _BatchRunner:
             zero = np.zeros_like(batch[0].references[name])
             return np.stack([zero if j.steer is None else j.steer[name] for j in batch])
 
-        victims = [
-            Victim(
-                r,
-                np.stack([j.references[r.name] for j in batch]),
-                name=r.name,
-                steer=steer(r.name),
-                ghost=self.ghosts.get(r.name),
-            )
-            for r in self.recognizers
-        ]
+        victims = self.steering.victims(
+            lambda name: np.stack([j.references[name] for j in batch]), steer=steer, ghosts=self.ghosts
+        )
         progress = self.progress
 
         def report(step: int) -> None:
@@ -1065,7 +1105,7 @@ class _BatchRunner:
         return [
             (
                 images[k, : j.region.height, : j.region.width],
-                _outcomes(result, self.recognizers, k),
+                _outcomes(result, self.steering.gating, k),
                 int(result.steps[k]),
             )
             for k, j in enumerate(batch)

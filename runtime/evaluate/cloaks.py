@@ -44,16 +44,17 @@ def cloak_function(
     seed: int = 0,
     ghosts: Mapping[str, AttackSession] | None = None,
     far_targets: Mapping[str, Float32Array] | None = None,
-    extra: Sequence[AttackSession] = (),
+    helpers: Sequence[AttackSession] = (),
 ) -> CloakFunction:
     """The real cloak (:func:`~.cloak.cloak_image`) as a :class:`CloakFunction` over named sessions
     (``ghosts``: their model-augmented attack graphs, by name, for the gradients; ``far_targets``: the
-    pool of the settings' ``far``; ``extra``: recognizers added to every cloak's ensemble)."""
+    pool of the settings' ``far``; ``helpers``: recognizers that steer every cloak and gate none, at the
+    settings' ``helper_weight``)."""
 
     def run(photo: LoadedImage, ensemble: tuple[str, ...]) -> Cloaked:
         result = cloak_image(
             photo,
-            recognizers=[sessions[n] for n in ensemble] + list(extra),
+            recognizers=[sessions[n] for n in ensemble],
             detector=detector,
             mode=settings,
             no_align=no_align,
@@ -62,6 +63,7 @@ def cloak_function(
             saved=lossy_round_trip(photo, fmt=output_format(photo)),
             ghosts=ghosts,
             far_targets=far_targets,
+            helpers=helpers,
         )
         steps = float(np.mean([f.steps for f in result.faces])) if result.faces else None
         return Cloaked(result.image, steps, result.output_quality)
