@@ -30,7 +30,7 @@ from uncnn_rt.cli.exit_codes import (
     EXIT_OK,
     worst_exit_code,
 )
-from uncnn_rt.cli.options import Cap, Models, Scatter, global_options
+from uncnn_rt.cli.options import Cap, Helpers, Models, Scatter, global_options
 from uncnn_rt.cli.progress import progress_bar
 from uncnn_rt.runtime import catalog
 from uncnn_rt.runtime import cloak as cloaking
@@ -276,7 +276,9 @@ class _Models:
     device: str
     need_detector: bool
     target_photo: LoadedImage | None
+    helper_names: list[str] | None = None
     recognizers: list[Any] = field(default_factory=list)
+    helpers: list[Any] = field(default_factory=list)
     detector: cloaking.Detector | None = None
     target: dict[str, Any] | None = None
     loaded: bool = False
@@ -302,7 +304,9 @@ class _Models:
         if self._errors:
             raise self._errors[0]
         if self.target_photo is not None:
-            self.target = cloaking.target_embeddings(self.target_photo, self.recognizers, self.detector)
+            self.target = cloaking.target_embeddings(
+                self.target_photo, [*self.recognizers, *self.helpers], self.detector
+            )
         self.loaded = True
 
     def _catching(self, job: Callable[[], None]) -> Callable[[], None]:
@@ -316,6 +320,8 @@ class _Models:
 
     def _open_recognizers(self) -> None:
         self.recognizers = cloaking.load_recognizers(self.names, device=self.device)
+        if self.helper_names:
+            self.helpers = cloaking.load_recognizers(self.helper_names, device=self.device)
 
     def _open_detector(self) -> None:
         self.detector = cloaking.load_detector(device=self.device)
@@ -384,6 +390,7 @@ def cloak(
         ),
     ] = None,
     models: Models = None,
+    helpers: Helpers = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report instead of tables.")] = False,
     seed: Annotated[
         int | None,
@@ -413,6 +420,7 @@ def cloak(
             cloaking.check_seed(seed)
         out_format = None if fmt is None else normalise_format(fmt)
         names = split_models(models)
+        helper_names = split_models(helpers, "--helpers")
         files, missing = expand_inputs(paths)
         outcomes += missing
         many = len(files) + len(missing) > 1
@@ -424,7 +432,7 @@ def cloak(
             typer.echo(f"note: {note}", err=True)
     if seed is None:
         seed = secrets.randbelow(2**31)
-    runs = _Models(names, device, not no_align or target_identity is not None, target_photo)
+    runs = _Models(names, device, not no_align or target_identity is not None, target_photo, helper_names)
     todo = [f for f in files if f in planned]
     if todo:
         runs.start()
@@ -583,6 +591,7 @@ def _cloak_one(
             seed=seed,
             progress=on_progress,
             saved=as_saved,
+            helpers=runs.helpers,
         )
         start = time.perf_counter()
         make_folder(destination.parent)  # a new -o folder (name/) is made at its first output

@@ -67,6 +67,13 @@ Models = Annotated[
     ),
 ]
 """``--models`` of ``cloak`` and ``compare``."""
+HELPERS_HELP = (
+    "Comma-separated recognizers that steer every face's change but gate nothing: no face spends more to "
+    "get past them and the verdict is --models' alone, e.g. sface,openface. Off by default: they lifted "
+    "leave-one-out transfer at some more visibility (bench/RESULTS.md, runs 29-30)."
+)
+Helpers = Annotated[str | None, typer.Option(help=HELPERS_HELP)]
+"""``--helpers`` of ``cloak``."""
 Cap = Annotated[str | None, typer.Option(help=CAP_HELP)]
 """``--cap`` of ``cloak`` and ``eval``."""
 Scatter = Annotated[float | None, typer.Option(help=SCATTER_HELP)]

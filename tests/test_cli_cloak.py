@@ -168,6 +168,25 @@ BAD_INPUTS = {
 }
 
 
+def test_helpers_steer_the_cloak_and_the_verdict_is_the_models_alone(
+    patched: FakeDetector, tmp_path: Path
+) -> None:
+    source = write(tmp_path / "me.png", photo(), "PNG")
+    args = ["-q", "cloak", str(source), "--json", "--models", "linear_face", *STRONG]
+    steered = CliRunner().invoke(app, [*args, "--helpers", "linear_face_24", "-o", str(tmp_path / "h.png")])
+    assert steered.exit_code == 0, steered.output
+    entry = json.loads(steered.stdout)["files"][0]
+    assert entry["models"] == ["linear_face"] and entry["helpers"] == ["linear_face_24"]
+    assert [m["name"] for m in entry["faces"][0]["models"]] == ["linear_face"]
+    plain = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "p.png")])
+    assert json.loads(plain.stdout)["files"][0]["helpers"] == []
+    with Image.open(tmp_path / "h.png") as h, Image.open(tmp_path / "p.png") as p:
+        assert not np.array_equal(np.asarray(h), np.asarray(p))  # the helper did steer the change
+    for bad, message in ((",", "--helpers needs"), ("nonesuch", "unknown recognizer")):
+        refused = CliRunner().invoke(app, [*args, "--helpers", bad, "-o", str(tmp_path / "x.png")])
+        assert refused.exit_code == 2 and message in refused.output, refused.output
+
+
 @pytest.mark.parametrize("name", sorted(BAD_INPUTS))
 def test_bad_inputs_give_one_line_and_exit_2(patched: FakeDetector, tmp_path: Path, name: str) -> None:
     make, message = BAD_INPUTS[name]

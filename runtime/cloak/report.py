@@ -33,9 +33,9 @@ CLASSIFIER: Final = "efficientnet_lite0"
 """The shipped ImageNet classifier of ``uncnn-rt classify`` and ``POST /v1/classify``."""
 
 
-def split_models(models: str | None) -> list[str] | None:
-    """The recognizer names of a ``--models`` (or ``models`` field) value: comma-separated, or None for
-    the default ensemble.
+def split_models(models: str | None, option: str = "--models") -> list[str] | None:
+    """The recognizer names of a ``--models`` (or ``models`` field; ``option`` names it in the error)
+    value: comma-separated, or None for the default ensemble.
 
     Raises:
         InputError: the value names no model (only commas and spaces).
@@ -44,7 +44,7 @@ def split_models(models: str | None) -> list[str] | None:
         return None
     names = [m.strip() for m in models.split(",") if m.strip()]
     if not names:
-        raise InputError(f"--models needs comma-separated recognizer names, got {models!r}")
+        raise InputError(f"{option} needs comma-separated recognizer names, got {models!r}")
     return names
 
 
@@ -95,6 +95,7 @@ def cloak_details(result: CloakResult, loaded: LoadedImage, *, extra_seconds: fl
         "schedule": settings.schedule,
         "schedule_floor": settings.schedule_floor,
         "models": list(result.models),
+        "helpers": list(result.helpers),
         "seed": result.seed,
         "output_quality": result.output_quality,
         "cloak_seconds": round(result.seconds + extra_seconds, 3),
