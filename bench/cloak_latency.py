@@ -37,7 +37,8 @@ Usage::
     .venv/bin/python bench/cloak_latency.py --cases group folder
     .venv/bin/python bench/cloak_latency.py --cases 1080p --models faceres,mobileface,sface
 
-``--models`` (comma-separated) cloaks the 1080p and 12 MP cases with another ensemble than the default.
+``--models`` (comma-separated) cloaks the 1080p and 12 MP cases with another ensemble than the default,
+``--helpers`` with recognizers that steer them too (``cloak --helpers``).
 """
 
 from __future__ import annotations
@@ -79,10 +80,15 @@ def peak_rss_mb() -> float:
 
 
 def measure(
-    case: str, mode: str, runs: int, device: str, models: list[str] | None = None
+    case: str,
+    mode: str,
+    runs: int,
+    device: str,
+    models: list[str] | None = None,
+    helpers: list[str] | None = None,
 ) -> dict[str, object]:
     """Run in a child process: cloak and verify ``runs`` times with the models loaded once
-    (``models``: the ensemble, default the shipped default)."""
+    (``models``: the ensemble, default the shipped default; ``helpers``: recognizers that steer)."""
     from uncnn_rt.runtime import cloak
     from uncnn_rt.runtime.cloak.verify import verify
     from uncnn_rt.runtime.imageio import load_image, lossy_round_trip, save_image
@@ -91,6 +97,7 @@ def measure(
     path = make_photo(case, folder)
     start = time.perf_counter()
     recognizers = cloak.load_recognizers(models, device=device)
+    steering = cloak.load_recognizers(helpers, device=device) if helpers else []
     detector = cloak.load_detector(device=device)
     load_seconds = time.perf_counter() - start
     cloak_wall, cloak_cpu, verify_wall, steps, protected = [], [], [], [], []
@@ -99,7 +106,13 @@ def measure(
         wall, cpu = time.perf_counter(), time.process_time()
         saved = lossy_round_trip(loaded, fmt="JPEG")  # the cap holds on the JPEG as written, as in the CLI
         result = cloak.cloak_image(
-            loaded, recognizers=recognizers, detector=detector, mode=mode, seed=run, saved=saved
+            loaded,
+            recognizers=recognizers,
+            detector=detector,
+            mode=mode,
+            seed=run,
+            saved=saved,
+            helpers=steering,
         )
         out = save_image(result.image, loaded, folder / f"out_{run}.jpg", quality=result.output_quality)
         cloak_wall.append(time.perf_counter() - wall)
@@ -221,7 +234,9 @@ main()
 """
 
 
-def cold_cli(photo: str, mode: str, models: str | None = None) -> tuple[float, float, float]:
+def cold_cli(
+    photo: str, mode: str, models: str | None = None, helpers: str | None = None
+) -> tuple[float, float, float]:
     """Wall seconds, peak RSS (MB) and seconds to the end of the first attack step of one ``uncnn-rt
     cloak`` command in a fresh process (measured by a wrapper process whose only child is the command,
     so no other process's peak is counted)."""
@@ -229,6 +244,8 @@ def cold_cli(photo: str, mode: str, models: str | None = None) -> tuple[float, f
     args = ["--quiet", "cloak", photo, "--mode", mode, "-o", str(out), "--json"]
     if models:
         args += ["--models", models]
+    if helpers:
+        args += ["--helpers", helpers]
     done = subprocess.run(
         [sys.executable, "-c", _RUN_CLI, _CLI_WITH_FIRST_STEP, *args], capture_output=True, text=True,
         check=False,
@@ -249,6 +266,9 @@ def main() -> None:
     parser.add_argument("--group", type=Path, default=GROUP, help="the group photo of the group case")
     parser.add_argument("--folder-photos", type=int, default=20)
     parser.add_argument("--models", default=None, help="comma-separated ensemble of the 1080p and 12mp cases")
+    parser.add_argument(
+        "--helpers", default=None, help="comma-separated recognizers that steer the 1080p and 12mp cases"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child == "group":
@@ -256,7 +276,8 @@ def main() -> None:
         return
     if args.child:
         models = args.models.split(",") if args.models else None
-        print(json.dumps(measure(args.child, args.mode, args.runs, args.device, models)))
+        helpers = args.helpers.split(",") if args.helpers else None
+        print(json.dumps(measure(args.child, args.mode, args.runs, args.device, models, helpers)))
         return
     if args.threads:
         os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[: args.threads]))
@@ -265,7 +286,7 @@ def main() -> None:
     if not any(e.kind == "face" and e.in_default_ensemble for e in catalog.load_manifest()):
         raise SystemExit("no face recognizers are shipped; build the model zoo first")
     cores, load = len(os.sched_getaffinity(0)), os.getloadavg()[0]
-    ensemble = args.models or "the default ensemble"
+    ensemble = (args.models or "the default ensemble") + (f", helpers {args.helpers}" if args.helpers else "")
     print(f"cloak latency, mode {args.mode}, {ensemble}, {cores} CPU cores, load average {load:.1f}")
     print("targets: 1080p cloak <= 5 s median (issue 26); 12 MP peak memory <= 1 GB\n")
     for case in args.cases:
@@ -278,7 +299,8 @@ def main() -> None:
         child = subprocess.run(
             [sys.executable, __file__, "--child", case, "--mode", args.mode, "--runs", str(args.runs),
              "--device", args.device, "--group", str(args.group),
-             *(["--models", args.models] if args.models else [])],
+             *(["--models", args.models] if args.models else []),
+             *(["--helpers", args.helpers] if args.helpers else [])],
             capture_output=True, text=True, check=False,
         )  # fmt: skip
         if child.returncode != 0:
@@ -295,7 +317,7 @@ def main() -> None:
                     f"protected {r['protected']} faces  steps {r['steps']}"
                 )
             continue
-        cold_s, cold_rss, first_step = cold_cli(str(row["photo"]), args.mode, args.models)
+        cold_s, cold_rss, first_step = cold_cli(str(row["photo"]), args.mode, args.models, args.helpers)
         print(
             f"{case:6s} {row['size']:>9s}  faces {row['faces']}  cloak {row['cloak_s']:.2f} s median "
             f"(cpu {row['cloak_cpu_s']:.2f} s)  verify {row['verify_s']:.2f} s  "

@@ -164,10 +164,13 @@ def main() -> None:
             for condition, r in summary["conditions"].items()
         }
     # Per recognizer, P1 as saved when the cloak never saw it (leave-one-out, or external and not a
-    # duplicate of a member): with every recognizer scoring, ensembles of different sizes compare on
-    # the same held-out models.
+    # duplicate of a member, nor a helper that steered every cloak): with every recognizer scoring,
+    # ensembles of different sizes compare on the same held-out models.
     unseen: dict[str, list[int]] = {}
+    steered = {h.name for h in helpers}
     for row in mode["scores"]:
+        if row["evaluator"] in steered:
+            continue
         if row["kind"] == "leave-one-out" or (row["kind"] == "external" and row["independent"]):
             p1 = row["conditions"]["as_saved"]["p1"]
             unseen[row["evaluator"]] = [p1["protected"], p1["of"]]
