@@ -17,6 +17,7 @@ photo (Family1-Mom 1). Strips of ``../shared`` faces stay out of the repository.
 Usage::
 
     .venv/bin/python bench/peak_faces.py -o /tmp/peaks mid='{}' eps16='{"eps": 16, "step_size": 4}'
+    .venv/bin/python bench/peak_faces.py -o /tmp/peaks mid='{}' helped='{"helpers": ["sface", "openface"]}'
 """
 
 from __future__ import annotations
@@ -71,19 +72,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("recipes", nargs="+", help="LABEL=JSON: CloakSettings fields replaced on mid")
+    parser.add_argument(
+        "recipes",
+        nargs="+",
+        help='LABEL=JSON: CloakSettings fields replaced on mid; "helpers": a list of recognizers that steer',
+    )
     parser.add_argument("-o", "--out", type=Path, required=True)
     args = parser.parse_args()
     recipes = []
     for text in args.recipes:
         label, _, overrides = text.partition("=")
-        recipes.append((label, replace(cloak.MODES["mid"], **json.loads(overrides or "{}"))))
+        fields = json.loads(overrides or "{}")
+        helpers = cloak.load_recognizers(fields.pop("helpers")) if "helpers" in fields else []
+        recipes.append((label, replace(cloak.MODES["mid"], **fields), helpers))
     recognizers, detector = cloak.load_recognizers(), cloak.load_detector()
     args.out.mkdir(parents=True, exist_ok=True)
     for name, (loaded, index) in faces().items():
         shown = []
         original = None
-        for label, settings in recipes:
+        for label, settings, helpers in recipes:
             result = cloak.cloak_image(
                 loaded,
                 recognizers=recognizers,
@@ -91,6 +98,7 @@ def main() -> None:
                 mode=settings,
                 face=index,
                 largest=index is None,
+                helpers=helpers,
             )
             face = result.faces[0]
             region = face.visible_region
