@@ -404,7 +404,8 @@ def cloak_image(
         helpers: recognizers that steer every face's change, each at the mode's ``helper_weight``
             times a full member's share of the steps, but gate nothing: the early stop, the refinement
             and least-visible margin checks and the verdict are ``recognizers``' alone, so a face never
-            spends more to get past a helper (``Victim(gates=False)``). Their thresholds are not used.
+            spends more to get past a helper (``Victim(gates=False)``). Their thresholds are not used;
+            a ``target`` and ``far_targets`` need their embeddings too.
 
     Raises:
         NoFaceError: no face found (and not ``no_align``).
@@ -417,8 +418,6 @@ def cloak_image(
     size = crop_size_for(steering.all)
     names = [r.name for r in recognizers]
     every = [r.name for r in steering.all]
-    if len(set(every)) != len(every):
-        raise InputError(f"recognizers need distinct names, got {every}")
     if target is not None:
         missing = [n for n in every if n not in target]
         if missing:
@@ -938,6 +937,9 @@ class _Steering:
             raise InputError(f"helpers need a helper_weight > 0, got {weight}")
         self.gating, self.helpers, self.weight = list(gating), list(helpers), weight
         self.all = [*self.gating, *self.helpers]
+        names = [r.name for r in self.all]
+        if len(set(names)) != len(names):
+            raise InputError(f"recognizers need distinct names, got {names}")
 
     def victims(
         self,
