@@ -28,6 +28,9 @@ from uncnn_rt.runtime.errors import InputError
 from uncnn_rt.runtime.imageio import IMAGE_SUFFIXES
 from uncnn_rt.runtime.sessions import run_chunked
 
+GENUINE_QUANTILE = 0.95
+"""The quantile of the dev set's same-person similarities the manifest records (``dev.genuine_p95``)."""
+
 EmbedFn = Callable[[NDArray[np.float32]], NDArray[np.float32]]
 
 
@@ -44,6 +47,10 @@ class DevFigures:
     n_identities: int
     n_genuine_pairs: int
     n_impostor_pairs: int
+    genuine_p95: float
+    """The 95th percentile of the same-person pairs' similarities: how close a person's other photos come
+    to one photo of theirs. The cloak's default aim (:mod:`uncnn_rt.runtime.cloak`) divides the
+    threshold by it."""
 
     def to_json(self) -> dict[str, float | int]:
         out = asdict(self)
@@ -163,6 +170,7 @@ def calibrate(features: NDArray[np.floating], labels: Sequence[str], *, fmr: flo
         n_identities=len(set(labels)),
         n_genuine_pairs=len(genuine),
         n_impostor_pairs=len(impostor),
+        genuine_p95=float(np.quantile(genuine, GENUINE_QUANTILE)),
     )
 
 

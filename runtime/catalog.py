@@ -48,6 +48,12 @@ class ModelEntry:
     def in_default_ensemble(self) -> bool:
         return bool(self.raw.get("default_ensemble", False))
 
+    @property
+    def genuine_p95(self) -> float | None:
+        """The dev set's 95th percentile of same-person similarities (``dev.genuine_p95``), or None."""
+        value = self.raw.get("dev", {}).get("genuine_p95")
+        return None if value is None else float(value)
+
 
 def models_dir() -> Path:
     """The folder of the installed ``uncnn_rt.models`` package."""
@@ -121,6 +127,20 @@ def resolve_model(model: str | Path) -> Path:
     if path.suffix == "" and "/" not in str(model):
         return get_model(str(model)).path
     raise ModelError(f"{model}: no such model file (or shipped model name)")
+
+
+def genuine_similarity(session: AttackSession) -> float | None:
+    """How close a person's other photos come to one photo of theirs on ``session``'s recognizer: the
+    manifest's ``dev.genuine_p95`` of the shipped model whose file ``session`` runs, or None (a user's
+    own attack graph; a manifest from before the figure)."""
+    try:
+        path = session.path.resolve()
+    except OSError:
+        return None
+    for entry in load_manifest():
+        if entry.kind == "face" and entry.path.resolve() == path:
+            return entry.genuine_p95
+    return None
 
 
 def default_recognizer_names() -> list[str]:
