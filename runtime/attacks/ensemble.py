@@ -52,6 +52,9 @@ class Victim:
             result's success skip it, and the focus gives it a constant share
             (:func:`.sampling.shares`): a surrogate that helps a change transfer without every image
             having to get past it (:mod:`uncnn_rt.runtime.cloak`'s helpers).
+        threshold: the threshold the victim's states carry instead of the model's own, or None: e.g. the
+            similarity to a face's own embedding below which the person's other photos stop matching
+            (:mod:`uncnn_rt.runtime.cloak`'s aim). Ignored when the victim does not gate.
     """
 
     session: AttackSession
@@ -61,6 +64,7 @@ class Victim:
     steer: ArrayLike | None = None
     ghost: AttackSession | None = None
     gates: bool = True
+    threshold: float | None = None
 
     @property
     def key(self) -> str:
@@ -81,6 +85,8 @@ class _Member:
     """The gradients' stepper when the victim has a ghost graph (its features are not the model's)."""
     gates: bool = True
     """False: the victim's states carry no threshold (:attr:`Victim.gates`)."""
+    threshold: float | None = None
+    """The threshold its states carry instead of the model's own (:attr:`Victim.threshold`)."""
 
     def objective(self, features: Float32Array, run: Float32Array) -> Float32Array:
         """The objective of ``references`` from a run's features (``run``: the run's own objective)."""
@@ -148,6 +154,7 @@ class Ensemble:
                     steered=victim.steer is not None,
                     ghost=None if victim.ghost is None else victim.ghost.stepper(run),
                     gates=victim.gates,
+                    threshold=victim.threshold,
                 )
             )
 
@@ -157,7 +164,8 @@ class Ensemble:
 
     def _state(self, member: _Member, features: Float32Array, objective: Float32Array) -> ModelState:
         info = member.session.info
-        threshold = info.threshold if member.gates else None
+        own = info.threshold if member.threshold is None else member.threshold
+        threshold = own if member.gates else None
         return ModelState(info.kind, threshold, features, objective, member.references)
 
     def evaluate(self, images: Float32Array) -> dict[str, ModelState]:
