@@ -337,10 +337,11 @@ def test_the_margin_check_stops_at_the_first_model_short_and_tries_it_first_next
     calls: list[str] = []
     for r in recognizers:
         monkeypatch.setattr(r, "features", lambda x, r=r, f=r.features: calls.append(r.name) or f(x))
-    check = cloak_photo._MarginCheck(recognizers, references, False, 0.05)
+    steering = cloak_photo._Steering(recognizers, (), 0.0)
+    check = cloak_photo._MarginCheck(steering, references, False, 0.05)
     every = all(
         o.passed and o.similarity < (o.threshold or 0.0) - 0.05
-        for o in cloak_photo._outcomes_at(original, site, recognizers, references, False)
+        for o in cloak_photo._outcomes_at(original, site, steering, references, False)
     )
     calls.clear()
     assert check(original, site) is every is False
@@ -349,9 +350,7 @@ def test_the_margin_check_stops_at_the_first_model_short_and_tries_it_first_next
     assert check(original, site) is False
     assert calls == [second.name]  # the model that fell short is asked first, and alone
     # Both past: every model is asked, and the check says so.
-    passing = cloak_photo._MarginCheck(
-        recognizers, {r.name: -clean[r.name] for r in recognizers}, False, 0.05
-    )
+    passing = cloak_photo._MarginCheck(steering, {r.name: -clean[r.name] for r in recognizers}, False, 0.05)
     calls.clear()
     assert passing(original, site) is True
     assert sorted(calls) == sorted(r.name for r in recognizers)

@@ -17,6 +17,7 @@ the recognizers a cloak runs against are resolved by :mod:`uncnn_rt.runtime.cata
 from uncnn_rt.runtime.catalog import default_recognizer_names, load_recognizers
 from uncnn_rt.runtime.cloak.caps import ENCODER_SHARE, FaceLimits, exceeds, face_limits
 from uncnn_rt.runtime.cloak.modes import (
+    AIMS,
     DEFAULT_MODE,
     MODES,
     SEED_LIMIT,
@@ -32,6 +33,7 @@ from uncnn_rt.runtime.cloak.photo import (
     CloakProgressCallback,
     CloakResult,
     ModelOutcome,
+    aim_for,
     cloak_image,
     far_directions,
     photo_rng,
@@ -42,6 +44,7 @@ from uncnn_rt.runtime.cloak.photo import (
 from uncnn_rt.runtime.geometry.faces import Detector, NoFaceError, TooManyFacesError, load_detector
 
 __all__ = [
+    "AIMS",
     "BATCH_FACES",
     "DEFAULT_MODE",
     "ENCODER_SHARE",
@@ -57,6 +60,7 @@ __all__ = [
     "ModelOutcome",
     "NoFaceError",
     "TooManyFacesError",
+    "aim_for",
     "check_seed",
     "cloak_image",
     "default_recognizer_names",

@@ -12,6 +12,9 @@ from typing import Any, Final
 from uncnn_rt.runtime.errors import InputError
 from uncnn_rt.runtime.visibility import JND_DARK
 
+AIMS: Final = ("self", "others")
+"""What a cloak's margin and verdict are measured against (``CloakSettings.aim``; :func:`~.photo.aim_for`)."""
+
 FEATHER: Final = 0.1
 """Soft edge of a face region, as a fraction of the canonical crop's side in photo pixels."""
 
@@ -97,6 +100,10 @@ class CloakSettings:
         helper_weight: a helper's weight in the step's draw, relative to a gating recognizer's (the
             recognizers given to ``cloak_image`` as ``helpers``, which steer and gate nothing; 0.25 lifted
             leave-one-out P1 on the colour set, bench/RESULTS.md run 29). Unused without helpers.
+        aim: what the margin and the verdict are measured against (:func:`~.photo.aim_for`): ``self``, each
+            recognizer's threshold on the similarity to the photo's own clean face (the cloaked file no
+            longer matches the photo it was made from); ``others``, the similarity below which the
+            person's other photos stop matching it, from the dev set's same-person similarities.
     """
 
     mode: str
@@ -146,6 +153,7 @@ class CloakSettings:
     prune: float = 0.0
     far: float = 0.0
     helper_weight: float = 0.25
+    aim: str = "self"
 
     def describe(self) -> str:
         parts = [f"eps {self.eps:g}", f"{self.steps} steps"]
@@ -154,7 +162,10 @@ class CloakSettings:
             de = "" if self.cap_ciede2000 is None else f", CIEDE2000 <= {self.cap_ciede2000:g}"
             parts.append(f"visible at most as {scale}JPEG q{self.cap_jpeg}{de}")
         if self.least:
-            parts.append(f"each face the least change {self.success_margin:g} past every threshold")
+            past = "every threshold"
+            if self.aim == "others":
+                past = "the aim below which the person's other photos stop matching"
+            parts.append(f"each face the least change {self.success_margin:g} past {past}")
         if self.ssim_min is not None:
             parts.append(f"SSIM >= {self.ssim_min:g}")
         if self.scatter > 0:
@@ -283,11 +294,12 @@ def settings_for(
     coarse: float | None = None,
     cap: str | None = None,
     scatter: float | None = None,
+    aim: str | None = None,
 ) -> CloakSettings:
     """A mode's settings (a name of :data:`MODES`, or settings) with explicit overrides (``ssim_min <= 0``
     turns the floor off; ``coarse`` replaces the mode's grids by one, 1 stepping per photo pixel;
     ``cap`` is :func:`parse_cap`'s text, ``none`` turning the visibility cap off; ``scatter`` the weight of
-    each face's own random direction, 0 off)."""
+    each face's own random direction, 0 off; ``aim`` one of :data:`AIMS`)."""
     if isinstance(mode, CloakSettings):
         settings = mode
     elif mode in MODES:
@@ -326,7 +338,12 @@ def settings_for(
         if not 0 <= scatter <= 10 or math.isnan(scatter):
             raise InputError(f"scatter must be in 0..10, got {scatter}")
         settings = replace(settings, scatter=float(scatter))
-    if (eps, steps, ssim_min, coarse, cap, scatter) != (None,) * 6 and not settings.mode.endswith("(custom)"):
+    if aim is not None:
+        if aim not in AIMS:
+            raise InputError(f"aim must be one of {', '.join(AIMS)}, got {aim!r}")
+        settings = replace(settings, aim=aim)
+    overridden = (eps, steps, ssim_min, coarse, cap, scatter, aim) != (None,) * 7
+    if overridden and not settings.mode.endswith("(custom)"):
         settings = replace(settings, mode=f"{settings.mode} (custom)")
     return settings
 

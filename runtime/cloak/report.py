@@ -91,6 +91,7 @@ def cloak_details(result: CloakResult, loaded: LoadedImage, *, extra_seconds: fl
         "cap": settings.cap_label,
         "coarse": settings.coarse,
         "scatter": settings.scatter,
+        "aim": settings.aim,
         "scales": list(settings.scales),
         "schedule": settings.schedule,
         "schedule_floor": settings.schedule_floor,
@@ -125,11 +126,11 @@ def visibility_details(
         entry: dict[str, Any] = {} if f.visibility is None else f.visibility.to_dict()
         check = checks.get(f.number)
         margins = [
-            (m.after - m.threshold) if report.targeted else (m.threshold - m.after)
+            (m.after - m.aim) if report.targeted else (m.aim - m.after)
             for m in (check.models if check is not None else ())
-            if m.threshold is not None
+            if m.aim is not None
         ]
-        # How far past its threshold the closest recognizer is on the saved file (negative: short).
+        # How far past its aim the closest recognizer is on the saved file (negative: short).
         entry["margin"] = round(min(margins), 4) if margins else None
         entry["short_of_margin"] = f.short
         # Short because the ceiling was spent, rather than the steps or the per-pixel bound.

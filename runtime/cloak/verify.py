@@ -6,8 +6,9 @@ per face and per model:
 
 - ``before``: the similarity of the *clean* photo's face, aligned as in the cloaked one, to the reference;
 - ``after``: the same for the cloaked file's face;
-- PROTECTED when ``after`` is below the model's threshold (untargeted: no longer matched to the person),
-  or, for a targeted cloak, at or above it (matched to the target identity).
+- PROTECTED when ``after`` is below the cloak's aim (untargeted: :func:`~.photo.aim_for`, the model's
+  threshold with ``aim="self"``, the similarity below which the person's other photos stop matching
+  with ``"others"``), or, for a targeted cloak, at or above the threshold (matched to the target).
 
 The reference is the face's clean embedding (untargeted) or the target's (targeted), as in the attack.
 """
@@ -26,7 +27,7 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from uncnn_rt.runtime.arrays import Float32Array
-from uncnn_rt.runtime.cloak import CloakResult, Detector, NoFaceError
+from uncnn_rt.runtime.cloak import CloakResult, Detector, NoFaceError, aim_for
 from uncnn_rt.runtime.errors import InputError
 from uncnn_rt.runtime.geometry.faces import (
     FaceSite,
@@ -64,11 +65,14 @@ class ModelCheck:
     before: float
     after: float
     protected: bool
+    aim: float | None = None
+    """The similarity ``after`` is judged at (:func:`~.photo.aim_for`); the threshold where None."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "threshold": self.threshold,
+            "aim": None if self.aim is None else round(self.aim, 6),
             "before": round(self.before, 6),
             "after": round(self.after, 6),
             "protected": self.protected,
@@ -173,15 +177,15 @@ def verify(
             reference = face.references.get(r.name)
             if reference is None:  # a model the cloak did not use: judge against its own clean view
                 reference = embed(original.rgb, face.site, [r])[r.name]
-            threshold = r.info.threshold
+            threshold, aim = r.info.threshold, aim_for(r, result.settings.aim, result.targeted)
             before_sim, after_sim = _cosine(clean[r.name], reference), _cosine(after[r.name], reference)
-            if threshold is None:
+            if aim is None:
                 protected = False
             elif result.targeted:
-                protected = after_sim >= threshold
+                protected = after_sim >= aim
             else:
-                protected = after_sim < threshold
-            checks.append(ModelCheck(r.name, threshold, before_sim, after_sim, protected))
+                protected = after_sim < aim
+            checks.append(ModelCheck(r.name, threshold, before_sim, after_sim, protected, aim))
         faces.append(
             FaceCheck(
                 face.number,
