@@ -30,7 +30,7 @@ from uncnn_rt.cli.exit_codes import (
     EXIT_OK,
     worst_exit_code,
 )
-from uncnn_rt.cli.options import Cap, Helpers, Models, Scatter, global_options
+from uncnn_rt.cli.options import Aim, Cap, Helpers, Models, Scatter, global_options
 from uncnn_rt.cli.progress import progress_bar
 from uncnn_rt.runtime import catalog
 from uncnn_rt.runtime import cloak as cloaking
@@ -373,6 +373,7 @@ def cloak(
         ),
     ] = None,
     scatter: Scatter = None,
+    aim: Aim = None,
     face: Annotated[
         int | None, typer.Option(help="Cloak only face N (1 = leftmost, as numbered in the report).")
     ] = None,
@@ -414,7 +415,7 @@ def cloak(
         if face is not None and face < 1:
             raise InputError(f"--face counts from 1, got {face}")
         settings = cloaking.settings_for(
-            mode, eps=eps, steps=steps, ssim_min=ssim_min, coarse=coarse, cap=cap, scatter=scatter
+            mode, eps=eps, steps=steps, ssim_min=ssim_min, coarse=coarse, cap=cap, scatter=scatter, aim=aim
         )
         if seed is not None:
             cloaking.check_seed(seed)
@@ -624,7 +625,10 @@ BEFORE_AFTER_NOTE = (
     "before / after: each model's cosine similarity to the face's clean embedding{target}, of the original "
     "photo (before) and of the saved cloak (after), both cropped where the detector finds the face in the "
     "saved file. The cloak itself was made on the crop found in the original, so before is below 1 by the "
-    "small shift between the two crops alone, and shows how much of the drop that shift explains."
+    "small shift between the two crops alone, and shows how much of the drop that shift explains. aim: "
+    "the similarity after must be below (above, targeted) to be PROTECTED: with --aim others, the level "
+    "below which the person's other photos stop matching this one (the model's threshold over how close "
+    "a person's photos come to one another, estimated on the dev set); with --aim self, the threshold."
 )
 
 
@@ -654,18 +658,18 @@ def _print_outcomes(outcomes: list[FileOutcome], *, quiet: bool = False) -> None
                 f"{outcome.details['mode']}, eps {outcome.details['eps']:g}"
             ),
         )
-        for column in ("face", "model", "before", "after", "threshold", ""):
+        for column in ("face", "model", "before", "after", "aim", "threshold", ""):
             table.add_column(
-                column, justify="right" if column in ("before", "after", "threshold") else "left"
+                column, justify="right" if column in ("before", "after", "aim", "threshold") else "left"
             )
         for face in report.faces:
             label = f"{face.number}" + ("" if face.redetected else " (not re-detected)")
             for i, m in enumerate(face.models):
                 status = "[green]PROTECTED" if m.protected else "[red]NOT PROTECTED"
                 threshold = "-" if m.threshold is None else f"{m.threshold:.3f}"
-                table.add_row(
-                    label if i == 0 else "", m.name, f"{m.before:.3f}", f"{m.after:.3f}", threshold, status
-                )
+                aim = "-" if m.aim is None else f"{m.aim:.3f}"
+                row = (f"{m.before:.3f}", f"{m.after:.3f}", aim, threshold, status)
+                table.add_row(label if i == 0 else "", m.name, *row)
         out.print(table)
         for line in _visibility_lines(outcome.details.get("visibility")):
             typer.echo(line)  # not through rich, which would wrap it at the terminal's width

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from uncnn_rt.cli.errors import clean_errors
-from uncnn_rt.cli.options import Cap, Scatter, global_options
+from uncnn_rt.cli.options import Aim, Cap, Scatter, global_options
 from uncnn_rt.cli.progress import progress_bar
 from uncnn_rt.runtime import catalog, visibility
 from uncnn_rt.runtime import cloak as cloaking
@@ -127,6 +127,7 @@ def run_eval(
         typer.Option(help="Perturbation grid step in crop pixels, overriding every mode's (1: per pixel)."),
     ] = None,
     scatter: Scatter = None,
+    aim: Aim = None,
     models: Annotated[
         str | None,
         typer.Option(
@@ -216,7 +217,14 @@ def run_eval(
         mode_names = _split(modes, "--modes") if modes is not None else [mode]
         settings = {
             name: cloaking.settings_for(
-                name, eps=eps, steps=steps, ssim_min=ssim_min, coarse=coarse, cap=cap, scatter=scatter
+                name,
+                eps=eps,
+                steps=steps,
+                ssim_min=ssim_min,
+                coarse=coarse,
+                cap=cap,
+                scatter=scatter,
+                aim=aim,
             )
             for name in mode_names
         }

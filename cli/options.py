@@ -72,6 +72,15 @@ HELPERS_HELP = (
     "get past them and the verdict is --models' alone, e.g. sface,openface. Off by default: they lifted "
     "leave-one-out transfer at some more visibility (bench/RESULTS.md, runs 29-30)."
 )
+AIM_HELP = (
+    "What a face must get past, on each recognizer: 'others' the similarity to the photo below which "
+    "the person's other photos stop matching it (the threshold over how close a person's photos come "
+    "to one another on the dev set: what a tracker holding other photos of you sees); 'self' the "
+    "threshold itself, so that even the photo it was made from no longer matches (more change, more "
+    "visible) \\[default: the mode's]."
+)
+Aim = Annotated[str | None, typer.Option(help=AIM_HELP)]
+"""``--aim`` of ``cloak``."""
 Helpers = Annotated[str | None, typer.Option(help=HELPERS_HELP)]
 """``--helpers`` of ``cloak``."""
 Cap = Annotated[str | None, typer.Option(help=CAP_HELP)]

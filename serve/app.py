@@ -48,7 +48,10 @@ and also answered 503, and one whose client disconnects is stopped at its next a
   "detail"}` if the job fails after the first progress line (errors before it get their own status).
 
 The report has the fields of `uncnn-rt cloak --json`: per face and per model the similarity before and
-after, the model's threshold and PROTECTED when after is below it; SSIM and PSNR of the whole photo.
+after, the model's threshold, the cloak's aim and PROTECTED when after is below the aim (``aim``
+``others``: the threshold over how close a person's photos come to one another on the dev set, the
+similarity below which their other photos stop matching; ``self``: the threshold); SSIM and PSNR of the
+whole photo.
 """
 
 

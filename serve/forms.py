@@ -203,6 +203,11 @@ CLOAK_OPTIONS: Final = {
     "coarse": ("number", "perturbation grid step in crop pixels, overriding the mode's (1: per pixel)"),
     "scatter": ("number", "weight of each face's own random direction (0: off): unlinkable cloaks"),
     "cap": ("string", "visibility cap per face, overriding the mode: jpegQ, KxjpegQ (e.g. 2xjpeg75) or none"),
+    "aim": (
+        "string",
+        "others: past the similarity below which the person's other photos stop matching (the modes'); "
+        "self: past each threshold, so that even the original photo stops matching",
+    ),
     "face": ("integer", "cloak only face N (1 = leftmost)"),
     "largest": ("boolean", "cloak only the largest face"),
     "no_align": ("boolean", "no face detection: the image's centred square is the face"),
@@ -242,6 +247,7 @@ class CloakOptions:
                 coarse=fields.number("coarse"),
                 cap=fields.text("cap"),
                 scatter=fields.number("scatter"),
+                aim=fields.text("aim"),
             ),
             face=None if face is None else face - 1,
             largest=fields.flag("largest"),

@@ -184,6 +184,7 @@ async def list_models(current: LoadedModels, config: Config) -> dict[str, Any]:
                 "summary": MODE_SUMMARIES.get(name, m.describe()),
                 "description": m.describe(),
                 "cap": m.cap_label,
+                "aim": m.aim,
                 "eps": m.eps,
                 "steps": m.steps,
                 "ssim_min": m.ssim_min,

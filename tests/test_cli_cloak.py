@@ -187,6 +187,22 @@ def test_helpers_steer_the_cloak_and_the_verdict_is_the_models_alone(
         assert refused.exit_code == 2 and message in refused.output, refused.output
 
 
+def test_the_aim_is_reported_and_a_bad_one_refused(patched: FakeDetector, tmp_path: Path) -> None:
+    """Each model's verdict is taken at its aim, which the JSON report gives beside its threshold; a model
+    without the dev set's same-person figure (these test graphs) is aimed at its threshold."""
+    source = write(tmp_path / "me.png", photo(), "PNG")
+    args = ["-q", "cloak", str(source), "--json", "--models", "linear_face", *STRONG]
+    done = CliRunner().invoke(app, [*args, "--aim", "others", "-o", str(tmp_path / "o.png")])
+    assert done.exit_code == 0, done.output
+    entry = json.loads(done.stdout)["files"][0]
+    assert entry["aim"] == "others"
+    (model,) = entry["faces"][0]["models"]
+    assert model["aim"] == pytest.approx(model["threshold"]) and model["after"] < model["aim"]
+    refused = CliRunner().invoke(app, [*args, "--aim", "nobody", "-o", str(tmp_path / "x.png")])
+    assert refused.exit_code == 2 and "aim must be one of self, others" in refused.output, refused.output
+    assert not (tmp_path / "x.png").exists()
+
+
 @pytest.mark.parametrize("name", sorted(BAD_INPUTS))
 def test_bad_inputs_give_one_line_and_exit_2(patched: FakeDetector, tmp_path: Path, name: str) -> None:
     make, message = BAD_INPUTS[name]
