@@ -73,11 +73,11 @@ HELPERS_HELP = (
     "leave-one-out transfer at some more visibility (bench/RESULTS.md, runs 29-30)."
 )
 AIM_HELP = (
-    "What a face must get past, on each recognizer: 'others' the similarity to the photo below which "
-    "the person's other photos stop matching it (the threshold over how close a person's photos come "
-    "to one another on the dev set: what a tracker holding other photos of you sees); 'self' the "
-    "threshold itself, so that even the photo it was made from no longer matches (more change, more "
-    "visible) \\[default: the mode's]."
+    "What a face must get past, on each recognizer: 'self' (every mode's) its threshold, so that even the "
+    "photo the cloak was made from no longer matches; 'others' the similarity below which the person's "
+    "other photos stop matching (the threshold over how close a person's photos come to one another on "
+    "the dev set): less visible and weaker, as photos of one person can be closer than that "
+    "(bench/RESULTS.md, run 31)."
 )
 Aim = Annotated[str | None, typer.Option(help=AIM_HELP)]
 """``--aim`` of ``cloak``."""

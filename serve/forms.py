@@ -205,8 +205,9 @@ CLOAK_OPTIONS: Final = {
     "cap": ("string", "visibility cap per face, overriding the mode: jpegQ, KxjpegQ (e.g. 2xjpeg75) or none"),
     "aim": (
         "string",
-        "others: past the similarity below which the person's other photos stop matching (the modes'); "
-        "self: past each threshold, so that even the original photo stops matching",
+        "self (the modes'): past each threshold, so that even the original photo stops matching; "
+        "others: past the similarity below which the person's other photos stop matching (less visible, "
+        "weaker)",
     ),
     "face": ("integer", "cloak only face N (1 = leftmost)"),
     "largest": ("boolean", "cloak only the largest face"),
