@@ -31,7 +31,8 @@ from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
 
 from uncnn_rt.runtime import contract
-from uncnn_rt.runtime.sessions import CACHE_ENV, clear_session_cache
+from uncnn_rt.runtime.imageio import LoadedImage
+from uncnn_rt.runtime.sessions import CACHE_ENV, AttackSession, clear_session_cache
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -210,3 +211,26 @@ def linear_face_graph_24(tmp_path_factory: pytest.TempPathFactory) -> LinearGrap
 @pytest.fixture(scope="session")
 def linear_classifier_graph(tmp_path_factory: pytest.TempPathFactory) -> LinearGraph:
     return build_linear_classifier(tmp_path_factory.mktemp("graphs") / "linear_classifier.onnx")
+
+
+@pytest.fixture(scope="module")
+def mobileface_alone() -> list[AttackSession]:
+    """The shipped ``mobileface`` on the CPU, alone: a real recognizer every clone has."""
+    from uncnn_rt.runtime.catalog import load_recognizers
+
+    return load_recognizers(["mobileface"], device="cpu")
+
+
+@pytest.fixture(scope="module")
+def astronaut_photo() -> LoadedImage:
+    """scikit-image's astronaut as a decoded PNG: a real face every clone has."""
+    import io
+
+    from PIL import Image
+    from skimage import data
+
+    from uncnn_rt.runtime.imageio import load_image
+
+    buffer = io.BytesIO()
+    Image.fromarray(data.astronaut()).save(buffer, format="PNG")
+    return load_image(buffer.getvalue(), name="astronaut.png")

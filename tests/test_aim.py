@@ -16,33 +16,20 @@ import numpy as np
 import pytest
 from conftest import LinearGraph
 from PIL import Image
-from skimage import data
 
 from uncnn_rt.runtime import catalog, cloak
 from uncnn_rt.runtime.cloak.verify import verify
 from uncnn_rt.runtime.errors import InputError
-from uncnn_rt.runtime.imageio import LoadedImage, load_image
+from uncnn_rt.runtime.imageio import LoadedImage
 from uncnn_rt.runtime.sessions import AttackSession
 
 NAME = "mobileface"
 
 
-@pytest.fixture(scope="module")
-def model() -> list[AttackSession]:
-    return cloak.load_recognizers([NAME], device="cpu")
-
-
-@pytest.fixture(scope="module")
-def astronaut() -> LoadedImage:
-    buffer = io.BytesIO()
-    Image.fromarray(data.astronaut()).save(buffer, format="PNG")
-    return load_image(buffer.getvalue(), name="astronaut.png")
-
-
 def test_the_aim_at_others_is_the_threshold_over_the_genuine_similarity(
-    model: list[AttackSession], monkeypatch: pytest.MonkeyPatch
+    mobileface_alone: list[AttackSession], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (session,) = model
+    (session,) = mobileface_alone
     threshold = session.info.threshold
     rho = catalog.get_model(NAME).genuine_p95
     assert threshold is not None and rho is not None and threshold < rho < 1
@@ -69,19 +56,23 @@ def test_a_user_model_has_no_genuine_figure(linear_face_graph: LinearGraph) -> N
 
 
 def test_aiming_at_others_stops_sooner_with_less_change_and_the_verdict_is_taken_there(
-    model: list[AttackSession], astronaut: LoadedImage
+    mobileface_alone: list[AttackSession], astronaut_photo: LoadedImage
 ) -> None:
     detector = cloak.load_detector()
-    (session,) = model
+    (session,) = mobileface_alone
     threshold = session.info.threshold
     assert threshold is not None
     results = {}
     for aim in ("self", "others"):
         settings = replace(cloak.MODES["mid"], aim=aim)
-        result = cloak.cloak_image(astronaut, recognizers=model, detector=detector, mode=settings, seed=1)
+        result = cloak.cloak_image(
+            astronaut_photo, recognizers=mobileface_alone, detector=detector, mode=settings, seed=1
+        )
         buffer = io.BytesIO()
         Image.fromarray(result.image).save(buffer, format="PNG")
-        report = verify(astronaut, buffer.getvalue(), result, recognizers=model, detector=detector)
+        report = verify(
+            astronaut_photo, buffer.getvalue(), result, recognizers=mobileface_alone, detector=detector
+        )
         (face,) = report.faces
         (check,) = face.models
         results[aim] = (result, check)
@@ -96,7 +87,7 @@ def test_aiming_at_others_stops_sooner_with_less_change_and_the_verdict_is_taken
     assert check.protected and strict.protected
     # The looser aim is reached at a higher similarity, with a smaller change of the face.
     assert check.after > strict.after + 0.1
-    spent = [np.abs(r.image.astype(np.int16) - astronaut.rgb).sum() for r in (mine, theirs)]
+    spent = [np.abs(r.image.astype(np.int16) - astronaut_photo.rgb).sum() for r in (mine, theirs)]
     assert spent[0] < spent[1]
     mine_flip, theirs_flip = (r.faces[0].visibility.flip for r in (mine, theirs))  # type: ignore[union-attr]
     assert mine_flip < theirs_flip

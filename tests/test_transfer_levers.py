@@ -7,97 +7,93 @@ lever buys is measured, not asserted here: ``bench/RESULTS.md``, runs 18, 22 and
 
 from __future__ import annotations
 
-import io
 from dataclasses import replace
 
 import numpy as np
 import pytest
 from numpy.typing import NDArray
-from PIL import Image
-from skimage import data
 
 from uncnn_rt.runtime import cloak
 from uncnn_rt.runtime.cloak.photo import far_directions, view_centroids
 from uncnn_rt.runtime.errors import InputError
 from uncnn_rt.runtime.geometry.faces import embed, find_faces
 from uncnn_rt.runtime.geometry.warp import Warp
-from uncnn_rt.runtime.imageio import LoadedImage, load_image
+from uncnn_rt.runtime.imageio import LoadedImage
 from uncnn_rt.runtime.sessions import AttackSession
 
 NAME = "mobileface"
 
 
-@pytest.fixture(scope="module")
-def model() -> list[AttackSession]:
-    return cloak.load_recognizers([NAME], device="cpu")
-
-
-@pytest.fixture(scope="module")
-def astronaut() -> LoadedImage:
-    buffer = io.BytesIO()
-    Image.fromarray(data.astronaut()).save(buffer, format="PNG")
-    return load_image(buffer.getvalue(), name="astronaut.png")
-
-
 def test_the_centroid_of_two_views_is_the_mean_of_the_crop_and_its_mirror(
-    model: list[AttackSession], astronaut: LoadedImage
+    mobileface_alone: list[AttackSession], astronaut_photo: LoadedImage
 ) -> None:
-    (session,) = model
-    site = find_faces(astronaut.rgb, cloak.load_detector())[0]
+    (session,) = mobileface_alone
+    site = find_faces(astronaut_photo.rgb, cloak.load_detector())[0]
     size = session.info.canonical_size
-    crop = Warp(site.crop_to_photo, astronaut.rgb.shape, size).apply(astronaut.rgb)[None]
+    crop = Warp(site.crop_to_photo, astronaut_photo.rgb.shape, size).apply(astronaut_photo.rgb)[None]
     both = session.features(np.concatenate([crop, crop[:, :, ::-1]]).astype(np.float32))
     expected = both.sum(axis=0) / np.linalg.norm(both.sum(axis=0))
-    got = view_centroids(astronaut.rgb, site, size, model, 2, np.random.default_rng(0))[NAME]
+    got = view_centroids(astronaut_photo.rgb, site, size, mobileface_alone, 2, np.random.default_rng(0))[NAME]
     np.testing.assert_allclose(got, expected, atol=1e-5)
     # More views (jittered crops) stay near the face's own embedding, as views of one person should.
-    many = view_centroids(astronaut.rgb, site, size, model, 8, np.random.default_rng(0))[NAME]
-    clean = embed(astronaut.rgb, site, model)[NAME]
+    many = view_centroids(astronaut_photo.rgb, site, size, mobileface_alone, 8, np.random.default_rng(0))[
+        NAME
+    ]
+    clean = embed(astronaut_photo.rgb, site, mobileface_alone)[NAME]
     assert float(np.linalg.norm(many)) == pytest.approx(1.0, abs=1e-5)
     assert float(many @ clean) > 0.8
 
 
 def test_levers_steer_the_attack_but_the_verdict_stays_on_the_clean_face(
-    model: list[AttackSession], astronaut: LoadedImage
+    mobileface_alone: list[AttackSession], astronaut_photo: LoadedImage
 ) -> None:
     settings = replace(cloak.MODES["mid"], centroid=6, mirror=0.5, grey=0.25, blurred=0.5, far=0.3)
     detector = cloak.load_detector()
-    draw = np.random.default_rng(0).standard_normal((2, model[0].info.embedding_dim))
+    draw = np.random.default_rng(0).standard_normal((2, mobileface_alone[0].info.embedding_dim))
     pool = {NAME: (draw / np.linalg.norm(draw, axis=1, keepdims=True)).astype(np.float32)}
     first, again = (
         cloak.cloak_image(
-            astronaut, recognizers=model, detector=detector, mode=settings, seed=3, far_targets=pool
+            astronaut_photo,
+            recognizers=mobileface_alone,
+            detector=detector,
+            mode=settings,
+            seed=3,
+            far_targets=pool,
         )
         for _ in range(2)
     )
     np.testing.assert_array_equal(first.image, again.image)  # deterministic for its seed
     (face,) = first.faces
-    clean = embed(astronaut.rgb, face.site, model)[NAME]
+    clean = embed(astronaut_photo.rgb, face.site, mobileface_alone)[NAME]
     np.testing.assert_allclose(face.references[NAME], clean, atol=1e-6)
     plain = cloak.cloak_image(
-        astronaut, recognizers=model, detector=detector, mode=cloak.MODES["mid"], seed=3
+        astronaut_photo, recognizers=mobileface_alone, detector=detector, mode=cloak.MODES["mid"], seed=3
     )
     assert not np.array_equal(plain.image, first.image)  # the levers did change the attack
 
 
 def test_a_helper_steers_the_cloak_and_the_verdict_stays_the_ensembles(
-    model: list[AttackSession], astronaut: LoadedImage
+    mobileface_alone: list[AttackSession], astronaut_photo: LoadedImage
 ) -> None:
     """``helpers``: another family's recognizer (openface, 96 px) joins the gradients; the outcomes, the
     verdict and the margin checks are mobileface's alone."""
     detector = cloak.load_detector()
     helper = cloak.load_recognizers(["openface"], device="cpu")
-    steered = cloak.cloak_image(astronaut, recognizers=model, detector=detector, seed=3, helpers=helper)
-    plain = cloak.cloak_image(astronaut, recognizers=model, detector=detector, seed=3)
+    steered = cloak.cloak_image(
+        astronaut_photo, recognizers=mobileface_alone, detector=detector, seed=3, helpers=helper
+    )
+    plain = cloak.cloak_image(astronaut_photo, recognizers=mobileface_alone, detector=detector, seed=3)
     assert steered.models == (NAME,) and steered.helpers == ("openface",)
     assert [o.name for f in steered.faces for o in f.outcomes] == [NAME]
     assert not np.array_equal(plain.image, steered.image)  # the helper did steer the change
     with pytest.raises(InputError, match="distinct names"):
-        cloak.cloak_image(astronaut, recognizers=model, detector=detector, helpers=model)
+        cloak.cloak_image(
+            astronaut_photo, recognizers=mobileface_alone, detector=detector, helpers=mobileface_alone
+        )
     with pytest.raises(InputError, match="helper_weight > 0"):
         cloak.cloak_image(
-            astronaut,
-            recognizers=model,
+            astronaut_photo,
+            recognizers=mobileface_alone,
             detector=detector,
             helpers=helper,
             mode=replace(cloak.MODES["mid"], helper_weight=0.0),
