@@ -625,16 +625,19 @@ BEFORE_AFTER_NOTE = (
     "before / after: each model's cosine similarity to the face's clean embedding{target}, of the original "
     "photo (before) and of the saved cloak (after), both cropped where the detector finds the face in the "
     "saved file. The cloak itself was made on the crop found in the original, so before is below 1 by the "
-    "small shift between the two crops alone, and shows how much of the drop that shift explains. aim: "
-    "the similarity after must be below (above, targeted) to be PROTECTED: with --aim others, the level "
-    "below which the person's other photos stop matching this one (the model's threshold over how close "
-    "a person's photos come to one another, estimated on the dev set); with --aim self, the threshold."
+    "small shift between the two crops alone, and shows how much of the drop that shift explains.{aim}"
+)
+AIM_NOTE = (
+    " aim (--aim others): the similarity after must be below to be PROTECTED, the level below which the "
+    "person's other photos stop matching this one (the model's threshold over how close a person's photos "
+    "come to one another, estimated on the dev set)."
 )
 
 
 def _print_outcomes(outcomes: list[FileOutcome], *, quiet: bool = False) -> None:
     out = Console()
     explained = False
+    aimed = False
     said: set[str] = set()
     for outcome in outcomes:
         if outcome.error is not None:
@@ -658,31 +661,36 @@ def _print_outcomes(outcomes: list[FileOutcome], *, quiet: bool = False) -> None
                 f"{outcome.details['mode']}, eps {outcome.details['eps']:g}"
             ),
         )
-        for column in ("face", "model", "before", "after", "aim", "threshold", ""):
-            table.add_column(
-                column, justify="right" if column in ("before", "after", "aim", "threshold") else "left"
-            )
+        # The aim has a column of its own only where it is not the threshold (--aim others).
+        aims = any(m.aim != m.threshold for face in report.faces for m in face.models)
+        aimed = aimed or aims
+        columns = ("face", "model", "before", "after", *(("aim",) if aims else ()), "threshold", "")
+        for column in columns:
+            table.add_column(column, justify="left" if column in ("face", "model", "") else "right")
         for face in report.faces:
             label = f"{face.number}" + ("" if face.redetected else " (not re-detected)")
             for i, m in enumerate(face.models):
                 status = "[green]PROTECTED" if m.protected else "[red]NOT PROTECTED"
                 threshold = "-" if m.threshold is None else f"{m.threshold:.3f}"
                 aim = "-" if m.aim is None else f"{m.aim:.3f}"
-                row = (f"{m.before:.3f}", f"{m.after:.3f}", aim, threshold, status)
+                row = (f"{m.before:.3f}", f"{m.after:.3f}", *((aim,) if aims else ()), threshold, status)
                 table.add_row(label if i == 0 else "", m.name, *row)
         out.print(table)
-        for line in _visibility_lines(outcome.details.get("visibility")):
+        past = "every aim" if outcome.details.get("aim") == "others" else "every threshold"
+        for line in _visibility_lines(outcome.details.get("visibility"), past):
             typer.echo(line)  # not through rich, which would wrap it at the terminal's width
         if outcome.hint is not None:
             out.print(outcome.hint, markup=False, highlight=False)
         if not explained and not quiet:
             target = " (targeted: to the target's embedding)" if report.targeted else ""
-            out.print(BEFORE_AFTER_NOTE.format(target=target), style="dim", markup=False, highlight=False)
+            note = BEFORE_AFTER_NOTE.format(target=target, aim=AIM_NOTE if aimed else "")
+            out.print(note, style="dim", markup=False, highlight=False)
             explained = True
 
 
-def _visibility_lines(block: dict[str, Any] | None) -> list[str]:
-    """One line per face: how visible the saved cloak is on the face region, against its cap."""
+def _visibility_lines(block: dict[str, Any] | None, past: str = "every threshold") -> list[str]:
+    """One line per face: how visible the saved cloak is on the face region, against its cap, and the
+    margin reached (``past``: what it is past)."""
     if not block:
         return []
     lines = []
@@ -703,7 +711,7 @@ def _visibility_lines(block: dict[str, Any] | None) -> list[str]:
         elif face.get("short_of_margin"):
             reached = "; short of its margin after all its steps, below the ceiling (more --steps may help)"
         elif margin is not None and margin >= 0:
-            reached = f"; {margin:.3f} past every threshold"
+            reached = f"; {margin:.3f} past {past}"
         else:
             reached = ""
         lines.append(

@@ -11,6 +11,7 @@ import io
 import itertools
 import json
 import os
+import re
 import struct
 import threading
 import zlib
@@ -201,6 +202,25 @@ def test_the_aim_is_reported_and_a_bad_one_refused(patched: FakeDetector, tmp_pa
     refused = CliRunner().invoke(app, [*args, "--aim", "nobody", "-o", str(tmp_path / "x.png")])
     assert refused.exit_code == 2 and "aim must be one of self, others" in refused.output, refused.output
     assert not (tmp_path / "x.png").exists()
+
+
+def test_the_table_shows_the_aim_only_where_it_is_not_the_threshold(
+    patched: FakeDetector, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model whose photos of one person come 0.9 close (as if its manifest said so) is aimed at its
+    threshold over 0.9 with --aim others: the table then gives the aim a column and the note says what
+    it is; by default the aim is the threshold and the table has no such column."""
+    monkeypatch.setattr(catalog, "genuine_similarity", lambda session: 0.9)
+    source = write(tmp_path / "me.png", photo(), "PNG")
+    args = ["cloak", str(source), "--models", "linear_face", *STRONG]
+    aimed = CliRunner().invoke(app, [*args, "--aim", "others", "-o", str(tmp_path / "o.png")])
+    assert aimed.exit_code == 0, aimed.output
+    words = " ".join(aimed.stdout.split())  # the note wraps at the terminal's width
+    assert re.search(r"┃ +aim ┃", aimed.stdout)
+    assert "aim (--aim others)" in words and "past every aim" in words
+    plain = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "p.png")])
+    assert plain.exit_code == 0, plain.output
+    assert not re.search(r"┃ +aim ┃", plain.stdout) and "--aim" not in plain.stdout
 
 
 @pytest.mark.parametrize("name", sorted(BAD_INPUTS))
