@@ -446,7 +446,7 @@ def test_early_stop_freezes_done_images(face: AttackSession) -> None:
 
 def test_a_victims_own_threshold_replaces_the_models_in_the_stop_and_the_success(face: AttackSession) -> None:
     """``Victim(threshold=...)`` (the cloak's aim): the early stop and the success are taken at it, not at
-    the model's own threshold (0.5): at 0.8 each image stops sooner, between the two."""
+    the model's own threshold (0.5): at 0.8 the images stop sooner, between the two."""
     x = _images(4, 16, seed=15)
     stop = PastThresholds(margin=0.1)
     attack = PGD(eps=16, steps=40, success_margin=0.1)
@@ -455,7 +455,8 @@ def test_a_victims_own_threshold_replaces_the_models_in_the_stop_and_the_success
     assert np.all(own.objective["linear_face"] < 0.5 - 0.1)
     assert np.all(aimed.objective["linear_face"] < 0.8 - 0.1) and aimed.success["linear_face"].all()
     assert np.all(aimed.objective["linear_face"] > 0.5 - 0.1)
-    assert np.all(aimed.steps < own.steps)  # each image stops sooner
+    # One path until the aimed image stops: past 0.8 - 0.1 it stops at the latest where past 0.5 - 0.1.
+    assert np.all(aimed.steps <= own.steps) and aimed.steps.sum() < own.steps.sum()
 
 
 def test_a_victim_that_does_not_gate_steers_but_never_holds_the_early_stop(
