@@ -340,9 +340,7 @@ def settings_for(
             raise InputError(f"scatter must be in 0..10, got {scatter}")
         settings = replace(settings, scatter=float(scatter))
     if aim is not None:
-        if aim not in AIMS:
-            raise InputError(f"aim must be one of {', '.join(AIMS)}, got {aim!r}")
-        settings = replace(settings, aim=aim)
+        settings = replace(settings, aim=check_aim(aim))
     overridden = (eps, steps, ssim_min, coarse, cap, scatter, aim) != (None,) * 7
     if overridden and not settings.mode.endswith("(custom)"):
         settings = replace(settings, mode=f"{settings.mode} (custom)")
@@ -352,6 +350,13 @@ def settings_for(
 SEED_LIMIT: Final = 2**32
 """Seeds are ``0 <= seed < SEED_LIMIT``: what every random source of a cloak accepts, and what a JSON
 reader holds exactly."""
+
+
+def check_aim(aim: str) -> str:
+    """``aim`` when it is one of :data:`AIMS`; an :class:`InputError` otherwise."""
+    if aim not in AIMS:
+        raise InputError(f"aim must be one of {', '.join(AIMS)}, got {aim!r}")
+    return aim
 
 
 def check_seed(seed: int) -> int:

@@ -111,9 +111,9 @@ from uncnn_rt.runtime.cloak.caps import (
     room_for_the_cloak,
 )
 from uncnn_rt.runtime.cloak.modes import (
-    AIMS,
     DEFAULT_MODE,
     CloakSettings,
+    check_aim,
     settings_for,
 )
 from uncnn_rt.runtime.cloak.regions import (
@@ -261,9 +261,7 @@ def aim_for(recognizer: AttackSession, aim: str, targeted: bool) -> float | None
     does not separate people (``rho`` at or below its threshold) keep the threshold.
     """
     threshold = recognizer.info.threshold
-    if aim not in AIMS:
-        raise InputError(f"aim must be one of {', '.join(AIMS)}, got {aim!r}")
-    if threshold is None or targeted or aim == "self":
+    if check_aim(aim) == "self" or threshold is None or targeted:
         return threshold
     rho = catalog.genuine_similarity(recognizer)
     if rho is None or not rho > threshold:

@@ -168,6 +168,8 @@ def verify(
             raise InputError("verifying an aligned cloak needs the face detector")
         found = sites_from_detections(detector.detect(cloaked.rgb), size)
     faces = []
+    # The manifest is read once per model, not once per face.
+    aims = {r.name: aim_for(r, result.settings.aim, result.targeted) for r in recognizers}
     for face in result.faces:
         again = rematch(face.site, found)
         clean = embed(original.rgb, again.site, recognizers)
@@ -177,7 +179,7 @@ def verify(
             reference = face.references.get(r.name)
             if reference is None:  # a model the cloak did not use: judge against its own clean view
                 reference = embed(original.rgb, face.site, [r])[r.name]
-            threshold, aim = r.info.threshold, aim_for(r, result.settings.aim, result.targeted)
+            threshold, aim = r.info.threshold, aims[r.name]
             before_sim, after_sim = _cosine(clean[r.name], reference), _cosine(after[r.name], reference)
             if aim is None:
                 protected = False
