@@ -284,8 +284,8 @@ class AttackSession:
             to 3.00 s with spinning off (``bench/cloak_latency.py``). Turn it on for back-to-back runs.
 
     On the CPU (unless ``optimization="disable"``) the graph's PRelus are first rewritten into ops that
-    onnxruntime keeps in its blocked layout (:mod:`.lowering`; bit-identical results); ``lowered``
-    counts them.
+    onnxruntime keeps in its blocked layout and its subnormal weights set to zero (:mod:`.lowering`;
+    the file's results to float32 rounding); ``lowered`` counts the rewrites.
 
     Raises:
         DeviceError: the device is unknown or its provider is missing.
@@ -636,7 +636,7 @@ def prune_to_outputs(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.Mod
 CACHE_ENV: Final = "UNCNN_RT_CACHE"
 """Folder of the derived-graph cache (:func:`derived_graph`); ``off`` turns it off. Default:
 ``$XDG_CACHE_HOME/uncnn-rt/graphs``, else ``~/.cache/uncnn-rt/graphs``."""
-_DERIVED_VERSION: Final = 1
+_DERIVED_VERSION: Final = 2
 """Part of every cache key: raise it when :func:`lower_for_cpu` or :func:`prune_to_outputs` change what
 they make of a graph, so that no older rewrite is used."""
 

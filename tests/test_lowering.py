@@ -178,3 +178,66 @@ def test_rewrites_are_cached_so_later_sessions_skip_the_onnx_work(
     monkeypatch.setenv(sessions.CACHE_ENV, "off")
     assert sessions.graph_cache_dir() is None
     assert AttackSession(prelu_attack_graph, device="cpu").lowered == 2
+
+
+def _conv_model(weights: np.ndarray) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[1, 1])],
+        "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", weights.shape[1], 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", weights.shape[0], 6, 6])],
+        [numpy_helper.from_array(weights, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _subnormal_count(model: onnx.ModelProto) -> int:
+    tiny = np.finfo(np.float32).tiny
+    return sum(
+        int(np.count_nonzero((np.abs(a) < tiny) & (a != 0)))
+        for a in (numpy_helper.to_array(init) for init in model.graph.initializer)
+        if a.dtype == np.float32
+    )
+
+
+def test_subnormal_weights_become_zero_of_their_sign_with_the_files_results() -> None:
+    rng = np.random.default_rng(3)
+    weights = rng.normal(0, 0.3, (CHANNELS, 8, 1, 1)).astype(np.float32)
+    tiny = np.finfo(np.float32).tiny
+    weights.reshape(-1)[::3] = np.float32(tiny / 7)  # a third of the weights subnormal, of both signs
+    weights.reshape(-1)[1::6] = -np.float32(tiny / 3)
+    model = _conv_model(weights)
+    x = rng.normal(0, 50, (2, 8, 6, 6)).astype(np.float32)
+    expected = _run(model, {"x": x})[0]
+    lowered, count = lower_for_cpu(onnx.ModelProto.FromString(model.SerializeToString()))
+    assert count == 1  # one initializer flushed, no PRelu
+    assert _subnormal_count(lowered) == 0
+    flushed = numpy_helper.to_array(lowered.graph.initializer[0])
+    assert np.all(flushed.reshape(-1)[1::6] == 0) and np.all(np.signbit(flushed.reshape(-1)[1::6]))
+    normal = np.abs(weights) >= tiny
+    np.testing.assert_array_equal(flushed[normal], weights[normal])
+    np.testing.assert_array_equal(_run(lowered, {"x": x})[0], expected)
+
+
+def test_the_shipped_fr_feature_runs_without_its_subnormal_weights_with_its_features() -> None:
+    """The shipped graph that has them (about 9,600, which made its CPU forward pass 4x slower): the
+    CPU session flushes them and gives the file's features and gradient to float32 rounding."""
+    from uncnn_rt.runtime.catalog import resolve_model
+
+    path = resolve_model("fr_feature")
+    assert _subnormal_count(onnx.load(str(path))) > 1000
+    session = AttackSession(path, device="cpu")
+    assert session.lowered >= 1
+    plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(4)
+    size, dim = session.info.canonical_size, session.info.embedding_dim
+    images = rng.integers(0, 256, (2, size, size, 3)).astype(np.float32)
+    references = rng.standard_normal((2, dim)).astype(np.float32)
+    expected = plain.run(None, {C.INPUT_IMAGE: images, C.INPUT_REFERENCE: references})
+    got = session.run(images, references)
+    np.testing.assert_allclose(got.features, expected[0], rtol=1e-5, atol=1e-6)
+    scale = float(np.abs(expected[2]).max())
+    np.testing.assert_allclose(got.grad, expected[2], rtol=1e-4, atol=1e-5 * scale)
+    np.testing.assert_allclose(session.features(images), expected[0], rtol=1e-5, atol=1e-6)
