@@ -36,6 +36,7 @@ Usage::
     .venv/bin/python bench/cloak_latency.py --mode high --runs 5 --threads 2
     .venv/bin/python bench/cloak_latency.py --cases group folder
     .venv/bin/python bench/cloak_latency.py --cases 1080p --models faceres,mobileface,sface
+    .venv/bin/python bench/cloak_latency.py --cases 1080p --runs 1 --by-graph   # onnxruntime per graph
 
 ``--models`` (comma-separated) cloaks the 1080p and 12 MP cases with another ensemble than the default,
 ``--helpers`` with recognizers that steer them too (``cloak --helpers``).
@@ -86,13 +87,16 @@ def measure(
     device: str,
     models: list[str] | None = None,
     helpers: list[str] | None = None,
+    by_graph: bool = False,
 ) -> dict[str, object]:
     """Run in a child process: cloak and verify ``runs`` times with the models loaded once
-    (``models``: the ensemble, default the shipped default; ``helpers``: recognizers that steer)."""
+    (``models``: the ensemble, default the shipped default; ``helpers``: recognizers that steer;
+    ``by_graph``: onnxruntime's seconds and rows per graph file in the last run's cloak)."""
     from uncnn_rt.runtime import cloak
     from uncnn_rt.runtime.cloak.verify import verify
     from uncnn_rt.runtime.imageio import load_image, lossy_round_trip, save_image
 
+    per_graph = _time_graphs() if by_graph else None
     folder = Path(tempfile.mkdtemp(prefix="cloak_bench_"))
     path = make_photo(case, folder)
     start = time.perf_counter()
@@ -103,6 +107,8 @@ def measure(
     cloak_wall, cloak_cpu, verify_wall, steps, protected = [], [], [], [], []
     for run in range(runs):
         loaded = load_image(path)
+        if per_graph is not None:
+            per_graph.clear()  # the last run's cloak (its verify is not counted)
         wall, cpu = time.perf_counter(), time.process_time()
         saved = lossy_round_trip(loaded, fmt="JPEG")  # the cap holds on the JPEG as written, as in the CLI
         result = cloak.cloak_image(
@@ -117,6 +123,7 @@ def measure(
         out = save_image(result.image, loaded, folder / f"out_{run}.jpg", quality=result.output_quality)
         cloak_wall.append(time.perf_counter() - wall)
         cloak_cpu.append(time.process_time() - cpu)
+        graphs = dict(per_graph) if per_graph is not None else {}
         wall = time.perf_counter()
         report = verify(loaded, out, result, recognizers=recognizers, detector=detector)
         verify_wall.append(time.perf_counter() - wall)
@@ -135,7 +142,28 @@ def measure(
         "ssim": round(report.ssim, 4),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "photo": str(path),
+        "graphs": {name: [round(t, 3), rows] for name, (t, rows) in graphs.items()},
     }
+
+
+def _time_graphs() -> dict[str, list[float]]:
+    """Wrap ``onnxruntime.InferenceSession.run`` (every CPU run of this package goes through it) to
+    add up, per graph file, the seconds and rows it runs; returns the running totals."""
+    import onnxruntime as ort
+
+    totals: dict[str, list[float]] = {}
+    run = ort.InferenceSession.run
+
+    def timed(self: ort.InferenceSession, output_names, input_feed, *args, **kwargs):  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        out = run(self, output_names, input_feed, *args, **kwargs)
+        entry = totals.setdefault(Path(getattr(self, "_model_path", None) or "?").name, [0.0, 0])
+        entry[0] += time.perf_counter() - start
+        entry[1] += int(next(iter(input_feed.values())).shape[0])
+        return out
+
+    ort.InferenceSession.run = timed  # type: ignore[method-assign]
+    return totals
 
 
 def measure_group(photo: Path, mode: str, runs: int, device: str) -> dict[str, object]:
@@ -269,6 +297,10 @@ def main() -> None:
     parser.add_argument(
         "--helpers", default=None, help="comma-separated recognizers that steer the 1080p and 12mp cases"
     )
+    parser.add_argument(
+        "--by-graph", action="store_true",
+        help="also print onnxruntime's seconds and rows per graph file in one 1080p / 12mp cloak",
+    )  # fmt: skip
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child == "group":
@@ -277,7 +309,8 @@ def main() -> None:
     if args.child:
         models = args.models.split(",") if args.models else None
         helpers = args.helpers.split(",") if args.helpers else None
-        print(json.dumps(measure(args.child, args.mode, args.runs, args.device, models, helpers)))
+        row = measure(args.child, args.mode, args.runs, args.device, models, helpers, args.by_graph)
+        print(json.dumps(row))
         return
     if args.threads:
         os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[: args.threads]))
@@ -300,7 +333,8 @@ def main() -> None:
             [sys.executable, __file__, "--child", case, "--mode", args.mode, "--runs", str(args.runs),
              "--device", args.device, "--group", str(args.group),
              *(["--models", args.models] if args.models else []),
-             *(["--helpers", args.helpers] if args.helpers else [])],
+             *(["--helpers", args.helpers] if args.helpers else []),
+             *(["--by-graph"] if args.by_graph else [])],
             capture_output=True, text=True, check=False,
         )  # fmt: skip
         if child.returncode != 0:
@@ -326,6 +360,9 @@ def main() -> None:
             f"peak RSS {row['peak_rss_mb']:.0f} MB (CLI {cold_rss:.0f} MB)  "
             f"steps {row['steps']}  protected {row['protected']}  SSIM {row['ssim']}"
         )
+        for name, (seconds, rows) in sorted(row.get("graphs", {}).items(), key=lambda kv: -kv[1][0]):
+            each = 1000 * seconds / max(rows, 1)
+            print(f"  {name:52s} {seconds:6.3f} s  {rows:4d} rows  {each:6.1f} ms a row")
 
 
 if __name__ == "__main__":
