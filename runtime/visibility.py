@@ -428,11 +428,28 @@ def colour_difference(
 ) -> tuple[float, float]:
     """``(FLIP, CIEDE2000 mean)`` of ``test`` against ``original``; with ``stride`` > 1 estimated on every
     ``stride``-th row and column (FLIP's filters still read every pixel)."""
-    a, b = np.asarray(original), np.asarray(test)
-    if np.array_equal(a, b):
-        return 0.0, 0.0
-    de = ciede2000(srgb_to_lab(a[::stride, ::stride]), srgb_to_lab(b[::stride, ::stride]))
-    return FlipReference(a, stride=stride).mean(b), float(de.mean())
+    return ColourDifference(original, stride=stride)(test)
+
+
+class ColourDifference:
+    """:func:`colour_difference` against one fixed original, whose FLIP filtering and CIELAB are computed
+    once, on the first test that differs from it, for every later test."""
+
+    def __init__(self, original: NDArray[np.generic], *, stride: int = 1) -> None:
+        self.original, self.stride = np.asarray(original), stride
+        self._flip: FlipReference | None = None
+        self._lab: Float64Array | None = None
+
+    def __call__(self, test: NDArray[np.generic]) -> tuple[float, float]:
+        a, b, s = self.original, np.asarray(test), self.stride
+        if np.array_equal(a, b):
+            return 0.0, 0.0
+        if self._lab is None:
+            self._lab = srgb_to_lab(a[::s, ::s])
+        de = ciede2000(self._lab, srgb_to_lab(b[::s, ::s]))
+        if self._flip is None:
+            self._flip = FlipReference(a, stride=s)
+        return self._flip.mean(b), float(de.mean())
 
 
 PHOTO_BAND_PIXELS: Final = 1_000_000
@@ -623,9 +640,10 @@ def region_ladder(
     if stride is None:
         return {q: measure(ref, img[inner.slices]) for q, img in ladder.items()}
     # Only FLIP and the CIEDE2000 mean, estimated on a grid (what a cap needs).
+    against = ColourDifference(ref, stride=stride)
     out = {}
     for q, img in ladder.items():
-        f, de = colour_difference(ref, img[inner.slices], stride=stride)
+        f, de = against(img[inner.slices])
         out[q] = Visibility(f, de, math.nan, math.nan, math.nan)
     return out
 

@@ -223,11 +223,13 @@ def hold_caps_together(
     overlap, and refinement rounds change pixels that each face's attack held its cap without. Checked
     on the exact uint8 pixels of the saved file (``saved``)."""
 
+    against = [visibility.ColourDifference(original[lim.region.slices]) for lim in limits]
+
     def over(candidate: Uint8Array) -> bool:
         if saved is not None:
             candidate = saved(candidate)
-        for lim in limits:
-            flip, de = visibility.colour_difference(original[lim.region.slices], candidate[lim.region.slices])
+        for lim, difference in zip(limits, against, strict=True):
+            flip, de = difference(candidate[lim.region.slices])
             if de > lim.ciede2000 or flip > lim.flip:
                 return True
         return False

@@ -865,6 +865,8 @@ class _LeastShare:
         self.trial = photo  # the window is put back after each trial
         self.face, self.saved = face, saved
         self.sites = (site,) if also is None or also is site else (site, also)
+        stride = visibility.search_stride(self.window.height, self.window.width)
+        self._against = visibility.ColourDifference(self.base, stride=stride)
 
     def at(self, share: float) -> Uint8Array:
         """The window with the face's change scaled by ``share``, in whole grey levels."""
@@ -877,8 +879,7 @@ class _LeastShare:
     def figures(self, pixels: Uint8Array) -> tuple[float, float]:
         """FLIP and CIEDE2000 mean of the window's ``pixels`` as saved (the rest of the photo is the same
         in every trial), estimated on a large face (:func:`visibility.search_stride`)."""
-        stride = visibility.search_stride(self.window.height, self.window.width)
-        return visibility.colour_difference(self.base, self.shown(pixels), stride=stride)
+        return self._against(self.shown(pixels))
 
     def protected(self, share: float, check: _MarginCheck) -> bool:
         """Whether every recognizer is past its margin (``check``) with the change scaled by ``share``,
