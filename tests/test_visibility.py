@@ -104,6 +104,16 @@ def test_strided_flip_estimates_the_mean() -> None:
         visibility.FlipReference(rgb, stride=0)
 
 
+def test_one_originals_difference_serves_many_tests_with_the_same_figures() -> None:
+    rgb = portrait(120)
+    for stride in (1, 3):
+        against = visibility.ColourDifference(rgb, stride=stride)
+        assert against(rgb.copy()) == (0.0, 0.0)
+        for amount in (2, 9, 4):
+            test = noisy(rgb, amount, grey=False)
+            assert against(test) == visibility.colour_difference(rgb, test, stride=stride)
+
+
 def test_flip_and_ciede2000_grow_with_the_change() -> None:
     rgb = portrait(120)
     flips = [visibility.flip(rgb, noisy(rgb, a, grey=True)) for a in (1, 3, 6, 12)]
