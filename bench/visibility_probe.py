@@ -13,6 +13,7 @@ Usage::
     .venv/bin/python bench/visibility_probe.py fine '{"coarse": 1.0, "scales": []}'
     .venv/bin/python bench/visibility_probe.py coarse '{"base": "mid"}' --limit 12
     .venv/bin/python bench/visibility_probe.py mid_s1 '{}' --limit 200 --seed 1
+    .venv/bin/python bench/visibility_probe.py mid_groups '{}' --groups      # the group photos, white-box
 
 One seed's pooled figures move with its draws (bench/RESULTS.md: the default's leave-one-out P1 over
 seeds 0-3 spans 18 of 191 pairs with one draw sequence for every photo, run 24, and 10 with each photo's
@@ -93,6 +94,12 @@ def main() -> None:
         help="a helper's weight in the step's draw (default: the settings' helper_weight, 0.25)",
     )
     parser.add_argument(
+        "--groups",
+        action="store_true",
+        help="cloak the dataset's group photos instead (photos/, every face, white-box only, as saved): "
+        "per recognizer the faces past its threshold, and the faces' FLIP against their q75 re-encode's",
+    )
+    parser.add_argument(
         "--evaluators",
         default="all",
         help='comma-separated recognizers that score the cloaks ("all": every shipped face recognizer); '
@@ -126,6 +133,9 @@ def main() -> None:
     if args.helper_weight is not None:
         settings = replace(settings, helper_weight=args.helper_weight)
     start = time.perf_counter()
+    if args.groups:
+        print(json.dumps(groups(args, settings, sessions, names, detector, start)))
+        return
     report = ev.evaluate(
         data,
         cloaks={
@@ -183,6 +193,49 @@ def main() -> None:
     out["seconds_per_photo"] = [q["seconds_per_photo"] for q in mode["quality"]]
     out["wall"] = round(time.perf_counter() - start, 1)
     print(json.dumps(out))
+
+
+def groups(
+    args: argparse.Namespace,
+    settings: c.CloakSettings,
+    sessions: list[AttackSession],
+    names: list[str],
+    detector: c.Detector,
+    start: float,
+) -> dict[str, Any]:
+    """``uncnn-rt eval``'s group-photo report of one recipe: white-box, as saved, every face cloaked."""
+    folder = ev.group_photos_folder(args.dataset)
+    if folder is None:
+        raise SystemExit(f"{args.dataset}: no photos/ folder of group photos")
+    photos, warnings = ev.load_group_photos(folder)
+    by_name = {s.name: s for s in sessions}
+    report = ev.evaluate_group_photos(
+        photos,
+        cloak=ev.cloak_function(by_name, settings, detector=detector, seed=args.seed),
+        embedders=[e for e in ev.shipped_embedders(sessions) if e.name in names],
+        ensemble=names,
+        finder=ev.detected_faces(detector),
+        transfer=False,
+        conditions=(ev.as_saved_condition(),),
+    ).to_dict()
+    q75 = report["jpeg_ladder"]["q75"]["flip"]["median"]
+    white = report["quality"][0]["visibility"]["flip"]
+    past = {
+        row["evaluator"]: [row["conditions"]["as_saved"]["protected"][k] for k in ("protected", "of")]
+        for row in report["scores"]
+    }
+    return {
+        "label": args.label,
+        "overrides": args.overrides,
+        "seed": args.seed,
+        "groups": {"photos": report["photos"], "faces": report["faces"], "warnings": warnings},
+        "white-box": past,
+        "white-box_pooled": [sum(v[0] for v in past.values()), sum(v[1] for v in past.values())],
+        "face_flip": white,
+        "q75_flip": q75,
+        "face_flip_over_q75": round(white["median"] / q75, 4),
+        "wall": round(time.perf_counter() - start, 1),
+    }
 
 
 if __name__ == "__main__":
